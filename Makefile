@@ -1,0 +1,55 @@
+# aiovirtstream: one Makefile for set-up, tests, demo, benchmarks, docs and lint.
+# `make test` and `make demo` work on a fresh Debian 12 machine with Python 3.11 and git:
+# they install what is missing (Debian packages as root, a virtualenv, the package).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEB_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc \
+	qemu-system-x86 busybox-static cpio linux-image-cloud-amd64
+PYTEST_ARGS ?=
+
+.PHONY: all deps debs venv test demo bench docs lint clean
+
+all: test
+
+debs:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "Installing Debian packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.stamp-install: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: debs $(VENV)/.stamp-install
+
+deps: venv
+
+test: deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: deps
+	$(PY) -m aiovirtstream demo
+
+bench: deps
+	$(PY) -m benchmarks
+
+docs: deps
+	$(PY) -m pip install -q pdoc
+	$(PY) -m pdoc -o site aiovirtstream
+
+lint: deps
+	$(VENV)/bin/ruff check aiovirtstream tests benchmarks examples
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) site build *.egg-info

@@ -1,0 +1,209 @@
+"""Every exception aiovirtstream raises, and the one place that maps libvirt's.
+
+Stream errors subclass the matching anyio exception, so code written against
+anyio's ``ByteStream`` catches them unchanged:
+
+* :class:`StreamClosedError` (an :class:`anyio.ClosedResourceError`): *we*
+  closed the stream (finish, abort, aclose) and then used it again.
+* :class:`StreamBrokenError` (an :class:`anyio.BrokenResourceError`): the other
+  side failed: the daemon reported an error mid-stream, the connection dropped.
+* :class:`StreamBusyError` (an :class:`anyio.BusyResourceError`): two tasks read
+  (or write) one stream at once.
+
+libvirt's own ``libvirtError`` never escapes: :func:`map_libvirt_errors` turns
+it into one of ours and keeps the original as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AioVirtStreamError",
+    "LibvirtError",
+    "NotFoundError",
+    "UnsupportedError",
+    "OperationInvalidError",
+    "ConnectError",
+    "EventLoopError",
+    "EventLoopNotRegisteredError",
+    "StreamError",
+    "StreamClosedError",
+    "StreamBrokenError",
+    "StreamBusyError",
+    "SparseNotSupportedError",
+    "TransferError",
+    "DestinationExistsError",
+    "SourceTooLargeError",
+    "SandboxError",
+    "map_libvirt_errors",
+    "libvirt_error_to_exception",
+]
+
+import contextlib
+from collections.abc import Iterator
+
+import anyio
+import libvirt
+
+
+class AioVirtStreamError(Exception):
+    """Base class of every error raised by aiovirtstream."""
+
+
+class LibvirtError(AioVirtStreamError):
+    """libvirt reported an error that has no more specific class here.
+
+    ``code``, ``domain`` and ``libvirt_message`` are libvirt's own; the
+    original ``libvirt.libvirtError`` is the ``__cause__``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int | None = None,
+        domain: int | None = None,
+        libvirt_message: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.domain = domain
+        self.libvirt_message = libvirt_message
+
+
+class NotFoundError(LibvirtError, LookupError):
+    """The domain, pool, volume or device named does not exist."""
+
+
+class UnsupportedError(LibvirtError):
+    """The driver or the daemon does not support this operation or flag."""
+
+
+class OperationInvalidError(LibvirtError):
+    """The object is in a state that does not allow this (e.g. a volume in use)."""
+
+
+class ConnectError(LibvirtError, ConnectionError):
+    """Opening the connection failed, or the connection is gone."""
+
+
+class EventLoopError(AioVirtStreamError, RuntimeError):
+    """The libvirt event implementation cannot serve this loop."""
+
+
+class EventLoopNotRegisteredError(EventLoopError):
+    """The connection was opened before aiovirtstream's event implementation.
+
+    libvirt reads a connection's stream events only if an event
+    implementation was registered *before* ``virConnectOpen``. Open the
+    connection with :func:`aiovirtstream.connect`, or call
+    :func:`aiovirtstream.register_event_impl` before ``libvirt.open``.
+    """
+
+
+class StreamError(AioVirtStreamError):
+    """Base class of errors of one stream."""
+
+
+class StreamClosedError(StreamError, anyio.ClosedResourceError):
+    """The stream was finished, aborted or closed by this side; it cannot be used."""
+
+
+class StreamBrokenError(StreamError, anyio.BrokenResourceError):
+    """The other side failed: the daemon reported an error, or the connection broke."""
+
+
+class StreamBusyError(StreamError, anyio.BusyResourceError):
+    """Another task is already reading from (or writing to) this stream."""
+
+    def __init__(self, action: str) -> None:
+        super().__init__(
+            f"another task is already {action} this stream; "
+            "use one reader and one writer per stream"
+        )
+        self.action = action
+
+
+class SparseNotSupportedError(StreamError, ValueError):
+    """A hole was sent or asked for on a stream that was not opened sparse.
+
+    Holes exist only when the call that started the stream had its
+    ``*_SPARSE_STREAM`` flag (e.g. ``VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM``).
+    """
+
+
+class TransferError(AioVirtStreamError):
+    """A volume upload or download could not be done; nothing was left half-done."""
+
+
+class DestinationExistsError(TransferError, FileExistsError):
+    """The download's destination exists; pass ``overwrite=True`` to replace it."""
+
+
+class SourceTooLargeError(TransferError, ValueError):
+    """The upload's source does not fit in the volume (at the given offset)."""
+
+
+class SandboxError(AioVirtStreamError):
+    """The private libvirt daemon of :mod:`aiovirtstream.testing` failed."""
+
+
+_NOT_FOUND_CODES = frozenset(
+    getattr(libvirt, name)
+    for name in (
+        "VIR_ERR_NO_DOMAIN",
+        "VIR_ERR_NO_STORAGE_POOL",
+        "VIR_ERR_NO_STORAGE_VOL",
+        "VIR_ERR_NO_NETWORK",
+        "VIR_ERR_NO_SECRET",
+    )
+    if hasattr(libvirt, name)
+)
+_UNSUPPORTED_CODES = frozenset(
+    getattr(libvirt, name)
+    for name in ("VIR_ERR_NO_SUPPORT", "VIR_ERR_ARGUMENT_UNSUPPORTED")
+    if hasattr(libvirt, name)
+)
+_CONNECT_CODES = frozenset(
+    getattr(libvirt, name)
+    for name in ("VIR_ERR_NO_CONNECT", "VIR_ERR_AUTH_FAILED", "VIR_ERR_AUTH_CANCELLED")
+    if hasattr(libvirt, name)
+)
+
+
+def libvirt_error_to_exception(
+    error: libvirt.libvirtError,
+    *,
+    stream: bool = False,
+    context: str | None = None,
+) -> AioVirtStreamError:
+    """Translate a ``libvirtError`` into the matching aiovirtstream exception.
+
+    With ``stream=True`` errors with no more specific class become
+    :class:`StreamBrokenError` (the other side failed mid-stream).
+    The caller raises the result ``from error``.
+    """
+    code = error.get_error_code()
+    domain = error.get_error_domain()
+    libvirt_message = error.get_error_message() or str(error)
+    message = f"{context}: {libvirt_message}" if context else libvirt_message
+    kwargs = {"code": code, "domain": domain, "libvirt_message": libvirt_message}
+    if code in _NOT_FOUND_CODES:
+        return NotFoundError(message, **kwargs)
+    if code in _UNSUPPORTED_CODES:
+        return UnsupportedError(message, **kwargs)
+    if code == libvirt.VIR_ERR_OPERATION_INVALID:
+        return OperationInvalidError(message, **kwargs)
+    if code in _CONNECT_CODES:
+        return ConnectError(message, **kwargs)
+    if stream:
+        return StreamBrokenError(message)
+    return LibvirtError(message, **kwargs)
+
+
+@contextlib.contextmanager
+def map_libvirt_errors(*, stream: bool = False, context: str | None = None) -> Iterator[None]:
+    """Re-raise any ``libvirtError`` from the block as ours, keeping it as ``__cause__``."""
+    try:
+        yield
+    except libvirt.libvirtError as error:
+        raise libvirt_error_to_exception(error, stream=stream, context=context) from error
