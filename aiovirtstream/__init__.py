@@ -2,8 +2,26 @@
 
 from __future__ import annotations
 
+from ._connect import aclose_connection, connect
+from ._events import EventImplStats, bind_event_loop, get_event_impl, register_event_impl
 from ._exceptions import *  # noqa: F403
 from ._exceptions import __all__ as _exceptions_all
+from ._stream import AsyncStream, Hole, StreamItem, open_stream
+from ._volume import open_volume_download, open_volume_upload
 
-__all__ = [*_exceptions_all]
+__all__ = [
+    "connect",
+    "aclose_connection",
+    "register_event_impl",
+    "bind_event_loop",
+    "get_event_impl",
+    "EventImplStats",
+    "AsyncStream",
+    "Hole",
+    "StreamItem",
+    "open_stream",
+    "open_volume_upload",
+    "open_volume_download",
+    *_exceptions_all,
+]
 __version__ = "0.1.0.dev0"

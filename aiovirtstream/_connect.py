@@ -1,0 +1,70 @@
+"""Opening and closing libvirt connections without blocking the loop."""
+
+from __future__ import annotations
+
+__all__ = ["connect", "aclose_connection"]
+
+from collections.abc import Callable
+from typing import Any
+
+import anyio.to_thread
+import libvirt
+
+from ._events import bind_event_loop
+from ._exceptions import ConnectError, map_libvirt_errors
+
+# libvirt's auth list: [credential types, callback, opaque] (see libvirt.openAuth).
+Auth = list[Any]
+
+
+async def connect(
+    uri: str | None = None,
+    *,
+    readonly: bool = False,
+    auth: Auth | None = None,
+    keepalive: tuple[int, int] | None = (5, 3),
+) -> libvirt.virConnect:
+    """Open a libvirt connection whose streams work with asyncio.
+
+    Registers aiovirtstream's event implementation (libvirt reads a
+    connection's stream events only if one was registered *before* the
+    connection was opened), binds it to the running loop and opens the
+    connection in a worker thread, since opening can block for long (DNS,
+    TCP, authentication).
+
+    ``keepalive`` is ``(interval seconds, count)`` for
+    ``virConnectSetKeepAlive``, served by the same loop; ``None`` leaves it
+    off. The connection is a plain ``libvirt.virConnect``; close it with
+    :func:`aclose_connection` (``close`` can block too).
+    """
+    bind_event_loop()
+
+    def open_blocking() -> libvirt.virConnect:
+        if auth is not None:
+            flags = libvirt.VIR_CONNECT_RO if readonly else 0
+            conn = libvirt.openAuth(uri, auth, flags)
+        elif readonly:
+            conn = libvirt.openReadOnly(uri)
+        else:
+            conn = libvirt.open(uri)
+        if keepalive is not None:
+            conn.setKeepAlive(*keepalive)
+        return conn
+
+    try:
+        return await anyio.to_thread.run_sync(open_blocking)
+    except libvirt.libvirtError as error:
+        message = error.get_error_message() or str(error)
+        raise ConnectError(
+            f"cannot connect to {uri or 'the default URI'}: {message}",
+            code=error.get_error_code(),
+            domain=error.get_error_domain(),
+            libvirt_message=message,
+        ) from error
+
+
+async def aclose_connection(conn: libvirt.virConnect) -> None:
+    """Close ``conn`` in a worker thread (closing a remote connection waits for the daemon)."""
+    close: Callable[[], int] = conn.close
+    with map_libvirt_errors(context="closing the connection"):
+        await anyio.to_thread.run_sync(close)
