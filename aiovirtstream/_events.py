@@ -135,7 +135,10 @@ class EventImpl:
     making one: libvirt accepts a single implementation per process.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, invoke_free: Callable[[Any], None] = libvirt.virEventInvokeFreeCallback
+    ) -> None:
+        self._invoke_free = invoke_free
         self._lock = threading.Lock()
         self._watch_ids = itertools.count(1)
         self._timer_ids = itertools.count(1)
@@ -480,7 +483,7 @@ class EventImpl:
             waiters: list[asyncio.Future[None]] = []
             if not self._frees:
                 waiters, self._idle_waiters = self._idle_waiters, []
-        libvirt.virEventInvokeFreeCallback(opaque)
+        self._invoke_free(opaque)
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -511,9 +514,16 @@ class EventImpl:
             )
 
     def register(self) -> None:
-        """Register the hooks with libvirt (once per process)."""
+        """Register the hooks with libvirt (once per process).
+
+        Also routes libvirt's error reports to :mod:`logging` (logger
+        ``aiovirtstream.libvirt``) instead of stderr: every error reaches the
+        caller as an exception anyway, and libvirt's printing would spew on
+        expected events such as a guest shutting down under a console.
+        """
         if self.registered_with_libvirt:
             return
+        libvirt.registerErrorHandler(_log_libvirt_error, None)
         try:
             libvirt.virEventRegisterImpl(
                 self.add_handle,
@@ -533,6 +543,13 @@ class EventImpl:
 
 
 _MISSING = object()
+_libvirt_logger = logging.getLogger("aiovirtstream.libvirt")
+
+
+def _log_libvirt_error(_context: object, error: Any) -> None:
+    # error is libvirt's error tuple: (code, domain, message, level, ...)
+    _libvirt_logger.debug("libvirt: %s", error[2] if len(error) > 2 else error)
+
 _impl = EventImpl()
 _register_lock = threading.Lock()
 

@@ -428,14 +428,15 @@ class AsyncStream(anyio.abc.ByteStream):
         return 0
 
     async def receive(self, max_bytes: int = DEFAULT_READ_SIZE) -> bytes:
-        """anyio ``ByteReceiveStream.receive``: like :meth:`read`, raising ``EndOfStream``."""
+        """anyio ``ByteReceiveStream.receive``: like :meth:`read`, raising ``EndOfStream``.
+
+        anyio's ``__aiter__`` is built on it: ``async for chunk in stream``
+        yields data until end of stream.
+        """
         data = await self.read(max_bytes)
         if not data:
             raise anyio.EndOfStream
         return data
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self.iter_data()
 
     async def iter_data(self, chunk_size: int = DEFAULT_READ_SIZE) -> AsyncIterator[bytes]:
         """Yield data until end of stream (holes of a sparse stream as zeroes)."""
