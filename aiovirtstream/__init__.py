@@ -7,7 +7,7 @@ from ._events import EventImplStats, bind_event_loop, get_event_impl, register_e
 from ._exceptions import *  # noqa: F403
 from ._exceptions import __all__ as _exceptions_all
 from ._stream import AsyncStream, Hole, StreamItem, open_stream
-from ._volume import open_volume_download, open_volume_upload
+from ._volume import lookup_volume, open_volume_download, open_volume_upload
 
 __all__ = [
     "connect",
@@ -22,6 +22,7 @@ __all__ = [
     "open_stream",
     "open_volume_upload",
     "open_volume_download",
+    "lookup_volume",
     *_exceptions_all,
 ]
 __version__ = "0.1.0.dev0"

@@ -48,7 +48,12 @@ async def connect(
         else:
             conn = libvirt.open(uri)
         if keepalive is not None:
-            conn.setKeepAlive(*keepalive)
+            try:
+                conn.setKeepAlive(*keepalive)
+            except libvirt.libvirtError as error:
+                # In-process drivers (test:///, qemu:///embed) have no keepalive.
+                if error.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+                    raise
         return conn
 
     try:

@@ -139,7 +139,9 @@ class EventImpl:
         self, invoke_free: Callable[[Any], None] = libvirt.virEventInvokeFreeCallback
     ) -> None:
         self._invoke_free = invoke_free
-        self._lock = threading.Lock()
+        # Re-entrant: the garbage collector can free a libvirt object (whose
+        # free calls a hook) at any allocation made while the lock is held.
+        self._lock = threading.RLock()
         self._watch_ids = itertools.count(1)
         self._timer_ids = itertools.count(1)
         self._free_ids = itertools.count(1)

@@ -233,6 +233,8 @@ class AsyncStream(anyio.abc.ByteStream):
         self.virstream = virstream
         self.sparse = sparse
         self.description = description
+        #: What the call that started the stream returned (see :func:`open_stream`).
+        self.start_result: object = None
         self._loop = asyncio.get_running_loop()
         self._state = _State.OPEN
         self._broken_reason: BaseException | None = None
@@ -638,7 +640,9 @@ async def open_stream(
 
     ``start`` is the libvirt call that opens the stream, e.g.
     ``lambda st: vol.upload(st, 0, 0, flags)``; it runs in a worker thread
-    since it is a blocking round trip to the daemon.
+    since it is a blocking round trip to the daemon. What it returns (e.g.
+    the MIME type of ``virDomainScreenshot``) is kept as
+    :attr:`AsyncStream.start_result`.
     """
     impl = bind_event_loop()
     if not impl.registered_with_libvirt:  # pragma: no cover - bind registers
@@ -646,10 +650,11 @@ async def open_stream(
     with map_libvirt_errors(context=f"cannot create the {description}"):
         virstream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
     started = False
+    result: object = None
 
     def start_blocking() -> None:
-        nonlocal started
-        start(virstream)
+        nonlocal started, result
+        result = start(virstream)
         started = True
 
     try:
@@ -661,9 +666,11 @@ async def open_stream(
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(_abort_quietly, virstream)
         raise
-    return AsyncStream(
+    stream = AsyncStream(
         virstream, sparse=sparse, description=description, write_buffer=write_buffer
     )
+    stream.start_result = result
+    return stream
 
 
 def _abort_quietly(virstream: libvirt.virStream) -> None:

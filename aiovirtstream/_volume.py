@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["open_volume_upload", "open_volume_download"]
+__all__ = ["open_volume_upload", "open_volume_download", "lookup_volume"]
 
+import anyio.to_thread
 import libvirt
+
+from ._exceptions import map_libvirt_errors
 
 from ._stream import DEFAULT_WRITE_BUFFER, AsyncStream, open_stream
 
@@ -59,3 +62,24 @@ async def open_volume_download(
         sparse=sparse,
         description=f"download from volume {_volume_name(vol)!r}",
     )
+
+
+async def lookup_volume(
+    conn: libvirt.virConnect, name_or_path: str, *, pool: str | None = None
+) -> libvirt.virStorageVol:
+    """Find a volume by ``pool`` and name, or by path (or key) without ``pool``.
+
+    Runs off the loop thread (a lookup is a round trip to the daemon);
+    raises :class:`aiovirtstream.NotFoundError` when there is no such volume.
+    """
+
+    def lookup() -> libvirt.virStorageVol:
+        if pool is not None:
+            return conn.storagePoolLookupByName(pool).storageVolLookupByName(name_or_path)
+        if name_or_path.startswith("/"):
+            return conn.storageVolLookupByPath(name_or_path)
+        return conn.storageVolLookupByKey(name_or_path)
+
+    where = f"in pool {pool!r}" if pool is not None else "by path or key"
+    with map_libvirt_errors(context=f"cannot find volume {name_or_path!r} {where}"):
+        return await anyio.to_thread.run_sync(lookup)

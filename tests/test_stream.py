@@ -1,0 +1,279 @@
+"""AsyncStream against a real libvirt daemon (the sandbox of aiovirtstream.testing)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import anyio
+import libvirt
+import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
+from anyio.streams.text import TextReceiveStream
+
+import aiovirtstream as avs
+from aiovirtstream.testing import PoolInfo, Sandbox
+
+MiB = 1024 * 1024
+MakeVolume = Callable[[str, int], Awaitable[libvirt.virStorageVol]]
+
+
+@pytest.fixture(params=["unix", "tcp"])
+async def conn(
+    request: pytest.FixtureRequest, libvirt_sandbox: Sandbox
+) -> AsyncIterator[libvirt.virConnect]:
+    uri = libvirt_sandbox.tcp_uri if request.param == "tcp" else libvirt_sandbox.uri
+    connection = await avs.connect(uri)
+    yield connection
+    await avs.aclose_connection(connection)
+
+
+@pytest.fixture
+def make_volume(
+    libvirt_sandbox: Sandbox, libvirt_pool: PoolInfo, conn: libvirt.virConnect
+) -> MakeVolume:
+    async def make(name: str, capacity: int) -> libvirt.virStorageVol:
+        await libvirt_sandbox.acreate_volume(libvirt_pool, name, capacity)
+        return await avs.lookup_volume(conn, name, pool=libvirt_pool.name)
+
+    return make
+
+
+async def download_all(vol: libvirt.virStorageVol, length: int) -> bytes:
+    out = bytearray()
+    async with await avs.open_volume_download(vol, length=length) as stream:
+        async for chunk in stream:
+            out += chunk
+    return bytes(out)
+
+
+@pytest.mark.parametrize("size", [0, 1, 262_119, 262_120, 262_121, 37 * MiB + 3])
+async def test_round_trip_odd_sizes(make_volume: MakeVolume, size: int) -> None:
+    data = os.urandom(size)
+    vol = await make_volume(f"odd{size}", size)
+    async with await avs.open_volume_upload(vol) as stream:
+        view = memoryview(bytearray(data))
+        for start in range(0, size, 3 * MiB + 17):  # odd chunking, memoryview input
+            await stream.write(view[start : start + 3 * MiB + 17])
+    assert stream.closed
+    back = await download_all(vol, size) if size else await download_all(vol, 0)
+    assert len(back) == size
+    assert hashlib.sha256(back).digest() == hashlib.sha256(data).digest()
+
+
+async def test_sparse_round_trip_keeps_holes(make_volume: MakeVolume) -> None:
+    layout: list[bytes | avs.Hole] = [
+        avs.Hole(MiB),
+        b"A" * 4096,
+        avs.Hole(8 * MiB),
+        os.urandom(300_000),
+        avs.Hole(4 * MiB),
+        b"Z" * 10,
+    ]
+    size = sum(item.length if isinstance(item, avs.Hole) else len(item) for item in layout)
+    vol = await make_volume("sparse", size)
+    async with await avs.open_volume_upload(vol, sparse=True) as stream:
+        for item in layout:
+            if isinstance(item, avs.Hole):
+                await stream.send_hole(item.length)
+            else:
+                await stream.write(item)
+    info = vol.info()  # type, capacity, allocation
+    assert info[2] < 2 * MiB, "holes were written as data"
+
+    got: list[bytes | avs.Hole] = []
+    async with await avs.open_volume_download(vol, sparse=True) as stream:
+        async for item in stream.iter_items():
+            if isinstance(item, bytes) and got and isinstance(got[-1], bytes):
+                got[-1] += item  # data arrives in packets: merge neighbours
+            else:
+                got.append(item)
+    # The volume's file system decides hole granularity (4 KiB blocks): compare
+    # after rounding data extents out to blocks.
+    assert [type(item) for item in got] == [type(item) for item in layout]
+    logical = b"".join(bytes(i.length) if isinstance(i, avs.Hole) else i for i in got)
+    expected = b"".join(bytes(i.length) if isinstance(i, avs.Hole) else i for i in layout)
+    assert logical == expected
+
+    # recv_hole(): the hole length at the current position, data kept for read().
+    async with await avs.open_volume_download(vol, sparse=True) as stream:
+        assert await stream.recv_hole() == MiB
+        assert await stream.recv_hole() == 0
+        first = await stream.read(100)
+        assert first == b"A" * 100
+
+
+async def test_loop_never_blocks_while_daemon_is_stopped(
+    libvirt_sandbox: Sandbox, make_volume: MakeVolume
+) -> None:
+    size = 48 * MiB
+    data = os.urandom(size)
+    vol = await make_volume("paused", size)
+    gaps: list[float] = []
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        last = loop.time()
+        while not done.is_set():
+            await asyncio.sleep(0.005)
+            now = loop.time()
+            gaps.append(now - last)
+            last = now
+
+    async def pause_daemon() -> None:
+        await asyncio.sleep(0.05)
+        os.kill(libvirt_sandbox.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(2)
+        finally:
+            os.kill(libvirt_sandbox.pid, signal.SIGCONT)
+
+    tick = asyncio.create_task(ticker())
+    pause = asyncio.create_task(pause_daemon())
+    start = loop.time()
+    async with await avs.open_volume_upload(vol) as stream:
+        for offset in range(0, size, MiB):
+            await stream.write(data[offset : offset + MiB])
+    elapsed = loop.time() - start
+    await pause
+    done.set()
+    await tick
+    assert elapsed > 1.5, "the daemon pause did not slow the upload: the test proves nothing"
+    assert max(gaps) < 0.25, f"loop blocked for {max(gaps):.3f} s"
+    assert await download_all(vol, size) == data
+
+
+async def test_local_fd_stream_screenshot() -> None:
+    conn = await avs.connect("test:///default")
+    try:
+        dom = conn.lookupByName("test")  # in-process driver: no round trip
+        stream = await avs.open_stream(
+            conn, lambda st: dom.screenshot(st, 0), description="screenshot"
+        )
+        async with stream:
+            image = b"".join([chunk async for chunk in stream])
+        assert stream.start_result == "image/png"
+        assert image.startswith(b"\x89PNG\r\n\x1a\n")
+        assert len(image) > 100
+    finally:
+        await avs.aclose_connection(conn)
+
+
+async def test_anyio_buffered_and_text_streams(make_volume: MakeVolume) -> None:
+    lines = [f"line {n} {'x' * (n % 97)}".encode() for n in range(20_000)]
+    payload = b"HEADER01" + b"\n".join(lines) + b"\n"
+    vol = await make_volume("text", len(payload))
+    async with await avs.open_volume_upload(vol) as stream:
+        await stream.send(payload)
+    async with await avs.open_volume_download(vol, length=len(payload)) as stream:
+        buffered = BufferedByteReceiveStream(stream)
+        assert await buffered.receive_exactly(8) == b"HEADER01"
+        for expected in lines[:5000]:
+            assert await buffered.receive_until(b"\n", 4096) == expected
+        rest = bytearray(buffered.buffer)
+        async for chunk in stream:
+            rest += chunk
+        assert bytes(rest) == b"\n".join(lines[5000:]) + b"\n"
+    async with await avs.open_volume_download(vol, length=len(payload)) as stream:
+        text = "".join([part async for part in TextReceiveStream(stream)])
+        assert text == payload.decode()
+
+
+async def test_errors_are_typed(make_volume: MakeVolume) -> None:
+    vol = await make_volume("errors", 4 * MiB)
+    stream = await avs.open_volume_download(vol)
+    await stream.abort()
+    with pytest.raises(avs.StreamClosedError, match="aborted"):
+        await stream.read()
+    with pytest.raises(anyio.ClosedResourceError):
+        await stream.receive()
+
+    stream = await avs.open_volume_upload(vol)
+    await stream.write(b"x" * 100)
+    await stream.finish()
+    with pytest.raises(avs.StreamClosedError, match="finished"):
+        await stream.write(b"more")
+
+    async with await avs.open_volume_upload(vol) as stream:
+        with pytest.raises(avs.SparseNotSupportedError, match="sparse=True"):
+            await stream.send_hole(4096)
+    async with await avs.open_volume_download(vol) as stream:
+        with pytest.raises(avs.SparseNotSupportedError):
+            await stream.read(stop_at_hole=True)
+        async for _ in stream:
+            pass
+
+    # Two readers at once.
+    async with await avs.open_volume_download(vol) as stream:
+        first = asyncio.create_task(stream.read())
+        second = asyncio.create_task(stream.read())
+        results = await asyncio.gather(first, second, return_exceptions=True)
+        assert any(isinstance(r, avs.StreamBusyError) for r in results), results
+        assert any(isinstance(r, bytes) for r in results)
+        async for _ in stream:
+            pass
+
+    # A libvirt error mid-stream: more data than the upload's length.
+    with pytest.raises(avs.StreamBrokenError) as caught:
+        async with await avs.open_volume_upload(vol, length=4096) as stream:
+            await stream.write(os.urandom(2 * MiB))
+    assert isinstance(caught.value.__cause__, libvirt.libvirtError)
+    with pytest.raises(anyio.BrokenResourceError):
+        await stream.write(b"x")
+
+
+async def test_cancelled_read_leaves_stream_usable(
+    libvirt_sandbox: Sandbox, make_volume: MakeVolume
+) -> None:
+    size = 8 * MiB
+    data = os.urandom(size)
+    vol = await make_volume("cancel-read", size)
+    async with await avs.open_volume_upload(vol) as stream:
+        await stream.write(data)
+    impl = avs.get_event_impl()
+    async with await avs.open_volume_download(vol, length=size) as stream:
+        out = bytearray(await stream.read())
+        os.kill(libvirt_sandbox.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    while True:  # drains what was queued, then waits for the stopped daemon
+                        out += await stream.read()
+        finally:
+            os.kill(libvirt_sandbox.pid, signal.SIGCONT)
+        async for chunk in stream:
+            out += chunk
+    assert bytes(out) == data
+    await impl.wait_frees()
+
+
+async def test_cancelled_write_breaks_write_side_and_connection_survives(
+    libvirt_sandbox: Sandbox, make_volume: MakeVolume, conn: libvirt.virConnect
+) -> None:
+    vol = await make_volume("cancel-write", 64 * MiB)
+    impl = avs.get_event_impl()
+    baseline = impl.stats()
+    stream = await avs.open_volume_upload(vol)
+    os.kill(libvirt_sandbox.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await stream.write(os.urandom(32 * MiB))
+    finally:
+        os.kill(libvirt_sandbox.pid, signal.SIGCONT)
+    with pytest.raises(avs.StreamBrokenError, match="interrupted"):
+        await stream.write(b"more")
+    await stream.aclose()
+    assert stream.closed
+    # The connection carries the next transfer.
+    data = os.urandom(MiB)
+    async with await avs.open_volume_upload(vol) as again:
+        await again.write(data)
+    assert await download_all(vol, MiB) == data
+    await impl.wait_frees()
+    after = impl.stats()
+    assert (after.watches, after.timers) == (baseline.watches, baseline.timers)
