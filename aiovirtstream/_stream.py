@@ -25,11 +25,8 @@ __all__ = ["AsyncStream", "Hole", "StreamItem", "MAX_CHUNK", "DEFAULT_READ_SIZE"
 import asyncio
 import enum
 import logging
-import threading
 import warnings
-from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, overload
@@ -50,6 +47,7 @@ from ._exceptions import (
     libvirt_error_to_exception,
     map_libvirt_errors,
 )
+from ._workqueue import WorkQueue
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +63,6 @@ _WRITABLE = libvirt.VIR_STREAM_EVENT_WRITABLE
 _ERROR = libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP
 _HOLE_WEIGHT = 64  # a hole costs the queue a few bytes, not its length
 
-_send_executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="aiovirtstream-send")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,131 +82,13 @@ class _State(enum.Enum):
     BROKEN = "broken"
 
 
-class _Sender:
-    """Sends a stream's outgoing items from a worker thread, in order.
-
-    Items wait in a deque bounded by ``limit`` bytes. A job on the shared
-    executor drains it and exits when it is empty, so no thread is started
-    per transfer. The loop is woken only when a coroutine waits (for space,
-    for the queue to empty) or when a local stream answers -2.
-    """
-
-    def __init__(self, stream: AsyncStream, limit: int) -> None:
-        self._stream = stream
-        self._limit = limit
-        self._lock = threading.Lock()
-        self._queue: deque[StreamItem] = deque()
-        self._queued = 0
-        self._running = False
-        self._stopping = False
-        self.error: BaseException | None = None
-        self._space_waiter: asyncio.Future[None] | None = None
-        self._idle_waiter: asyncio.Future[None] | None = None
-
-    def has_room(self) -> bool:
-        return self._queued < self._limit
-
-    def put(self, item: StreamItem) -> None:
-        """Queue ``item`` (loop thread); starts a drain job if none runs."""
-        with self._lock:
-            self._queue.append(item)
-            self._queued += _weight(item)
-            if self._running:
-                return
-            self._running = True
-        _send_executor.submit(self._drain)
-
-    async def wait_for_room(self) -> None:
-        with self._lock:
-            if self._queued < self._limit or self.error is not None:
-                return
-            waiter = self._space_waiter = asyncio.get_running_loop().create_future()
-        try:
-            await waiter
-        finally:
-            self._space_waiter = None
-
-    async def wait_idle(self) -> None:
-        """Wait until everything queued was sent (or the sender failed)."""
-        with self._lock:
-            if not self._running:
-                return
-            waiter = self._idle_waiter = asyncio.get_running_loop().create_future()
-        try:
-            await asyncio.shield(waiter)
-        finally:
-            self._idle_waiter = None
-
-    def stop(self) -> None:
-        """Drop what is queued; the item being sent (if any) completes."""
-        with self._lock:
-            self._stopping = True
-            self._queue.clear()
-            self._queued = 0
-
-    def resume(self) -> None:
-        """Restart draining after the stream became writable again (loop thread)."""
-        with self._lock:
-            if self._running or not self._queue or self._stopping:
-                return
-            self._running = True
-        _send_executor.submit(self._drain)
-
-    def _drain(self) -> None:
-        st = self._stream.virstream
-        while True:
-            with self._lock:
-                if not self._queue or self._stopping:
-                    self._running = False
-                    self._wake_locked(idle=True)
-                    return
-                item = self._queue[0]
-            try:
-                if isinstance(item, Hole):
-                    st.sendHole(item.length, 0)
-                    sent = item.length
-                else:
-                    sent = st.send(item)
-            except BaseException as error:  # noqa: BLE001 - handed to the loop
-                with self._lock:
-                    self.error = error
-                    self._queue.clear()
-                    self._queued = 0
-                    self._running = False
-                    self._wake_locked(idle=True)
-                return
-            with self._lock:
-                if sent == -2:
-                    # A local fd stream (pipe, tty) is full: await WRITABLE on the loop.
-                    self._running = False
-                    self._stream._call_in_loop(self._stream._want_writable)
-                    return
-                if self._queue and self._queue[0] is item:
-                    if isinstance(item, bytes) and 0 <= sent < len(item):
-                        self._queue[0] = item[sent:]
-                        self._queued -= sent
-                    else:
-                        self._queue.popleft()
-                        self._queued -= _weight(item)
-                if self._queued < self._limit // 2 or not self._queue:
-                    self._wake_locked(idle=False)
-
-    def _wake_locked(self, *, idle: bool) -> None:
-        waiters = [self._space_waiter]
-        if idle:
-            waiters.append(self._idle_waiter)
-        for waiter in waiters:
-            if waiter is not None:
-                self._stream._call_in_loop(_resolve, waiter)
-
-
 def _weight(item: StreamItem) -> int:
     return _HOLE_WEIGHT if isinstance(item, Hole) else len(item)
 
 
-def _resolve(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+def _split(item: StreamItem, consumed: int) -> StreamItem:
+    assert isinstance(item, bytes)
+    return item[consumed:]
 
 
 class AsyncStream(anyio.abc.ByteStream):
@@ -246,7 +125,17 @@ class AsyncStream(anyio.abc.ByteStream):
         self._read_waiter: asyncio.Future[int] | None = None
         self._write_waiter: asyncio.Future[int] | None = None
         self._subscribed = 0
-        self._sender = _Sender(self, write_buffer)
+        self._sender: WorkQueue[StreamItem] = WorkQueue(
+            self._loop,
+            self._send_item,
+            _weight,
+            limit=write_buffer,
+            split=_split,
+            on_would_block=self._want_writable,
+        )
+        #: Bytes of data and of holes handed to libvirt so far (sender thread).
+        self.bytes_sent = 0
+        self.hole_bytes_sent = 0
         # Registered through libvirtmod with our own callback data: the remote
         # driver never calls the callback's free function, so the binding's
         # own data (which holds the stream) would leak with it. We clear ours
@@ -264,6 +153,17 @@ class AsyncStream(anyio.abc.ByteStream):
                 "aiovirtstream.connect(), or call aiovirtstream.register_event_impl() "
                 "before libvirt.open()"
             )
+
+    def _send_item(self, item: StreamItem) -> int:
+        """Send one queued item (sender thread: a remote send blocks)."""
+        if isinstance(item, Hole):
+            self.virstream.sendHole(item.length, 0)
+            self.hole_bytes_sent += item.length
+            return _HOLE_WEIGHT
+        sent: int = self.virstream.send(item)
+        if sent > 0:
+            self.bytes_sent += sent
+        return sent
 
     # ------------------------------------------------------------------ events
 
@@ -471,16 +371,14 @@ class AsyncStream(anyio.abc.ByteStream):
         queued_any = False
         try:
             for start in range(0, total, MAX_CHUNK):
-                if not self._sender.has_room():
-                    await self._sender.wait_for_room()
-                    self._check_open("write")
-                self._raise_send_error()
                 if view is None:
                     chunk = data if total <= MAX_CHUNK else data[start : start + MAX_CHUNK]
                 else:
                     chunk = view[start : start + MAX_CHUNK].tobytes()
-                self._sender.put(chunk)  # type: ignore[arg-type]
+                await self._sender.put(chunk)  # type: ignore[arg-type]
                 queued_any = True
+                self._check_open("write")
+                self._raise_send_error()
         except BaseException:
             if queued_any:
                 self._write_side_broken = "a write was interrupted after queueing part of its data"
@@ -509,11 +407,9 @@ class AsyncStream(anyio.abc.ByteStream):
             raise StreamBusyError("writing to")
         self._writing = True
         try:
-            if not self._sender.has_room():
-                await self._sender.wait_for_room()
-                self._check_open("send a hole")
+            await self._sender.put(Hole(length))
+            self._check_open("send a hole")
             self._raise_send_error()
-            self._sender.put(Hole(length))
         finally:
             self._writing = False
 
@@ -530,7 +426,7 @@ class AsyncStream(anyio.abc.ByteStream):
     async def flush(self) -> None:
         """Wait until every queued write was handed to libvirt."""
         self._check_open("flush")
-        await self._sender.wait_idle()
+        await self._sender.join()
         self._check_write_side()
 
     async def send_eof(self) -> None:
@@ -561,7 +457,7 @@ class AsyncStream(anyio.abc.ByteStream):
             return
         self._check_open("finish")
         with anyio.CancelScope(shield=True):
-            await self._sender.wait_idle()
+            await self._sender.join()
             try:
                 self._check_write_side()
             except StreamBrokenError:
@@ -585,7 +481,7 @@ class AsyncStream(anyio.abc.ByteStream):
         was_broken = self._state is _State.BROKEN
         self._state = _State.ABORTED if not was_broken else _State.BROKEN
         self._sender.stop()
-        await self._sender.wait_idle()
+        await self._sender.join()
         self._remove_callback()
         try:
             await anyio.to_thread.run_sync(self.virstream.abort)

@@ -125,7 +125,6 @@ async def test_loop_never_blocks_while_daemon_is_stopped(
             last = now
 
     async def pause_daemon() -> None:
-        await asyncio.sleep(0.05)
         os.kill(libvirt_sandbox.pid, signal.SIGSTOP)
         try:
             await asyncio.sleep(2)
@@ -133,9 +132,10 @@ async def test_loop_never_blocks_while_daemon_is_stopped(
             os.kill(libvirt_sandbox.pid, signal.SIGCONT)
 
     tick = asyncio.create_task(ticker())
-    pause = asyncio.create_task(pause_daemon())
     start = loop.time()
     async with await avs.open_volume_upload(vol) as stream:
+        pause = asyncio.create_task(pause_daemon())
+        await asyncio.sleep(0)  # the daemon is stopped from here on
         for offset in range(0, size, MiB):
             await stream.write(data[offset : offset + MiB])
     elapsed = loop.time() - start
@@ -183,7 +183,7 @@ async def test_anyio_buffered_and_text_streams(make_volume: MakeVolume) -> None:
         assert text == payload.decode()
 
 
-async def test_errors_are_typed(make_volume: MakeVolume) -> None:
+async def test_errors_are_typed(libvirt_sandbox: Sandbox, make_volume: MakeVolume) -> None:
     vol = await make_volume("errors", 4 * MiB)
     stream = await avs.open_volume_download(vol)
     await stream.abort()
@@ -207,13 +207,21 @@ async def test_errors_are_typed(make_volume: MakeVolume) -> None:
         async for _ in stream:
             pass
 
-    # Two readers at once.
+    # Two readers at once: the first waits for a daemon that is stopped.
     async with await avs.open_volume_download(vol) as stream:
-        first = asyncio.create_task(stream.read())
-        second = asyncio.create_task(stream.read())
-        results = await asyncio.gather(first, second, return_exceptions=True)
-        assert any(isinstance(r, avs.StreamBusyError) for r in results), results
-        assert any(isinstance(r, bytes) for r in results)
+        os.kill(libvirt_sandbox.pid, signal.SIGSTOP)
+        try:
+            while True:
+                first = asyncio.create_task(stream.read())
+                await asyncio.sleep(0.1)
+                if not first.done():
+                    break
+                assert await first
+            with pytest.raises(avs.StreamBusyError, match="already reading"):
+                await stream.read()
+        finally:
+            os.kill(libvirt_sandbox.pid, signal.SIGCONT)
+        assert await first
         async for _ in stream:
             pass
 

@@ -1,0 +1,199 @@
+"""A bounded queue drained in order by a worker thread.
+
+It carries a stream's outgoing data to libvirt's blocking ``send`` (upload)
+and downloaded data to the disk (write-behind). Producers are coroutines on
+the loop (:meth:`WorkQueue.put`) or worker threads (:meth:`WorkQueue.put_blocking`,
+used by read-ahead). The loop is woken only when a coroutine waits; a busy
+transfer costs no wake-up per item. The drain job runs on a shared executor
+and ends when the queue is empty, so no thread is started per transfer.
+"""
+
+from __future__ import annotations
+
+__all__ = ["WorkQueue", "WOULD_BLOCK"]
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+#: What ``process`` returns when the sink is full (a local stream's -2):
+#: draining pauses until :meth:`WorkQueue.resume`.
+WOULD_BLOCK = -2
+
+_executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="aiovirtstream-io")
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class WorkQueue(Generic[T]):
+    """Items of a weight, processed one by one, in order, in a worker thread.
+
+    ``process(item)`` returns how much of the item it consumed: its weight
+    (or ``None``) for all of it, less to be called again with
+    ``split(item, consumed)``, or :data:`WOULD_BLOCK`.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        process: Callable[[T], int | None],
+        weight: Callable[[T], int],
+        *,
+        limit: int,
+        split: Callable[[T, int], T] | None = None,
+        on_would_block: Callable[[], None] | None = None,
+    ) -> None:
+        self._loop = loop
+        self._process = process
+        self._weight = weight
+        self._split = split
+        self._on_would_block = on_would_block
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._queue: deque[T] = deque()
+        self._queued = 0
+        self._running = False
+        self._paused = False
+        self._stopped = False
+        self.error: BaseException | None = None
+        self._room_waiter: asyncio.Future[None] | None = None
+        self._idle_waiters: list[asyncio.Future[None]] = []
+
+    def has_room(self) -> bool:
+        return self._queued < self._limit
+
+    @property
+    def busy(self) -> bool:
+        """True while items are queued or being processed."""
+        return self._running or bool(self._queue)
+
+    # -- producers
+
+    async def put(self, item: T) -> None:
+        """Queue ``item`` from the loop, waiting while the queue is full."""
+        while True:
+            with self._lock:
+                if self.error is not None or self._stopped:
+                    return  # the caller checks .error / its own state
+                if self._queued < self._limit:
+                    self._append_locked(item)
+                    return
+                waiter = self._room_waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._room_waiter = None
+
+    def put_blocking(self, item: T) -> bool:
+        """Queue ``item`` from a worker thread; False if the queue failed or stopped."""
+        with self._lock:
+            while self._queued >= self._limit and self.error is None and not self._stopped:
+                self._room.wait()
+            if self.error is not None or self._stopped:
+                return False
+            self._append_locked(item)
+            return True
+
+    def _append_locked(self, item: T) -> None:
+        self._queue.append(item)
+        self._queued += self._weight(item)
+        if not self._running and not self._paused:
+            self._running = True
+            _executor.submit(self._drain)
+
+    async def join(self) -> None:
+        """Wait until the queue is empty and nothing is being processed."""
+        with self._lock:
+            if not self._running and not self._queue:
+                return
+            waiter = self._loop.create_future()
+            self._idle_waiters.append(waiter)
+        await asyncio.shield(waiter)
+
+    def stop(self) -> None:
+        """Drop everything queued; the item being processed completes."""
+        with self._lock:
+            self._stopped = True
+            self._queue.clear()
+            self._queued = 0
+            self._room.notify_all()
+            if not self._running:
+                self._wake_idle_locked()
+
+    def resume(self) -> None:
+        """Continue after :data:`WOULD_BLOCK` (the sink is ready again)."""
+        with self._lock:
+            self._paused = False
+            if self._running or not self._queue or self._stopped:
+                return
+            self._running = True
+        _executor.submit(self._drain)
+
+    # -- the worker
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue or self._stopped:
+                    self._running = False
+                    self._wake_idle_locked()
+                    return
+                item = self._queue[0]
+            try:
+                consumed = self._process(item)
+            except BaseException as error:  # noqa: BLE001 - handed to the loop
+                with self._lock:
+                    self.error = error
+                    self._queue.clear()
+                    self._queued = 0
+                    self._running = False
+                    self._room.notify_all()
+                    self._wake_room_locked()
+                    self._wake_idle_locked()
+                return
+            with self._lock:
+                if consumed == WOULD_BLOCK:
+                    self._running = False
+                    self._paused = True
+                    if self._on_would_block is not None:
+                        self._call_in_loop(self._on_would_block)
+                    return
+                if self._queue and self._queue[0] is item:
+                    weight = self._weight(item)
+                    if consumed is not None and 0 <= consumed < weight and self._split:
+                        self._queue[0] = self._split(item, consumed)
+                        self._queued -= consumed
+                    else:
+                        self._queue.popleft()
+                        self._queued -= weight
+                if self._queued < self._limit:
+                    self._room.notify()
+                    if self._queued <= self._limit // 2 or not self._queue:
+                        self._wake_room_locked()
+
+    def _wake_room_locked(self) -> None:
+        if self._room_waiter is not None:
+            self._call_in_loop(_resolve, self._room_waiter)
+
+    def _wake_idle_locked(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for waiter in waiters:
+            self._call_in_loop(_resolve, waiter)
+
+    def _call_in_loop(self, callback: Callable[..., object], *args: object) -> None:
+        if asyncio._get_running_loop() is self._loop:
+            callback(*args)
+            return
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            pass  # the loop is closed: nobody waits any more

@@ -1,0 +1,777 @@
+"""A private, unprivileged libvirt daemon for tests, the demo and users' test suites.
+
+:class:`Sandbox` runs ``libvirtd`` in session mode with all of its state in a
+fresh temporary folder, so several can run at once, next to (and without
+touching) the machine's own libvirt::
+
+    async with Sandbox(tcp=True) as sb:
+        conn = await aiovirtstream.connect(sb.uri)
+        pool = await sb.acreate_pool()
+        vol = await sb.acreate_volume(pool, "disk.img", 1 << 30)
+
+The helpers (:meth:`Sandbox.create_pool`, ...) use plain blocking libvirt
+connections of their own; open the connections whose streams you use with
+:func:`aiovirtstream.connect`. The pytest fixtures are in
+:mod:`aiovirtstream.pytest_plugin`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "Sandbox",
+    "SandboxMode",
+    "PoolInfo",
+    "VolumeInfo",
+    "SandboxError",
+    "DaemonNotInstalledError",
+    "SandboxStartError",
+]
+
+import contextlib
+import inspect
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Literal
+from xml.etree import ElementTree
+from xml.sax.saxutils import escape
+
+import anyio
+import anyio.to_thread
+import libvirt
+
+from ._exceptions import SandboxError, map_libvirt_errors
+
+SandboxMode = Literal["storage", "full"]
+
+_LOG_TAIL_LINES = 40
+_POLL_INTERVAL = 0.05
+_PROBE_TIMEOUT = 5.0
+_PORT_ATTEMPTS = 5
+_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+_STANDARD_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+
+
+class DaemonNotInstalledError(SandboxError):
+    """A program or driver module the sandbox needs is missing; ``package`` installs it."""
+
+    def __init__(self, what: str, package: str) -> None:
+        super().__init__(
+            f"{what}; install the Debian package {package} "
+            f"(apt-get install --no-install-recommends {package})"
+        )
+        self.package = package
+
+
+class SandboxStartError(SandboxError):
+    """libvirtd did not come up; the message ends with the tail of its log."""
+
+    def __init__(self, message: str, log_tail: str) -> None:
+        super().__init__(f"{message}\n{log_tail}" if log_tail else message)
+        self.log_tail = log_tail
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    """A transient ``dir`` storage pool of a sandbox: its name and target folder."""
+
+    name: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """A volume of a sandbox pool. ``path`` is also the libvirt key of a dir-pool volume."""
+
+    pool: str
+    name: str
+    path: Path
+    capacity: int
+
+
+def _free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 256 * lines))
+            data = f.read()
+    except OSError:
+        return ""
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+
+def _find_driver_dir(libvirtd: Path) -> Path | None:
+    """The folder of libvirt's connection-driver modules (Debian: /usr/lib/<triplet>/...)."""
+    prefixes = dict.fromkeys([libvirtd.resolve().parent.parent, Path("/usr"), Path("/usr/local")])
+    patterns = (
+        "lib/*/libvirt/connection-driver",
+        "lib64/libvirt/connection-driver",
+        "lib/libvirt/connection-driver",
+    )
+    candidates = [c for p in prefixes for pat in patterns for c in sorted(p.glob(pat))]
+    for candidate in candidates:
+        if (candidate / "libvirt_driver_storage.so").exists():
+            return candidate
+    return candidates[0] if candidates else None
+
+
+def _traversable(path: Path, uid: int, gid: int) -> bool:
+    """Whether uid:gid may enter every folder from / down to path (mode bits only)."""
+    for folder in [path, *path.parents]:
+        st = folder.stat()
+        if st.st_uid == uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid == gid:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return False
+    return True
+
+
+# _alive, _processes_using and _reap use only the modules of _WATCHDOG_HEADER:
+# the watchdog process runs their source.
+
+
+def _alive(pid: int) -> bool:
+    """Whether pid exists and is not a zombie (reparented zombies may never be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return bool(fields) and fields[0] != b"Z"
+
+
+def _processes_using(folder: str, uid: int) -> list[int]:
+    """Live processes of uid (but this one) whose command line or environment names folder.
+
+    Session-mode libvirtd starts QEMU and virtlogd as daemons (new session,
+    parent init) that outlive it: QEMU's command line and HOME point into the
+    sandbox's config folder, virtlogd's XDG_RUNTIME_DIR into its run folder.
+    """
+    pattern = re.compile(re.escape(os.fsencode(folder)) + rb"(?![A-Za-z0-9_.-])")
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != uid:
+                continue
+            for name in ("cmdline", "environ"):
+                with contextlib.suppress(PermissionError):
+                    with open(f"/proc/{entry}/{name}", "rb") as f:
+                        if pattern.search(f.read()) and _alive(int(entry)):
+                            found.append(int(entry))
+                            break
+        except OSError:
+            continue  # it exited meanwhile
+    return found
+
+
+def _reap(folder: str, uid: int) -> None:
+    """SIGKILL uid's processes that name folder (libvirtd, QEMU, virtlogd), then remove it."""
+    deadline = time.monotonic() + 5.0
+    while (pids := _processes_using(folder, uid)) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.02)
+    for _ in range(5):
+        shutil.rmtree(folder, ignore_errors=True)
+        if not os.path.exists(folder):
+            return
+        time.sleep(0.1)
+
+
+_WATCHDOG_HEADER = "import contextlib, os, re, shutil, signal, sys, time\n"
+_WATCHDOG_MAIN = """
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+sys.stdin.buffer.read()  # returns at EOF: the sandbox was stopped, or its process died
+folder = bytes.fromhex(sys.argv[1]).decode()
+if os.path.exists(folder):
+    _reap(folder, int(sys.argv[2]))
+"""
+
+
+def _start_watchdog(folder: Path, uid: int) -> subprocess.Popen[bytes] | None:
+    """A process that reaps the sandbox if this one dies without stopping it (SIGKILL, crash).
+
+    It waits for EOF on a pipe whose only writer is this process. The folder
+    goes as hex so that the watchdog itself does not match _processes_using.
+    """
+    if not sys.executable:
+        return None
+    try:
+        functions = [inspect.getsource(f) for f in (_alive, _processes_using, _reap)]
+    except (OSError, TypeError):  # no source at hand (frozen or zipped install)
+        return None
+    code = "\n\n".join([_WATCHDOG_HEADER, *functions, _WATCHDOG_MAIN])
+    return subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", code, os.fsencode(folder).hex(), str(uid)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def _probe(uri: str, timeout: float) -> str | None:
+    """Open uri and ask for the library version; None if it answered, else why not.
+
+    virConnectOpen has no timeout of its own, so it runs in a daemon thread:
+    one stuck on a hung daemon ends with an error when the daemon is killed.
+    """
+    outcome: list[str | None] = []
+
+    def run() -> None:
+        try:
+            conn = libvirt.open(uri)
+            try:
+                conn.getLibVersion()
+            finally:
+                conn.close()
+        except libvirt.libvirtError as error:
+            outcome.append(error.get_error_message() or str(error))
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=run, name="aiovirtstream-sandbox-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else f"no answer within {timeout:g} s"
+
+
+class _Daemon:
+    """A sandbox's resources, kept apart from it so that weakref.finalize can free them."""
+
+    def __init__(self, uid: int, gid: int, stop_timeout: float) -> None:
+        self.uid = uid
+        self.gid = gid
+        self.stop_timeout = stop_timeout
+        self.root: Path | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.watchdog: subprocess.Popen[bytes] | None = None
+        self.lock = threading.Lock()
+
+    def cleanup(self) -> None:
+        """Stop libvirtd (SIGTERM, then SIGKILL), kill what it left running, remove the folder."""
+        with self.lock:
+            proc, self.proc = self.proc, None
+            if proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.terminate()
+                    proc.send_signal(signal.SIGCONT)  # a test may have stopped it (SIGSTOP)
+                try:
+                    proc.wait(self.stop_timeout)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                    proc.wait()
+            root, self.root = self.root, None
+            if root is not None:
+                _reap(str(root), self.uid)
+                if root.exists():
+                    warnings.warn(f"could not remove sandbox folder {root}", ResourceWarning, 2)
+            watchdog, self.watchdog = self.watchdog, None
+            if watchdog is not None:
+                assert watchdog.stdin is not None
+                watchdog.stdin.close()  # EOF: it finds the folder gone and exits
+                try:
+                    watchdog.wait(10)
+                except subprocess.TimeoutExpired:
+                    watchdog.kill()
+                    watchdog.wait()
+
+
+class Sandbox:
+    """An unprivileged libvirtd in session mode, all of its state in one temporary folder.
+
+    Use it as a context manager, sync (``with``) or async (``async with``; the
+    blocking parts run in worker threads), or call :meth:`start`/:meth:`stop`
+    (:meth:`astart`/:meth:`astop`). On exit, also after an exception or a
+    cancellation, the daemon is stopped, any QEMU or virtlogd it started is
+    killed and the folder removed; if this process dies first (SIGKILL, crash)
+    a small watchdog process does that. A sandbox is started once.
+
+    * ``mode="storage"`` loads only the storage driver (starts in well under
+      a second); ``mode="full"`` loads every driver, qemu included. Files
+      given to guests must be readable by :attr:`daemon_user`.
+    * ``tcp=True`` adds a listener on 127.0.0.1 (no auth, no TLS):
+      :attr:`tcp_uri`.
+    * As root the daemon runs as ``user`` (default ``nobody``) and its
+      primary group; otherwise as the caller.
+    * ``libvirtd`` is the binary (a path, or a name looked up on
+      ``env_path``); ``env_path`` is the daemon's PATH (default: the
+      caller's plus the usual sbin folders).
+    * ``tmp_dir`` is where the temporary folder is made; the daemon user must
+      be able to enter it, and the socket path must fit in 107 bytes.
+    """
+
+    def __init__(
+        self,
+        mode: SandboxMode = "storage",
+        *,
+        tcp: bool = False,
+        libvirtd: str | os.PathLike[str] | None = None,
+        env_path: str | None = None,
+        user: str | None = None,
+        tmp_dir: str | os.PathLike[str] | None = None,
+        start_timeout: float = 30.0,
+        stop_timeout: float = 10.0,
+    ) -> None:
+        if mode not in ("storage", "full"):
+            raise ValueError(f"mode must be 'storage' or 'full', not {mode!r}")
+        self.mode: SandboxMode = mode
+        self.tcp = tcp
+        self.start_timeout = start_timeout
+        self._libvirtd_arg = libvirtd
+        self._tmp_dir = Path(tmp_dir) if tmp_dir is not None else None
+        if env_path is None:
+            own = os.environ.get("PATH", "").split(os.pathsep)
+            env_path = os.pathsep.join(dict.fromkeys([d for d in own if d] + list(_STANDARD_PATH)))
+        self._env_path = env_path
+        uid, gid, self._user = self._resolve_user(user)
+        self._daemon = _Daemon(uid, gid, stop_timeout)
+        self._finalizer = weakref.finalize(self, self._daemon.cleanup)
+        self._started = False
+        self._root: Path | None = None
+        self._port: int | None = None
+        self._port_attempts = 0
+        self._libvirtd: Path | None = None
+        self._spawn_offsets: dict[str, int] = {}
+
+    # --- properties -----------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        """The sandbox's temporary folder (it no longer exists once stopped)."""
+        if self._root is None:
+            raise SandboxError("the sandbox was not started")
+        return self._root
+
+    @property
+    def socket_path(self) -> Path:
+        """libvirtd's unix socket."""
+        return self.path / "run" / "libvirt" / "libvirt-sock"
+
+    @property
+    def uri(self) -> str:
+        """The URI over the unix socket: ``storage+unix:///session?socket=...`` or ``qemu+...``."""
+        return f"{self._scheme}+unix:///session?socket={self.socket_path}"
+
+    @property
+    def tcp_port(self) -> int:
+        """The loopback TCP port (only with ``tcp=True``)."""
+        if not self.tcp:
+            raise SandboxError("this sandbox has no TCP listener: create it with Sandbox(tcp=True)")
+        if self._port is None:
+            raise SandboxError("the sandbox was not started")
+        return self._port
+
+    @property
+    def tcp_uri(self) -> str:
+        """The URI over the loopback TCP listener, e.g. ``storage+tcp://127.0.0.1:N/session``."""
+        return f"{self._scheme}+tcp://127.0.0.1:{self.tcp_port}/session"
+
+    @property
+    def log_path(self) -> Path:
+        """libvirtd's log file (warnings and errors), inside :attr:`path`."""
+        return self.path / "libvirtd.log"
+
+    @property
+    def pid(self) -> int:
+        """libvirtd's process id."""
+        proc = self._daemon.proc
+        if proc is None:
+            raise SandboxError("the sandbox is not running")
+        return proc.pid
+
+    @property
+    def daemon_user(self) -> str:
+        """The user libvirtd (and any QEMU it starts) runs as."""
+        return self._user
+
+    @property
+    def running(self) -> bool:
+        """Whether libvirtd was started and not stopped yet (it may have crashed)."""
+        return self._daemon.proc is not None
+
+    @property
+    def _scheme(self) -> str:
+        return "storage" if self.mode == "storage" else "qemu"
+
+    def __repr__(self) -> str:
+        where = self._root if self._root is not None else "not started"
+        return f"<Sandbox mode={self.mode} tcp={self.tcp} user={self._user} {where}>"
+
+    def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
+        """The last lines of libvirtd's stderr and log, with headers; '' if both are empty."""
+        if self._root is None:
+            return ""
+        parts = []
+        for name in ("libvirtd.stderr", "libvirtd.log"):
+            text = _tail(self._root / name, lines)
+            if text.strip():
+                parts.append(f"--- {self._root / name} (last lines) ---\n{text}")
+        return "\n".join(parts)
+
+    # --- start and stop -------------------------------------------------------
+
+    def start(self) -> None:
+        """Start libvirtd and wait until it answers; on failure clean up and raise."""
+        self._claim()
+        try:
+            self._begin()
+            deadline = time.monotonic() + self.start_timeout
+            while not self._check_ready(deadline):
+                time.sleep(_POLL_INTERVAL)
+        except BaseException:
+            self.stop()
+            raise
+
+    async def astart(self) -> None:
+        """:meth:`start` without blocking the event loop; cleans up when cancelled."""
+        self._claim()
+        try:
+            await anyio.to_thread.run_sync(self._begin)
+            deadline = time.monotonic() + self.start_timeout
+            while True:
+                if await anyio.to_thread.run_sync(self._check_ready, deadline):
+                    break
+                await anyio.sleep(_POLL_INTERVAL)
+        except BaseException:
+            await self.astop()
+            raise
+
+    def stop(self) -> None:
+        """Stop libvirtd and everything it started, remove the folder. Idempotent."""
+        self._finalizer()
+
+    async def astop(self) -> None:
+        """:meth:`stop` in a worker thread, shielded from cancellation."""
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._finalizer)
+
+    def __enter__(self) -> Sandbox:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Sandbox:
+        await self.astart()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.astop()
+
+    # --- internals of start ---------------------------------------------------
+
+    @staticmethod
+    def _resolve_user(user: str | None) -> tuple[int, int, str]:
+        if os.geteuid() != 0:
+            me = pwd.getpwuid(os.geteuid())
+            if user not in (None, me.pw_name):
+                raise SandboxError(f"only root can run the sandbox as {user!r}")
+            return me.pw_uid, os.getegid(), me.pw_name
+        name = user or "nobody"
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            raise SandboxError(f"no user {name!r} to run the sandbox's libvirtd as") from None
+        if entry.pw_uid == 0:
+            # A root libvirtd takes machine-wide pid locks under /run/libvirt
+            # (a second one fails): only unprivileged daemons coexist.
+            raise SandboxError("the sandbox's libvirtd must not run as root")
+        return entry.pw_uid, entry.pw_gid, name
+
+    def _find_programs(self) -> tuple[Path, Path]:
+        """libvirtd and the driver folder, or DaemonNotInstalledError naming the package."""
+        arg = os.fspath(self._libvirtd_arg) if self._libvirtd_arg is not None else "libvirtd"
+        if os.sep in arg:
+            found = arg if os.access(arg, os.X_OK) and os.path.isfile(arg) else None
+        else:
+            found = shutil.which(arg, path=self._env_path)
+        if found is None:
+            raise DaemonNotInstalledError(
+                f"libvirtd not found ({arg!r}, PATH={self._env_path})", "libvirt-daemon"
+            )
+        libvirtd = Path(found).absolute()
+        driver_dir = _find_driver_dir(libvirtd)
+        if driver_dir is None or not (driver_dir / "libvirt_driver_storage.so").exists():
+            raise DaemonNotInstalledError(
+                "libvirt's storage driver libvirt_driver_storage.so not found "
+                f"(looked in {driver_dir or 'lib*/libvirt/connection-driver'})",
+                "libvirt-daemon",
+            )
+        if self.mode == "full":
+            if not (driver_dir / "libvirt_driver_qemu.so").exists():
+                raise DaemonNotInstalledError(
+                    f"libvirt's qemu driver not found in {driver_dir}",
+                    "libvirt-daemon-driver-qemu",
+                )
+            if shutil.which("qemu-system-x86_64", path=self._env_path) is None:
+                raise DaemonNotInstalledError(
+                    f"qemu-system-x86_64 not found (PATH={self._env_path})", "qemu-system-x86"
+                )
+        return libvirtd, driver_dir
+
+    def _make_root(self) -> Path:
+        uid, gid = self._daemon.uid, self._daemon.gid
+        parents = [self._tmp_dir] if self._tmp_dir else [Path(tempfile.gettempdir()), Path("/tmp")]
+        usable = [p for p in dict.fromkeys(parents) if p.is_dir() and _traversable(p, uid, gid)]
+        if not usable:
+            raise SandboxError(
+                f"user {self._user} cannot enter {parents[0]}: pass tmp_dir= a folder it can enter"
+            )
+        root = Path(tempfile.mkdtemp(prefix="aiovirtstream-", dir=usable[0]))
+        self._daemon.root = root
+        self._daemon.watchdog = _start_watchdog(root, self._daemon.uid)
+        sock = root / "run" / "libvirt" / "libvirt-sock"
+        if len(os.fsencode(sock)) > _SUN_PATH_MAX:
+            raise SandboxError(f"socket path {sock} is too long for a unix socket: use tmp_dir=")
+        return root
+
+    def _claim(self) -> None:
+        if self._started:
+            raise SandboxError("a Sandbox can be started only once; create a new one")
+        self._started = True
+
+    def _begin(self) -> None:
+        """Check the programs, make and populate the folder, spawn libvirtd."""
+        self._libvirtd, driver_dir = self._find_programs()
+        root = self._root = self._make_root()
+        for sub in ("run", "config/libvirt", "cache", "data", "pools"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        if self.mode == "storage":
+            (root / "drivers").mkdir()
+            (root / "drivers" / "libvirt_driver_storage.so").symlink_to(
+                driver_dir / "libvirt_driver_storage.so"
+            )
+        (root / "libvirtd.stderr").touch()
+        root.chmod(0o700)
+        if os.geteuid() == 0:
+            for folder, dirs, files in os.walk(root):
+                for name in [".", *dirs, *files]:
+                    os.chown(
+                        os.path.join(folder, name),
+                        self._daemon.uid,
+                        self._daemon.gid,
+                        follow_symlinks=False,
+                    )
+        self._spawn()
+
+    def _write_config(self) -> None:
+        lines = [f'log_outputs = "3:file:{self.log_path}"']
+        if self.tcp:
+            self._port = _free_port()
+            lines += [
+                "listen_tcp = 1",
+                'listen_addr = "127.0.0.1"',
+                f'tcp_port = "{self._port}"',
+                'auth_tcp = "none"',
+                "listen_tls = 0",
+            ]
+        conf = self.path / "config" / "libvirt" / "libvirtd.conf"
+        conf.write_text("\n".join(lines) + "\n")
+        if os.geteuid() == 0:
+            os.chown(conf, self._daemon.uid, self._daemon.gid)
+
+    def _spawn(self) -> None:
+        assert self._libvirtd is not None
+        self._write_config()
+        self._port_attempts += 1
+        root = self.path
+        self._spawn_offsets = {
+            name: (root / name).stat().st_size if (root / name).exists() else 0
+            for name in ("libvirtd.stderr", "libvirtd.log")
+        }
+        env = {
+            "PATH": self._env_path,
+            "HOME": str(root),
+            "XDG_RUNTIME_DIR": str(root / "run"),
+            "XDG_CONFIG_HOME": str(root / "config"),
+            "XDG_CACHE_HOME": str(root / "cache"),
+            "XDG_DATA_HOME": str(root / "data"),
+        }
+        if self.mode == "storage":
+            # libvirtd loads only the modules in LIBVIRT_DRIVER_DIR: storage-only
+            # daemons start in about a second.
+            env["LIBVIRT_DRIVER_DIR"] = str(root / "drivers")
+        as_root = os.geteuid() == 0
+        stderr: IO[bytes]
+        with open(root / "libvirtd.stderr", "ab") as stderr:
+            self._daemon.proc = subprocess.Popen(
+                [str(self._libvirtd), *(["--listen"] if self.tcp else [])],
+                env=env,
+                cwd=root,
+                stdin=subprocess.DEVNULL,
+                stdout=stderr,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                user=self._daemon.uid if as_root else None,
+                group=self._daemon.gid if as_root else None,
+                extra_groups=[] if as_root else None,
+            )
+
+    def _output_since_spawn(self) -> str:
+        chunks = []
+        for name, offset in self._spawn_offsets.items():
+            with contextlib.suppress(OSError), open(self.path / name, "rb") as f:
+                f.seek(offset)
+                chunks.append(f.read(1 << 20).decode(errors="replace"))
+        return "\n".join(chunks)
+
+    def _fail(self, message: str) -> SandboxStartError:
+        return SandboxStartError(f"libvirtd of {self!r} {message}", self.log_tail())
+
+    def _check_ready(self, deadline: float) -> bool:
+        """One poll: True once libvirtd answers; raises if it died or the time is up."""
+        proc = self._daemon.proc
+        if proc is None:
+            raise SandboxError("the sandbox was stopped while starting")
+        code = proc.poll()
+        if code is not None:
+            if (
+                self.tcp
+                and "Address already in use" in self._output_since_spawn()
+                and self._port_attempts < _PORT_ATTEMPTS
+            ):
+                self._spawn()  # someone took the free port we picked: pick another
+                return False
+            raise self._fail(f"exited with status {code} while starting")
+        error: str | None
+        if not self.socket_path.exists():
+            error = "its socket does not exist yet"
+        else:
+            error = _probe(self.uri, _PROBE_TIMEOUT)
+            if error is not None and "no connection driver available" in error:
+                raise self._fail(
+                    f"has no driver for {self.uri} ({error}): is libvirt-daemon"
+                    f"{'-driver-qemu' if self.mode == 'full' else ''} installed?"
+                )
+            if error is None and self.tcp:
+                error = _probe(self.tcp_uri, _PROBE_TIMEOUT)
+            if error is None:
+                return True
+        if time.monotonic() > deadline:
+            raise self._fail(f"did not answer within {self.start_timeout:g} s: {error}")
+        return False
+
+    # --- helpers: pools and volumes -------------------------------------------
+
+    @contextlib.contextmanager
+    def connect(self, *, tcp: bool = False) -> Iterator[libvirt.virConnect]:
+        """A plain blocking connection, closed on exit: for set-up, not for streams.
+
+        libvirt reads a connection's stream events only if an event
+        implementation was registered before it was opened; use
+        :func:`aiovirtstream.connect` with :attr:`uri` for streams.
+        """
+        with map_libvirt_errors(context=f"connect to the sandbox {self.path}"):
+            conn = libvirt.open(self.tcp_uri if tcp else self.uri)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def create_pool(self, name: str = "pool") -> PoolInfo:
+        """Create (and build) a transient dir pool with its folder in the sandbox."""
+        if not _NAME_RE.fullmatch(name):
+            raise ValueError(f"pool name {name!r}: use letters, digits and _.+-")
+        target = self.path / "pools" / name
+        xml = (
+            f"<pool type='dir'><name>{escape(name)}</name>"
+            f"<target><path>{escape(str(target))}</path></target></pool>"
+        )
+        with self.connect() as conn, map_libvirt_errors(context=f"create pool {name!r}"):
+            conn.storagePoolCreateXML(xml, libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD)
+        return PoolInfo(name, target)
+
+    def create_volume(self, pool: PoolInfo | str, name: str, capacity: int) -> VolumeInfo:
+        """Create a sparse raw volume of capacity bytes (allocation 0) in pool."""
+        pool_name = pool.name if isinstance(pool, PoolInfo) else pool
+        if not _NAME_RE.fullmatch(name):
+            raise ValueError(f"volume name {name!r}: use letters, digits and _.+-")
+        if capacity < 0:
+            raise ValueError("capacity must be >= 0")
+        xml = (
+            f"<volume><name>{escape(name)}</name>"
+            f"<capacity unit='bytes'>{capacity}</capacity>"
+            "<allocation unit='bytes'>0</allocation>"
+            "<target><format type='raw'/></target></volume>"
+        )
+        context = f"create volume {name!r} in pool {pool_name!r}"
+        with self.connect() as conn, map_libvirt_errors(context=context):
+            vol = conn.storagePoolLookupByName(pool_name).createXML(xml, 0)
+            return VolumeInfo(pool_name, name, Path(vol.path()), capacity)
+
+    def delete_pool(self, pool: PoolInfo | str) -> None:
+        """Delete the pool's volumes, destroy it and remove its folder; no-op if it is gone."""
+        pool_name = pool.name if isinstance(pool, PoolInfo) else pool
+        with self.connect() as conn, map_libvirt_errors(context=f"delete pool {pool_name!r}"):
+            try:
+                handle = conn.storagePoolLookupByName(pool_name)
+            except libvirt.libvirtError as error:
+                if error.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_POOL:
+                    return
+                raise
+            target = Path(ElementTree.fromstring(handle.XMLDesc(0)).findtext("target/path", ""))
+            persistent = handle.isPersistent()
+            if handle.isActive():
+                for vol in handle.listAllVolumes(0):
+                    vol.delete(0)
+                handle.destroy()
+            if persistent:
+                handle.undefine()
+        if target.is_relative_to(self.path):
+            shutil.rmtree(target, ignore_errors=True)
+
+    async def acreate_pool(self, name: str = "pool") -> PoolInfo:
+        """:meth:`create_pool` in a worker thread."""
+        return await anyio.to_thread.run_sync(self.create_pool, name)
+
+    async def acreate_volume(self, pool: PoolInfo | str, name: str, capacity: int) -> VolumeInfo:
+        """:meth:`create_volume` in a worker thread."""
+        return await anyio.to_thread.run_sync(self.create_volume, pool, name, capacity)
+
+    async def adelete_pool(self, pool: PoolInfo | str) -> None:
+        """:meth:`delete_pool` in a worker thread."""
+        await anyio.to_thread.run_sync(self.delete_pool, pool)

@@ -1,0 +1,3 @@
+"""Test configuration. The sandbox fixtures come from aiovirtstream's pytest11 entry point."""
+
+pytest_plugins = ["pytester"]
