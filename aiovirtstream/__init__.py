@@ -6,7 +6,16 @@ from ._connect import aclose_connection, connect
 from ._events import EventImplStats, bind_event_loop, get_event_impl, register_event_impl
 from ._exceptions import *  # noqa: F403
 from ._exceptions import __all__ as _exceptions_all
+from ._extents import Extent, file_extents
 from ._stream import AsyncStream, Hole, StreamItem, open_stream
+from ._transfer import (
+    DestinationIsDirectoryError,
+    SourceNotFoundError,
+    TransferProgress,
+    TransferResult,
+    download,
+    upload,
+)
 from ._volume import lookup_volume, open_volume_download, open_volume_upload
 
 __all__ = [
@@ -23,6 +32,14 @@ __all__ = [
     "open_volume_upload",
     "open_volume_download",
     "lookup_volume",
+    "upload",
+    "download",
+    "TransferResult",
+    "TransferProgress",
+    "SourceNotFoundError",
+    "DestinationIsDirectoryError",
+    "Extent",
+    "file_extents",
     *_exceptions_all,
 ]
 __version__ = "0.1.0.dev0"

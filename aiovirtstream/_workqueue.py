@@ -10,7 +10,7 @@ and ends when the queue is empty, so no thread is started per transfer.
 
 from __future__ import annotations
 
-__all__ = ["WorkQueue", "WOULD_BLOCK"]
+__all__ = ["WorkQueue", "WOULD_BLOCK", "run_in_worker"]
 
 import asyncio
 import threading
@@ -26,6 +26,11 @@ T = TypeVar("T")
 WOULD_BLOCK = -2
 
 _executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="aiovirtstream-io")
+
+
+def run_in_worker(func: Callable[[], T]) -> asyncio.Future[T]:
+    """Run ``func`` on the shared I/O executor (threads are reused across transfers)."""
+    return asyncio.wrap_future(_executor.submit(func))
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:

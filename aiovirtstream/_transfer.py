@@ -1,0 +1,766 @@
+"""Sparse-aware volume upload and download: the library's main job.
+
+Upload: a read-ahead job in a worker thread walks the source's data and
+holes (SEEK_DATA/SEEK_HOLE), reads data with ``pread`` and queues it straight
+to the stream's sender thread, which sends it; holes go as ``send_hole``. The
+loop only starts, watches and finishes the transfer.
+
+Download: the loop receives packets (a NONBLOCK recv only copies from
+libvirt's queue) and hands them to a write-behind job in a worker thread that
+``pwrite``s data and skips holes, so the destination stays sparse. A download
+to a path goes to a temporary file next to it, renamed into place only after
+the daemon confirmed the stream finished.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "upload",
+    "download",
+    "TransferResult",
+    "TransferProgress",
+    "ProgressCallback",
+    "UploadSource",
+    "DownloadDestination",
+]
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import os
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, cast
+
+import anyio.abc
+import anyio.to_thread
+import libvirt
+
+from ._exceptions import (
+    DestinationExistsError,
+    SourceTooLargeError,
+    TransferError,
+    map_libvirt_errors,
+)
+from ._extents import ZERO_BLOCK_SIZE, Extent, file_extents, zero_runs
+from ._stream import MAX_CHUNK, AsyncStream, Hole, StreamItem
+from ._volume import open_volume_download, open_volume_upload
+from ._workqueue import WorkQueue, run_in_worker
+
+UploadSource = (
+    str | os.PathLike[str] | IO[bytes] | AsyncIterable[bytes] | anyio.abc.ByteReceiveStream
+)
+DownloadDestination = str | os.PathLike[str] | IO[bytes] | anyio.abc.ByteSendStream
+
+#: Bytes of downloaded data waiting for the disk before the loop stops reading.
+WRITE_BEHIND = 16 * 1024 * 1024
+_ZERO_CHUNK = bytes(MAX_CHUNK)
+_HASH_ZEROES = bytes(1024 * 1024)
+
+
+@dataclass(frozen=True, slots=True)
+class TransferProgress:
+    """How far a transfer is: bytes of data and of holes so far, of ``total``."""
+
+    data_bytes: int
+    hole_bytes: int
+    total: int | None
+
+    @property
+    def done_bytes(self) -> int:
+        return self.data_bytes + self.hole_bytes
+
+
+ProgressCallback = Callable[[TransferProgress], object]
+
+
+@dataclass(frozen=True, slots=True)
+class TransferResult:
+    """What a finished transfer moved, and how fast."""
+
+    data_bytes: int
+    hole_bytes: int
+    seconds: float
+    sha256: str | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        """Logical size transferred: data plus holes."""
+        return self.data_bytes + self.hole_bytes
+
+    @property
+    def data_rate(self) -> float:
+        """Data bytes per second."""
+        return self.data_bytes / self.seconds if self.seconds > 0 else float("inf")
+
+
+class SourceNotFoundError(TransferError, FileNotFoundError):
+    """The upload's source file does not exist."""
+
+
+class DestinationIsDirectoryError(TransferError, IsADirectoryError):
+    """The download's destination is a directory; name a file inside it."""
+
+
+__all__ += ["SourceNotFoundError", "DestinationIsDirectoryError"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Options:
+    """The caller's choices for one transfer."""
+
+    sparse: bool
+    offset: int
+    length: int
+    progress: ProgressCallback | None
+    progress_interval: float
+    checksum: bool
+    detect_zeroes: bool = False
+    started: float = field(default_factory=time.perf_counter)
+
+    def hasher(self) -> _Hasher | None:
+        return _Hasher() if self.checksum else None
+
+    def reporter(
+        self, counts: Callable[[], tuple[int, int]], total: int | None
+    ) -> _ProgressReporter:
+        return _ProgressReporter(self.progress, counts, total, self.progress_interval)
+
+    def result(self, data: int, holes: int, hasher: _Hasher | None) -> TransferResult:
+        return TransferResult(
+            data, holes, time.perf_counter() - self.started, hasher.hexdigest() if hasher else None
+        )
+
+
+class _Hasher:
+    """SHA-256 of the logical content: holes count as zeroes."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+
+    def data(self, data: bytes) -> None:
+        self._hash.update(data)
+
+    def hole(self, length: int) -> None:
+        while length > 0:
+            step = min(length, len(_HASH_ZEROES))
+            self._hash.update(_HASH_ZEROES[:step] if step < len(_HASH_ZEROES) else _HASH_ZEROES)
+            length -= step
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+class _ProgressReporter:
+    """Calls ``callback`` on the loop every ``interval`` seconds and once at the end."""
+
+    def __init__(
+        self,
+        callback: ProgressCallback | None,
+        counts: Callable[[], tuple[int, int]],
+        total: int | None,
+        interval: float,
+    ) -> None:
+        self._callback = callback
+        self._counts = counts
+        self._total = total
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    def report(self) -> None:
+        if self._callback is not None:
+            data, holes = self._counts()
+            self._callback(TransferProgress(data, holes, self._total))
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            self.report()
+
+    def __enter__(self) -> _ProgressReporter:
+        if self._callback is not None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+async def _volume_capacity(vol: libvirt.virStorageVol) -> int:
+    with map_libvirt_errors(context="cannot read the volume's capacity"):
+        info = await anyio.to_thread.run_sync(vol.info)
+    return int(info[1])
+
+
+# ---------------------------------------------------------------------- upload
+
+
+async def upload(
+    vol: libvirt.virStorageVol,
+    source: UploadSource,
+    *,
+    sparse: bool = True,
+    detect_zeroes: bool = False,
+    offset: int = 0,
+    length: int = 0,
+    progress: ProgressCallback | None = None,
+    progress_interval: float = 0.1,
+    checksum: bool = False,
+) -> TransferResult:
+    """Upload ``source`` into ``vol`` at ``offset``; returns what was sent.
+
+    ``source`` is a path or an open binary file (read from its start, or a
+    file object's current position, with its holes found by
+    SEEK_DATA/SEEK_HOLE and sent as holes when ``sparse``), or an async
+    iterable of bytes / an anyio byte stream. ``detect_zeroes`` also sends
+    aligned runs of zeroes (4 KiB blocks) inside data as holes. ``length``
+    limits how many bytes of the source are sent (0: all of it). A source
+    that does not fit in the volume raises :class:`SourceTooLargeError`
+    before anything is sent. ``progress`` is called on the loop every
+    ``progress_interval`` seconds and once at the end. On any failure or
+    cancellation the stream is aborted and the error raised.
+    """
+    if offset < 0 or length < 0:
+        raise ValueError("offset and length must be >= 0")
+    options = _Options(sparse, offset, length, progress, progress_interval, checksum, detect_zeroes)
+    if isinstance(source, (str, os.PathLike)):
+        return await _upload_file(vol, source, options)
+    if _has_fileno(source):
+        return await _upload_file(vol, cast(IO[bytes], source), options)
+    if isinstance(source, AsyncIterable):
+        return await _upload_iterable(vol, source, options)
+    raise TypeError(
+        f"cannot upload from {type(source).__name__}: pass a path, a binary file, "
+        "or an async iterable of bytes"
+    )
+
+
+def _has_fileno(obj: object) -> bool:
+    fileno = getattr(obj, "fileno", None)
+    if fileno is None:
+        return False
+    try:
+        fileno()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _open_source(source: str | os.PathLike[str] | IO[bytes]) -> tuple[int, int, bool, str]:
+    """(fd, start position, whether we opened it, name) of an upload source."""
+    if isinstance(source, (str, os.PathLike)):
+        name = os.fspath(source)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError as error:
+            raise SourceNotFoundError(f"upload source {name!r} does not exist") from error
+        except IsADirectoryError as error:
+            raise TransferError(f"upload source {name!r} is a directory") from error
+        return fd, 0, True, name
+    fd = source.fileno()
+    try:
+        position = source.tell()
+    except (OSError, ValueError):
+        position = 0
+    return fd, position, False, getattr(source, "name", f"fd {fd}")
+
+
+def _source_size(fd: int, name: str) -> tuple[int, bool]:
+    """(size, seekable) of an upload source; block devices are sized with lseek."""
+    info = os.fstat(fd)
+    if stat.S_ISDIR(info.st_mode):
+        raise TransferError(f"upload source {name!r} is a directory")
+    if stat.S_ISREG(info.st_mode):
+        return info.st_size, True
+    if stat.S_ISBLK(info.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END), True
+    return -1, False  # a pipe or socket: read until EOF
+
+
+async def _upload_file(
+    vol: libvirt.virStorageVol,
+    source: str | os.PathLike[str] | IO[bytes],
+    options: _Options,
+) -> TransferResult:
+    fd, position, owned, name = await anyio.to_thread.run_sync(_open_source, source)
+    try:
+        size, seekable = await anyio.to_thread.run_sync(_source_size, fd, name)
+        if not seekable:
+            if owned:
+                return await _upload_iterable(vol, _iter_fd(fd), options)
+            return await _upload_iterable(vol, _iter_file(cast(IO[bytes], source)), options)
+        available = max(size - position, 0)
+        amount = min(options.length, available) if options.length else available
+        capacity = await _volume_capacity(vol)
+        if options.offset + amount > capacity:
+            raise SourceTooLargeError(
+                f"{name!r} has {amount} bytes to upload at offset {options.offset}, but the "
+                f"volume holds {capacity} bytes: resize the volume or pass a smaller length"
+            )
+        stream = await open_volume_upload(
+            vol, offset=options.offset, length=amount, sparse=options.sparse
+        )
+        hasher = options.hasher()
+        reader = _FileReader(
+            fd, position, position + amount, stream, options.sparse, options.detect_zeroes, hasher
+        )
+        counts = lambda: (stream.bytes_sent, stream.hole_bytes_sent)  # noqa: E731
+        with options.reporter(counts, amount) as reporter:
+            async with stream:
+                await _run_reader(reader, stream)
+            reporter.report()
+        return options.result(stream.bytes_sent, stream.hole_bytes_sent, hasher)
+    finally:
+        if owned:
+            os.close(fd)
+
+
+async def _run_reader(reader: _FileReader, stream: AsyncStream) -> None:
+    """Run the read-ahead job; on cancellation stop it before letting go."""
+    future = run_in_worker(reader.run)
+    try:
+        await asyncio.shield(future)
+    except BaseException:
+        reader.stop()
+        stream._sender.stop()
+        with contextlib.suppress(BaseException):
+            await asyncio.shield(future)
+        raise
+    stream._raise_send_error()
+
+
+class _FileReader:
+    """Reads a source's extents in a worker thread and queues them to the sender."""
+
+    def __init__(
+        self,
+        fd: int,
+        start: int,
+        end: int,
+        stream: AsyncStream,
+        sparse: bool,
+        detect_zeroes: bool,
+        hasher: _Hasher | None,
+    ) -> None:
+        self._fd = fd
+        self._start = start
+        self._end = end
+        self._queue = stream._sender
+        self._sparse = sparse
+        self._detect_zeroes = detect_zeroes and sparse
+        self._hasher = hasher
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _extents(self) -> Iterator[Extent]:
+        if self._sparse:
+            return file_extents(self._fd, self._start, self._end)
+        return iter([Extent(self._start, self._end - self._start, True)])
+
+    def run(self) -> None:
+        for extent in self._extents():
+            if extent.data:
+                if not self._send_data(extent):
+                    return
+            elif not self._send_hole(extent.length):
+                return
+
+    def _put(self, item: StreamItem) -> bool:
+        return not self._stopped.is_set() and self._queue.put_blocking(item)
+
+    def _send_hole(self, length: int) -> bool:
+        if self._hasher:
+            self._hasher.hole(length)
+        if self._sparse:
+            return self._put(Hole(length))
+        while length > 0:  # not reached: non-sparse transfers read holes as data
+            step = min(length, MAX_CHUNK)
+            if not self._put(_ZERO_CHUNK[:step]):
+                return False
+            length -= step
+        return True
+
+    def _send_data(self, extent: Extent) -> bool:
+        pos, end = extent.offset, extent.end
+        # Reads stay aligned to MAX_CHUNK-sized pieces of the extent; with
+        # detect_zeroes they are aligned to zero blocks as well.
+        chunk = MAX_CHUNK - MAX_CHUNK % ZERO_BLOCK_SIZE if self._detect_zeroes else MAX_CHUNK
+        while pos < end:
+            data = os.pread(self._fd, min(chunk, end - pos), pos)
+            if not data:
+                raise TransferError(
+                    f"the upload source shrank while it was read (no data at offset {pos})"
+                )
+            if self._detect_zeroes:
+                for part in zero_runs(data, pos):
+                    piece = data[part.offset - pos : part.end - pos]
+                    if part.data:
+                        if self._hasher:
+                            self._hasher.data(piece)
+                        if not self._put(piece):
+                            return False
+                    elif not self._send_hole(part.length):
+                        return False
+            else:
+                if self._hasher:
+                    self._hasher.data(data)
+                if not self._put(data):
+                    return False
+            pos += len(data)
+        return True
+
+
+async def _iter_file(file_obj: IO[bytes]) -> AsyncIterable[bytes]:
+    """Read a non-seekable file (pipe, socket) in a worker thread."""
+    while data := await anyio.to_thread.run_sync(file_obj.read, 4 * MAX_CHUNK):
+        yield data
+
+
+async def _iter_fd(fd: int) -> AsyncIterable[bytes]:
+    """Read a pipe or socket we opened, in a worker thread."""
+    while data := await anyio.to_thread.run_sync(os.read, fd, 4 * MAX_CHUNK):
+        yield data
+
+
+async def _upload_iterable(
+    vol: libvirt.virStorageVol, source: AsyncIterable[bytes], options: _Options
+) -> TransferResult:
+    offset, length = options.offset, options.length
+    capacity = await _volume_capacity(vol)
+    if offset > capacity:
+        raise SourceTooLargeError(f"offset {offset} is past the volume's end ({capacity} bytes)")
+    room = capacity - offset
+    limit = min(length, room) if length else room
+    detect = options.detect_zeroes and options.sparse
+    stream = await open_volume_upload(vol, offset=offset, length=limit, sparse=detect)
+    hasher = options.hasher()
+    position = 0
+    counts = lambda: (stream.bytes_sent, stream.hole_bytes_sent)  # noqa: E731
+    with options.reporter(counts, length or None) as reporter:
+        async with stream:
+            async for chunk in source:
+                if not chunk:
+                    continue
+                data = bytes(chunk)
+                if position + len(data) > limit:
+                    if not length or position >= length:
+                        raise SourceTooLargeError(
+                            f"the upload source has more than {limit} bytes, the room in the "
+                            f"volume from offset {offset}: the upload was aborted"
+                        )
+                    data = data[: length - position]
+                if hasher:
+                    await anyio.to_thread.run_sync(hasher.data, data)
+                if detect:
+                    for part in zero_runs(data, offset + position):
+                        if part.data:
+                            start = part.offset - offset - position
+                            await stream.write(data[start : start + part.length])
+                        else:
+                            await stream.send_hole(part.length)
+                else:
+                    await stream.write(data)
+                position += len(data)
+                if length and position >= length:
+                    break
+        reporter.report()
+    return options.result(stream.bytes_sent, stream.hole_bytes_sent, hasher)
+
+
+# ---------------------------------------------------------------------- download
+
+
+async def download(
+    vol: libvirt.virStorageVol,
+    dest: DownloadDestination,
+    *,
+    sparse: bool = True,
+    offset: int = 0,
+    length: int = 0,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+    progress_interval: float = 0.1,
+    checksum: bool = False,
+) -> TransferResult:
+    """Download ``vol`` from ``offset`` (``length`` 0: to its end) into ``dest``.
+
+    ``dest`` is a path (written to a temporary file next to it and renamed
+    into place only when the stream finished; an existing file is replaced
+    only with ``overwrite=True``), an open binary file (written from its
+    current position; holes are punched where it had data), or an anyio byte
+    stream (holes are sent as zeroes). With ``sparse`` the volume's holes
+    stay holes in the destination. On any failure or cancellation the stream
+    is aborted, the temporary file removed and the error raised.
+    """
+    if offset < 0 or length < 0:
+        raise ValueError("offset and length must be >= 0")
+    options = _Options(sparse, offset, length, progress, progress_interval, checksum)
+    if isinstance(dest, (str, os.PathLike)):
+        return await _download_path(vol, Path(dest), overwrite, options)
+    if _has_fileno(dest):
+        return await _download_file(vol, cast(IO[bytes], dest), options)
+    if isinstance(dest, anyio.abc.ByteSendStream):
+        return await _download_stream(vol, dest, options)
+    raise TypeError(
+        f"cannot download into {type(dest).__name__}: pass a path, a binary file "
+        "or an anyio byte stream"
+    )
+
+
+def _check_destination(dest: Path, overwrite: bool) -> None:
+    if dest.is_dir():
+        raise DestinationIsDirectoryError(
+            f"download destination {str(dest)!r} is a directory: name a file inside it"
+        )
+    if dest.exists() and not overwrite:
+        raise DestinationExistsError(
+            f"download destination {str(dest)!r} exists: pass overwrite=True to replace it"
+        )
+    if not dest.parent.is_dir():
+        raise TransferError(f"the folder of download destination {str(dest)!r} does not exist")
+
+
+def _make_temporary(dest: Path, overwrite: bool) -> tuple[int, Path]:
+    """Check ``dest`` and create the temporary file beside it (worker thread)."""
+    _check_destination(dest, overwrite)
+    fd, temp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # as if made by open(), not mkstemp's 0600
+    return fd, Path(temp_name)
+
+
+def _put_in_place(temp: Path, dest: Path, overwrite: bool) -> None:
+    """Rename the finished temporary file to ``dest`` (worker thread)."""
+    if overwrite:
+        os.replace(temp, dest)
+        return
+    # link() fails if the destination appeared meanwhile: never clobber it.
+    try:
+        os.link(temp, dest)
+    except FileExistsError as error:
+        raise DestinationExistsError(
+            f"download destination {str(dest)!r} appeared during the download: "
+            "pass overwrite=True to replace it"
+        ) from error
+    temp.unlink()
+
+
+def _discard(fd: int, temp: Path) -> None:
+    if fd >= 0:
+        os.close(fd)
+    temp.unlink(missing_ok=True)
+
+
+async def _download_path(
+    vol: libvirt.virStorageVol, dest: Path, overwrite: bool, options: _Options
+) -> TransferResult:
+    fd, temp = await anyio.to_thread.run_sync(_make_temporary, dest, overwrite)
+    try:
+        result = await _download_fd(vol, fd, 0, False, options, str(dest))
+        await anyio.to_thread.run_sync(os.close, fd)
+        fd = -1
+        await anyio.to_thread.run_sync(_put_in_place, temp, dest, overwrite)
+        return result
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(_discard, fd, temp)
+        raise
+
+
+async def _download_file(
+    vol: libvirt.virStorageVol, dest: IO[bytes], options: _Options
+) -> TransferResult:
+    fd = dest.fileno()
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        await anyio.to_thread.run_sync(dest.flush)
+    try:
+        position = dest.tell()
+    except (OSError, ValueError):
+        position = -1
+    if position < 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
+        # Not seekable (a pipe): write in order, holes as zeroes.
+        return await _download_stream(vol, _FileSink(dest), options)
+    name = getattr(dest, "name", f"fd {fd}")
+    result = await _download_fd(vol, fd, position, True, options, name)
+    dest.seek(position + result.total_bytes)
+    return result
+
+
+async def _download_fd(
+    vol: libvirt.virStorageVol,
+    fd: int,
+    start: int,
+    punch: bool,
+    options: _Options,
+    name: str,
+) -> TransferResult:
+    total = await _download_size(vol, options)
+    stream = await open_volume_download(
+        vol, offset=options.offset, length=options.length, sparse=options.sparse
+    )
+    writer = _FileWriter(fd, start, punch, options.hasher())
+    queue: WorkQueue[StreamItem] = WorkQueue(
+        asyncio.get_running_loop(), writer.write, _item_weight, limit=WRITE_BEHIND
+    )
+    try:
+        counts = lambda: (writer.data_bytes, writer.hole_bytes)  # noqa: E731
+        with options.reporter(counts, total) as reporter:
+            async with stream:
+                items = stream.iter_items() if options.sparse else stream.iter_data()
+                async for item in items:
+                    await queue.put(item)
+                    if queue.error is not None:
+                        break
+                await queue.join()
+                if queue.error is not None:
+                    raise TransferError(f"cannot write {name!r}: {queue.error}") from queue.error
+                await run_in_worker(writer.close)
+            reporter.report()
+    except BaseException:
+        queue.stop()
+        with anyio.CancelScope(shield=True):
+            await queue.join()
+        raise
+    _check_complete(writer.data_bytes + writer.hole_bytes, total)
+    return options.result(writer.data_bytes, writer.hole_bytes, writer.hasher)
+
+
+async def _download_size(vol: libvirt.virStorageVol, options: _Options) -> int:
+    capacity = await _volume_capacity(vol)
+    if options.offset > capacity:
+        raise TransferError(f"offset {options.offset} is past the volume's end ({capacity} bytes)")
+    room = capacity - options.offset
+    return min(options.length, room) if options.length else room
+
+
+def _check_complete(received: int, expected: int) -> None:
+    if received != expected:
+        raise TransferError(
+            f"the volume sent {received} bytes where {expected} were expected: "
+            "the download is incomplete"
+        )
+
+
+def _item_weight(item: StreamItem) -> int:
+    return 64 if isinstance(item, Hole) else len(item)
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc: Any = None
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate ``[offset, offset+length)`` of ``fd``; False if the file system can't."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+    if _libc.fallocate(fd, mode, offset, length) == 0:
+        return True
+    if ctypes.get_errno() in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
+class _FileWriter:
+    """Writes downloaded items at increasing offsets (worker thread)."""
+
+    def __init__(self, fd: int, start: int, punch: bool, hasher: _Hasher | None) -> None:
+        self._fd = fd
+        self._pos = start
+        self._punch = punch and os.fstat(fd).st_size > start
+        self.hasher = hasher
+        self.data_bytes = 0
+        self.hole_bytes = 0
+
+    def write(self, item: StreamItem) -> None:
+        if isinstance(item, Hole):
+            if self._punch and not _punch_hole(self._fd, self._pos, item.length):
+                self._write_zeroes(item.length)
+            self._pos += item.length
+            self.hole_bytes += item.length
+            if self.hasher:
+                self.hasher.hole(item.length)
+            return
+        view = memoryview(item)
+        while view:
+            written = os.pwrite(self._fd, view, self._pos)
+            self._pos += written
+            view = view[written:]
+        self.data_bytes += len(item)
+        if self.hasher:
+            self.hasher.data(item)
+
+    def _write_zeroes(self, length: int) -> None:
+        pos = self._pos
+        while length > 0:
+            step = min(length, MAX_CHUNK)
+            pos += os.pwrite(self._fd, _ZERO_CHUNK[:step], pos)
+            length -= step
+
+    def close(self) -> None:
+        """Extend the file over a trailing hole (seeking past it wrote nothing)."""
+        if os.fstat(self._fd).st_size < self._pos:
+            os.ftruncate(self._fd, self._pos)
+
+
+class _FileSink(anyio.abc.ByteSendStream):
+    """A non-seekable binary file as an anyio byte stream (writes in a worker thread)."""
+
+    def __init__(self, file_obj: IO[bytes]) -> None:
+        self._file = file_obj
+
+    async def send(self, item: bytes) -> None:
+        await anyio.to_thread.run_sync(self._file.write, item)
+
+    async def send_eof(self) -> None:
+        await anyio.to_thread.run_sync(self._file.flush)
+
+    async def aclose(self) -> None:
+        await self.send_eof()
+
+
+async def _download_stream(
+    vol: libvirt.virStorageVol, dest: anyio.abc.ByteSendStream, options: _Options
+) -> TransferResult:
+    total = await _download_size(vol, options)
+    hasher = options.hasher()
+    data_bytes = hole_bytes = 0
+    stream = await open_volume_download(
+        vol, offset=options.offset, length=options.length, sparse=options.sparse
+    )
+    with options.reporter(lambda: (data_bytes, hole_bytes), total) as reporter:
+        async with stream:
+            items = stream.iter_items() if options.sparse else stream.iter_data()
+            async for item in items:
+                if isinstance(item, Hole):
+                    remaining = item.length
+                    while remaining > 0:
+                        step = min(remaining, MAX_CHUNK)
+                        await dest.send(_ZERO_CHUNK[:step])
+                        remaining -= step
+                    hole_bytes += item.length
+                    if hasher:
+                        await anyio.to_thread.run_sync(hasher.hole, item.length)
+                else:
+                    await dest.send(item)
+                    data_bytes += len(item)
+                    if hasher:
+                        await anyio.to_thread.run_sync(hasher.data, item)
+        reporter.report()
+    _check_complete(data_bytes + hole_bytes, total)
+    return options.result(data_bytes, hole_bytes, hasher)

@@ -1,0 +1,276 @@
+"""Sparse-aware upload() and download() against a real daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import libvirt
+import pytest
+
+import aiovirtstream as avs
+from aiovirtstream.testing import PoolInfo, Sandbox
+
+MiB = 1024 * 1024
+BLOCK = os.statvfs("/tmp").f_bsize  # holes exist at the file system's block size
+MakeVolume = Callable[[str, int], Awaitable[libvirt.virStorageVol]]
+Layout = list[tuple[str, int]]  # ("data" | "hole", length)
+
+
+@pytest.fixture(params=["unix", "tcp"])
+async def conn(request: pytest.FixtureRequest, libvirt_sandbox: Sandbox) -> AsyncIterator[
+    libvirt.virConnect
+]:
+    uri = libvirt_sandbox.tcp_uri if request.param == "tcp" else libvirt_sandbox.uri
+    connection = await avs.connect(uri)
+    yield connection
+    await avs.aclose_connection(connection)
+
+
+@pytest.fixture
+def make_volume(
+    libvirt_sandbox: Sandbox, libvirt_pool: PoolInfo, conn: libvirt.virConnect
+) -> MakeVolume:
+    async def make(name: str, capacity: int) -> libvirt.virStorageVol:
+        await libvirt_sandbox.acreate_volume(libvirt_pool, name, capacity)
+        return await avs.lookup_volume(conn, name, pool=libvirt_pool.name)
+
+    return make
+
+
+def write_layout(path: Path, layout: Layout) -> bytes:
+    """Create a sparse file with data and holes; returns its logical content."""
+    content = bytearray()
+    with open(path, "wb") as f:
+        for kind, length in layout:
+            if kind == "data":
+                chunk = os.urandom(length)
+                f.write(chunk)
+                content += chunk
+            else:
+                f.seek(length, os.SEEK_CUR)
+                content += bytes(length)
+        f.truncate()
+    return bytes(content)
+
+
+def data_size(layout: Layout) -> int:
+    return sum(length for kind, length in layout if kind == "data")
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+LAYOUTS: dict[str, Layout] = {
+    "all-data": [("data", 3 * MiB)],
+    "all-hole": [("hole", 8 * MiB)],
+    "leading-hole": [("hole", 4 * MiB), ("data", MiB)],
+    "trailing-hole": [("data", MiB), ("hole", 4 * MiB)],
+    "data-at-last-byte": [("hole", 4 * MiB - BLOCK), ("data", BLOCK)],
+    "many-small-extents": [("data", BLOCK), ("hole", BLOCK)] * 200 + [("data", BLOCK)],
+    "not-4k-multiple": [("data", 5000), ("hole", 3 * BLOCK), ("data", 1234)],
+}
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+async def test_round_trip_layouts(make_volume: MakeVolume, tmp_path: Path, name: str) -> None:
+    layout = LAYOUTS[name]
+    source = tmp_path / "source.img"
+    content = write_layout(source, layout)
+    size = len(content)
+    vol = await make_volume(f"{name}.img", size)
+
+    sent = await avs.upload(vol, source, checksum=True)
+    assert sent.total_bytes == size
+    assert sent.sha256 == hashlib.sha256(content).hexdigest()
+    assert sent.data_bytes <= data_size(layout) + BLOCK
+    vol_info = await asyncio.to_thread(vol.info)
+    assert vol_info[2] <= allocated(source) + BLOCK, "the volume lost its holes"
+
+    dest = tmp_path / "back.img"
+    got = await avs.download(vol, dest, checksum=True)
+    assert got.sha256 == sent.sha256
+    assert dest.read_bytes() == content
+    assert os.path.getsize(dest) == size
+    assert allocated(dest) <= allocated(source) + BLOCK, "the download lost its holes"
+    assert not list(tmp_path.glob(".*.part"))
+
+
+async def test_detect_zeroes_makes_holes(make_volume: MakeVolume, tmp_path: Path) -> None:
+    source = tmp_path / "zeroes.img"
+    payload = os.urandom(10_000)
+    source.write_bytes(bytes(16 * MiB) + payload + bytes(8 * MiB))  # fully allocated
+    assert allocated(source) >= 24 * MiB
+    vol = await make_volume("zeroes.img", source.stat().st_size)
+    result = await avs.upload(vol, source, detect_zeroes=True)
+    assert result.data_bytes < 64 * 1024
+    assert result.hole_bytes > 23 * MiB
+    vol_info = await asyncio.to_thread(vol.info)
+    assert vol_info[2] < MiB, "a file of zeroes was stored as data"
+    dest = tmp_path / "back.img"
+    await avs.download(vol, dest)
+    assert dest.read_bytes() == source.read_bytes()
+
+
+async def test_iterable_source_and_stream_destination(
+    make_volume: MakeVolume, tmp_path: Path
+) -> None:
+    chunks = [os.urandom(100_000), bytes(64 * 1024), os.urandom(333)]
+    size = sum(map(len, chunks))
+    vol = await make_volume("iter.img", size)
+
+    async def produce() -> AsyncIterator[bytes]:
+        for chunk in chunks:
+            yield chunk
+
+    progress: list[avs.TransferProgress] = []
+    result = await avs.upload(vol, produce(), detect_zeroes=True, progress=progress.append)
+    assert result.total_bytes == size
+    assert result.hole_bytes >= 56 * 1024
+    assert progress and progress[-1].done_bytes == size
+
+    import anyio
+
+    send, receive = anyio.create_memory_object_stream[bytes](100)
+    from anyio.streams.stapled import StapledObjectStream  # noqa: F401
+
+    class Collect(anyio.abc.ByteSendStream):
+        def __init__(self) -> None:
+            self.data = bytearray()
+
+        async def send(self, item: bytes) -> None:
+            self.data += item
+
+        async def send_eof(self) -> None:
+            pass
+
+        async def aclose(self) -> None:
+            pass
+
+    sink = Collect()
+    await avs.download(vol, sink)
+    assert bytes(sink.data) == b"".join(chunks)
+    send.close()
+    receive.close()
+
+
+async def test_offset_and_length_resume(make_volume: MakeVolume, tmp_path: Path) -> None:
+    content = os.urandom(3 * MiB)
+    source = tmp_path / "src"
+    source.write_bytes(content)
+    vol = await make_volume("partial.img", 3 * MiB)
+    first = tmp_path / "first"
+    first.write_bytes(content[:MiB])
+    await avs.upload(vol, first)
+    # Resume: the rest from where the first part ended.
+    with open(source, "rb") as f:
+        f.seek(MiB)
+        await avs.upload(vol, f, offset=MiB)
+    dest = tmp_path / "middle"
+    result = await avs.download(vol, dest, offset=MiB // 2, length=MiB)
+    assert result.total_bytes == MiB
+    assert dest.read_bytes() == content[MiB // 2 : MiB // 2 + MiB]
+    # Download into an open file at its position, over existing data: holes are punched.
+    with open(tmp_path / "whole", "wb") as f:
+        await avs.download(vol, f)
+        assert f.tell() == 3 * MiB
+    assert (tmp_path / "whole").read_bytes() == content
+
+
+async def test_bad_input_is_refused_cleanly(make_volume: MakeVolume, tmp_path: Path) -> None:
+    vol = await make_volume("small.img", MiB)
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * (MiB + 1))
+    with pytest.raises(avs.SourceTooLargeError, match="resize the volume"):
+        await avs.upload(vol, big)
+    assert (await asyncio.to_thread(vol.info))[2] == 0, "bytes were sent before the check"
+
+    with pytest.raises(avs.SourceNotFoundError):
+        await avs.upload(vol, tmp_path / "missing")
+    with pytest.raises(FileNotFoundError):
+        await avs.upload(vol, tmp_path / "missing")
+
+    existing = tmp_path / "existing"
+    existing.write_bytes(b"keep me")
+    with pytest.raises(avs.DestinationExistsError, match="overwrite=True"):
+        await avs.download(vol, existing)
+    assert existing.read_bytes() == b"keep me"
+    await avs.download(vol, existing, overwrite=True)
+    assert existing.stat().st_size == MiB
+
+    with pytest.raises(avs.DestinationIsDirectoryError):
+        await avs.download(vol, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "existing"]
+
+
+async def test_volume_gone_is_a_clear_error(make_volume: MakeVolume, tmp_path: Path) -> None:
+    """libvirt 9.0 does not lock a volume during a transfer (measured: delete, wipe and
+    resize all go through during an upload); what a user meets is a volume deleted
+    under them."""
+    vol = await make_volume("gone.img", 4 * MiB)
+    source = tmp_path / "src"
+    source.write_bytes(os.urandom(MiB))
+    await asyncio.to_thread(vol.delete, 0)
+    with pytest.raises(avs.NotFoundError, match="gone.img"):
+        await avs.upload(vol, source)
+    with pytest.raises(avs.NotFoundError):
+        await avs.download(vol, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+async def test_cancelled_download_leaves_nothing(
+    libvirt_sandbox: Sandbox, make_volume: MakeVolume, tmp_path: Path
+) -> None:
+    size = 64 * MiB
+    vol = await make_volume("cancel.img", size)
+    source = tmp_path / "src"
+    source.write_bytes(os.urandom(size))
+    await avs.upload(vol, source)
+    seen: list[int] = []
+
+    async def slow_consumer() -> None:
+        await avs.download(
+            vol, tmp_path / "out", progress=lambda p: seen.append(p.data_bytes),
+            progress_interval=0.001,
+        )
+
+    task = asyncio.create_task(slow_consumer())
+    while not seen or seen[-1] == 0:
+        await asyncio.sleep(0.001)
+        if task.done():
+            pytest.skip("the download finished before it could be cancelled")  # pragma: no cover
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".*.part"))
+    # The connection still carries the next transfer, and an upload can be cancelled too.
+    up = asyncio.create_task(avs.upload(vol, source))
+    await asyncio.sleep(0.01)
+    up.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await up
+    result = await avs.download(vol, tmp_path / "again", sparse=False)
+    assert result.data_bytes == size
+
+
+async def test_concurrent_transfers_on_one_connection(
+    make_volume: MakeVolume, tmp_path: Path
+) -> None:
+    contents = [os.urandom(4 * MiB + n) for n in range(4)]
+    vols = [await make_volume(f"c{n}.img", len(c)) for n, c in enumerate(contents)]
+    sources = []
+    for n, content in enumerate(contents):
+        path = tmp_path / f"s{n}"
+        path.write_bytes(content)
+        sources.append(path)
+    await asyncio.gather(*(avs.upload(v, s) for v, s in zip(vols, sources, strict=True)))
+    await asyncio.gather(
+        *(avs.download(v, tmp_path / f"d{n}") for n, v in enumerate(vols))
+    )
+    for n, content in enumerate(contents):
+        assert (tmp_path / f"d{n}").read_bytes() == content
