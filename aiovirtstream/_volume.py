@@ -8,7 +8,6 @@ import anyio.to_thread
 import libvirt
 
 from ._exceptions import map_libvirt_errors
-
 from ._stream import DEFAULT_WRITE_BUFFER, AsyncStream, open_stream
 
 

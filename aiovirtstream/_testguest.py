@@ -1,0 +1,494 @@
+"""A tiny QEMU/TCG guest for console, channel and screenshot tests (no KVM needed).
+
+Everything is built at run time from installed Debian packages, nothing binary is
+kept in the repository: the kernel is the distribution's cloud kernel
+(``linux-image-cloud-amd64``), the initramfs is a gzip'd newc cpio written here in
+pure Python holding the static busybox (``busybox-static``), the virtio modules of
+that kernel and a shell ``/init``.
+
+What the guest does (see :data:`READY_MARKER`, :func:`console_transform`,
+:func:`channel_transform`):
+
+* Serial console (``ttyS0``, set ``raw -echo``): prints :data:`READY_MARKER` once,
+  when the channel servers run, then returns every byte it reads UPPER-CASED
+  (``tr a-z A-Z``). Open the console right after ``createXML`` to see the marker:
+  it is written only once and QEMU's pty backend drops output while nobody holds
+  the pty. A console opened later: send a line, wait for its upper-cased echo.
+  Send nothing before the marker (see below).
+* Every virtio-serial port (``<channel>``): returns every byte it reads with
+  ASCII letters' case SWAPPED (``tr a-zA-Z A-Za-z``: ``b"Hello"`` -> ``b"hELLO"``),
+  so a channel answer can never be mistaken for a console one. Both transforms
+  keep the length and do not translate line endings.
+
+Facts verified here (Debian 12, libvirt 9.0.0, QEMU 7.2, kernel 6.1.0 cloud,
+TCG, session libvirtd as ``nobody``, console and channel read with blocking
+``st.recv`` in a thread):
+
+* The marker arrives 1.9-2.3 s after ``createXML`` returns. The first
+  ``createXML`` of a fresh daemon itself takes about 2 s more (QEMU capability
+  probe); later ones about 0.2 s.
+* busybox ``tr`` does not buffer (one ``write()`` per ``read()``): a 1-byte
+  write comes back in 5-10 ms on the console, 1-2 ms on the channel, 64 KiB on
+  the channel in about 3 ms. The first bytes on a freshly opened channel take
+  up to 50 ms more (the guest's poll for the host end, below).
+* ``virDomainOpenChannel`` rejects ``<channel type='pty'>`` ("channel ... is not
+  using a UNIX socket"): the channel is ``type='unix'`` (bind), which works,
+  also when closed and opened again.
+* ``virDomainScreenshot`` answers ``image/png`` (720x400, VGA text mode) with
+  VNC on TCP, VNC on a unix socket or no ``<graphics>`` at all.
+* The module order in the notes (virtio before virtio_ring) fails on 6.1
+  ("unknown symbol"): ``modules.dep`` says virtio needs virtio_ring, so the
+  order (and any further dependency) comes from ``modules.dep``.
+* A virtio port read returns 0 at once while no host end is connected, so the
+  guest polls virtio_console's debugfs ``host_connected`` every 50 ms with shell
+  builtins only (no fork): about 5 % of a host core while idle and
+  disconnected (13 % with a fork per poll), about 1 % when connected.
+* Input sent before the marker gets partly echoed, partly lost (the line
+  discipline is not raw yet): ``early\n`` sent at boot gave ``y\r\n`` then ``Y\n``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "READY_MARKER",
+    "KERNEL_CMDLINE",
+    "DEFAULT_CHANNEL_NAME",
+    "VIRTIO_MODULES",
+    "GuestFiles",
+    "GuestPackageMissingError",
+    "console_transform",
+    "channel_transform",
+    "find_kernel",
+    "kernel_modules_dir",
+    "build_initramfs",
+    "domain_xml",
+    "prepare_guest_files",
+]
+
+import contextlib
+import gzip
+import hashlib
+import io
+import lzma
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from xml.sax.saxutils import escape, quoteattr
+
+from ._exceptions import SandboxError
+
+READY_MARKER = b"AIOVIRTSTREAM-GUEST-READY\n"
+"""Written once on the serial console when the guest answers on console and channels."""
+
+KERNEL_CMDLINE = "console=ttyS0 quiet loglevel=0 panic=-1"
+"""``loglevel=0`` keeps kernel messages off the console; ``panic=-1`` + ``on_reboot``
+``destroy`` turn a dead ``/init`` into a stopped domain."""
+
+DEFAULT_CHANNEL_NAME = "org.aiovirtstream.test"
+
+VIRTIO_MODULES = (
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "virtio_console",
+)
+"""Modules loaded by ``/init`` (plus whatever ``modules.dep`` says they need)."""
+
+_BOOT = Path("/boot")
+_MODULES_ROOT = Path("/lib/modules")
+_BUSYBOX = Path("/bin/busybox")
+_KERNEL_PACKAGE = "linux-image-cloud-amd64"
+_BUSYBOX_PACKAGE = "busybox-static"
+_FORMAT_VERSION = "1"  # bump when the initramfs layout or /init changes
+_APPLETS_FALLBACK = (
+    "bin/sh bin/mount bin/stty bin/sleep bin/ls bin/cat bin/echo bin/mkdir "
+    "sbin/insmod usr/bin/tr usr/bin/printf usr/bin/basename usr/bin/test usr/bin/["
+).split()
+
+_INIT_TEMPLATE = r"""#!/bin/sh
+# /init of the aiovirtstream test guest (written by aiovirtstream._testguest).
+# console ttyS0: upper-cases (tr a-z A-Z); virtio-serial ports: swap case.
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+# raw and no echo as early as possible: the line discipline echoes until then
+stty -F /dev/ttyS0 raw -echo
+for m in @MODULES@; do
+    insmod "/lib/modules/$m.ko" || echo "aiovirtstream-guest: insmod $m failed"
+done
+mount -t debugfs debugfs /sys/kernel/debug
+mkfifo /tmp/tick
+nap() {
+    # a fork-free sleep: nobody ever writes the fifo
+    read -t "$1" _ <>/tmp/tick
+}
+host_connected() {
+    # virtio_console's debugfs entry tells whether the host end is open
+    f=/sys/kernel/debug/virtio-ports/$1
+    [ -r "$f" ] || return 0
+    while read -r k v; do
+        [ "$k" = host_connected: ] && [ "$v" = 1 ] && return 0
+    done <"$f"
+    return 1
+}
+serve_port() {
+    # read() returns 0 while no host end is connected: wait for one without
+    # forking (an idle guest then costs little CPU), serve it, again
+    while :; do
+        if host_connected "$1"; then
+            tr a-zA-Z A-Za-z 0<>"/dev/$1" 1>&0 2>/dev/null
+        fi
+        nap 0.05
+    done
+}
+# a virtio console device (id 3) announces its ports asynchronously: wait for them
+if grep -qx 0x0003 /sys/bus/virtio/devices/*/device 2>/dev/null; then
+    i=0
+    while [ $i -lt 100 ] && ! ls /sys/class/virtio-ports/ 2>/dev/null | grep -q .; do
+        sleep 0.05
+        i=$((i + 1))
+    done
+    sleep 0.1
+fi
+for p in /sys/class/virtio-ports/*; do
+    [ -e "$p" ] || continue
+    port=$(basename "$p")
+    [ -c "/dev/$port" ] && serve_port "$port" </dev/null >/dev/null 2>&1 &
+done
+exec 2>/dev/null
+printf 'AIOVIRTSTREAM-GUEST-READY\n' >/dev/ttyS0
+while :; do
+    tr a-z A-Z 0<>/dev/ttyS0 1>&0
+    nap 0.05
+done
+"""
+
+
+class GuestPackageMissingError(SandboxError):
+    """A file the test guest is built from is missing; ``package`` installs it."""
+
+    def __init__(self, what: str, package: str) -> None:
+        super().__init__(
+            f"{what}; install the Debian package {package} "
+            f"(apt-get install --no-install-recommends {package})"
+        )
+        self.package = package
+
+
+@dataclass(frozen=True)
+class GuestFiles:
+    """The kernel and initramfs of the test guest, readable by the daemon's user."""
+
+    kernel: Path
+    initrd: Path
+
+
+def console_transform(data: bytes) -> bytes:
+    """What the guest answers on its serial console: ASCII letters upper-cased."""
+    return data.upper()
+
+
+def channel_transform(data: bytes) -> bytes:
+    """What the guest answers on a virtio-serial channel: ASCII letters' case swapped."""
+    return data.swapcase()
+
+
+def _version_key(version: str) -> list[tuple[int, int | str]]:
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.\-+~]", version)]
+
+
+def find_kernel(*, boot: Path = _BOOT, modules_root: Path = _MODULES_ROOT) -> Path:
+    """The newest ``vmlinuz-*-cloud-amd64`` under /boot that has a modules folder.
+
+    Other ``vmlinuz-*`` kernels are the fallback. The caller must still make sure
+    the daemon's user can read it (:func:`prepare_guest_files` does).
+    """
+    found: list[tuple[bool, list[tuple[int, int | str]], Path]] = []
+    for path in boot.glob("vmlinuz-*"):
+        version = path.name.removeprefix("vmlinuz-")
+        if path.is_file() and (modules_root / version / "kernel").is_dir():
+            found.append((version.endswith("-cloud-amd64"), _version_key(version), path))
+    if not found:
+        raise GuestPackageMissingError(
+            f"no kernel {boot}/vmlinuz-* with modules under {modules_root}", _KERNEL_PACKAGE
+        )
+    return max(found)[2]
+
+
+def kernel_modules_dir(kernel: Path, *, modules_root: Path = _MODULES_ROOT) -> Path:
+    """``/lib/modules/<version>`` of a ``vmlinuz-<version>`` (or a copy named so)."""
+    version = kernel.name.removeprefix("vmlinuz-")
+    folder = modules_root / version
+    if not (folder / "kernel").is_dir():
+        raise GuestPackageMissingError(f"no modules folder {folder} for {kernel}", _KERNEL_PACKAGE)
+    return folder
+
+
+def _module_name(path: str) -> str:
+    name = path.rsplit("/", 1)[-1]
+    return name.split(".ko", 1)[0].replace("-", "_")
+
+
+def _resolve_modules(mod_dir: Path, wanted: Iterable[str]) -> list[tuple[str, Path]]:
+    """``(name, file)`` of ``wanted`` and their dependencies, dependencies first."""
+    deps: dict[str, tuple[str, list[str]]] = {}
+    dep_file = mod_dir / "modules.dep"
+    if dep_file.is_file():
+        for line in dep_file.read_text().splitlines():
+            target, sep, rest = line.partition(":")
+            if sep:
+                deps[_module_name(target)] = (target, [_module_name(d) for d in rest.split()])
+    builtin: set[str] = set()
+    for name in ("modules.builtin",):
+        if (mod_dir / name).is_file():
+            builtin |= {_module_name(x) for x in (mod_dir / name).read_text().split()}
+
+    def locate(name: str) -> Path | None:
+        if name in deps:
+            return mod_dir / deps[name][0]
+        for pattern in (f"{name}.ko*", f"{name.replace('_', '-')}.ko*"):
+            hits = sorted((mod_dir / "kernel" / "drivers").rglob(pattern))
+            if hits:
+                return hits[0]
+        return None
+
+    order: list[tuple[str, Path]] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen:
+            return
+        seen.add(name)
+        for dep in deps.get(name, ("", []))[1]:
+            visit(dep)
+        path = locate(name)
+        if path is not None:
+            order.append((name, path))
+        elif name not in builtin:
+            raise GuestPackageMissingError(
+                f"kernel module {name} not found under {mod_dir}", _KERNEL_PACKAGE
+            )
+
+    for name in wanted:
+        visit(name)
+    return order
+
+
+def _module_bytes(path: Path) -> bytes:
+    """The uncompressed ``.ko`` (handles ``.ko``, ``.ko.xz``, ``.ko.gz``, ``.ko.zst``)."""
+    data = path.read_bytes()
+    if path.name.endswith(".ko.xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".ko.gz"):
+        return gzip.decompress(data)
+    if path.name.endswith(".ko.zst"):
+        zstd = shutil.which("zstd")
+        if zstd is None:
+            raise GuestPackageMissingError(f"{path} is zstd-compressed", "zstd")
+        return subprocess.run([zstd, "-dcq"], input=data, capture_output=True, check=True).stdout
+    return data
+
+
+def _applet_links(busybox: Path) -> list[str]:
+    """Relative paths (``bin/sh``, ``usr/bin/tr``...) of busybox's applets."""
+    try:
+        out = subprocess.run(
+            [str(busybox), "--list-full"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return list(_APPLETS_FALLBACK)
+    links = [line.strip().lstrip("/") for line in out.splitlines() if line.strip()]
+    return [link for link in links if link != "bin/busybox" and ".." not in link] or list(
+        _APPLETS_FALLBACK
+    )
+
+
+class _Newc:
+    """A minimal writer of the cpio ``newc`` format (what the kernel unpacks)."""
+
+    def __init__(self) -> None:
+        self.out = io.BytesIO()
+        self.ino = 0
+
+    def _entry(
+        self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
+    ) -> None:
+        self.ino += 1
+        raw_name = name.encode() + b"\0"
+        fields = (self.ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(raw_name), 0)
+        head = b"070701" + b"".join(b"%08X" % f for f in fields)
+        self.out.write(head + raw_name)
+        self.out.write(b"\0" * (-(len(head) + len(raw_name)) % 4))
+        self.out.write(data)
+        self.out.write(b"\0" * (-len(data) % 4))
+
+    def dir(self, name: str) -> None:
+        self._entry(name, stat.S_IFDIR | 0o755)
+
+    def file(self, name: str, data: bytes, perm: int = 0o644) -> None:
+        self._entry(name, stat.S_IFREG | perm, data)
+
+    def symlink(self, name: str, target: str) -> None:
+        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
+
+    def chardev(self, name: str, major: int, minor: int, perm: int = 0o600) -> None:
+        self._entry(name, stat.S_IFCHR | perm, rdev=(major, minor))
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0)
+        self.out.write(b"\0" * (-self.out.tell() % 512))
+        return self.out.getvalue()
+
+
+def _write_atomically(dest: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _make_dir(dest_dir: Path) -> None:
+    if not dest_dir.is_dir():
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        dest_dir.chmod(0o755)  # the daemon's user must enter it, whatever the umask
+
+
+def build_initramfs(
+    dest_dir: Path, *, kernel: Path | None = None, busybox: Path = _BUSYBOX
+) -> Path:
+    """Write the guest's gzip'd newc initramfs into ``dest_dir`` and return its path.
+
+    The file name carries a hash of everything in it: an existing file is reused.
+    ``kernel`` (default :func:`find_kernel`) chooses the modules' version.
+    """
+    if not busybox.is_file():
+        raise GuestPackageMissingError(f"{busybox} not found", _BUSYBOX_PACKAGE)
+    kernel = kernel if kernel is not None else find_kernel()
+    mod_dir = kernel_modules_dir(kernel)
+    modules = [
+        (name, _module_bytes(path)) for name, path in _resolve_modules(mod_dir, VIRTIO_MODULES)
+    ]
+    init = _INIT_TEMPLATE.replace("@MODULES@", " ".join(name for name, _ in modules)).encode()
+    busybox_data = busybox.read_bytes()
+    applets = _applet_links(busybox)
+
+    digest = hashlib.sha256(_FORMAT_VERSION.encode())
+    for part in (busybox_data, init, "\n".join(applets).encode()):
+        digest.update(hashlib.sha256(part).digest())
+    for name, data in modules:
+        digest.update(name.encode() + hashlib.sha256(data).digest())
+    dest = dest_dir / f"aiovirtstream-guest-{digest.hexdigest()[:16]}.cpio.gz"
+    if dest.is_file():
+        return dest
+
+    cpio = _Newc()
+    dirs = set("bin sbin usr usr/bin usr/sbin dev proc sys tmp root lib lib/modules".split())
+    dirs |= {str(Path(link).parent) for link in applets} - {"."}
+    for folder in sorted(dirs, key=lambda d: (d.count("/"), d)):
+        cpio.dir(folder)
+    cpio.chardev("dev/console", 5, 1)
+    cpio.chardev("dev/null", 1, 3, 0o666)
+    cpio.file("bin/busybox", busybox_data, 0o755)
+    for link in applets:
+        cpio.symlink(link, "/bin/busybox")
+    for name, data in modules:
+        cpio.file(f"lib/modules/{name}.ko", data)
+    cpio.file("init", init, 0o755)
+    _make_dir(dest_dir)
+    _write_atomically(dest, gzip.compress(cpio.finish(), compresslevel=6, mtime=0))
+    return dest
+
+
+def _readable_by_others(path: Path) -> bool:
+    if not path.stat().st_mode & stat.S_IROTH:
+        return False
+    return all(p.stat().st_mode & stat.S_IXOTH for p in path.resolve().parents)
+
+
+def prepare_guest_files(dest_dir: Path) -> GuestFiles:
+    """Kernel and initramfs for :func:`domain_xml`, built into ``dest_dir`` if not there yet.
+
+    The kernel is used in place when everyone may read it, else copied (0644) into
+    ``dest_dir``. ``dest_dir`` and its parents must be enterable by the daemon's user.
+    """
+    _make_dir(dest_dir)
+    kernel = find_kernel()
+    initrd = build_initramfs(dest_dir, kernel=kernel)
+    if not _readable_by_others(kernel):
+        copy = dest_dir / kernel.name  # keeps the vmlinuz-<version> name
+        data = kernel.read_bytes()
+        if not copy.is_file() or copy.read_bytes() != data:
+            _write_atomically(copy, data)
+        kernel = copy
+    return GuestFiles(kernel=kernel, initrd=initrd)
+
+
+def domain_xml(
+    name: str,
+    kernel: Path,
+    initrd: Path,
+    *,
+    channel_name: str = DEFAULT_CHANNEL_NAME,
+    memory_mib: int = 128,
+    graphics: Literal["vnc-tcp", "vnc-socket", "none"] = "vnc-tcp",
+    channel_path: Path | None = None,
+) -> str:
+    """A transient-domain XML of the test guest: TCG, no disk, no network.
+
+    A pty serial console, one virtio-serial ``<channel type='unix'>`` named
+    ``channel_name`` and a std VGA. ``graphics``: VNC on 127.0.0.1 with autoport
+    (``vnc-tcp``), VNC on a unix socket libvirt places (``vnc-socket``: no TCP port
+    to race for between daemons) or none; screenshots work with all three.
+    ``channel_path``: the channel's socket (its folder writable by the daemon),
+    default one libvirt places under ``$XDG_CONFIG_HOME/libvirt/qemu/channel``:
+    mind the 107-byte limit of socket paths with a long sandbox folder.
+    """
+    if graphics == "vnc-tcp":
+        display = "\n    <graphics type='vnc' autoport='yes' listen='127.0.0.1'/>"
+    elif graphics == "vnc-socket":
+        display = "\n    <graphics type='vnc'><listen type='socket'/></graphics>"
+    else:
+        display = ""
+    path_attr = f" path={quoteattr(str(channel_path))}" if channel_path is not None else ""
+    return f"""<domain type='qemu'>
+  <name>{escape(name)}</name>
+  <memory unit='MiB'>{int(memory_mib)}</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{escape(str(kernel))}</kernel>
+    <initrd>{escape(str(initrd))}</initrd>
+    <cmdline>{escape(KERNEL_CMDLINE)}</cmdline>
+  </os>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <serial type='pty'><target port='0'/></serial>
+    <console type='pty'><target type='serial' port='0'/></console>
+    <channel type='unix'>
+      <source mode='bind'{path_attr}/>
+      <target type='virtio' name={quoteattr(channel_name)}/>
+    </channel>{display}
+    <video><model type='vga'/></video>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
