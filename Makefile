@@ -43,9 +43,13 @@ demo: deps
 bench: deps
 	$(PY) -m benchmarks
 
+# HTML API reference of the public modules (pdoc, from the dev extra) in site/;
+# the guides are the Markdown files in docs/.
 docs: deps
-	$(PY) -m pip install -q pdoc
-	$(PY) -m pdoc -o site aiovirtstream
+	rm -rf site
+	$(PY) -m pdoc --docformat restructuredtext --footer-text "aiovirtstream API reference" \
+		-o site aiovirtstream aiovirtstream.testing aiovirtstream.pytest_plugin
+	@echo "API reference: site/index.html (guides: docs/index.md)"
 
 lint: deps
 	$(VENV)/bin/ruff check aiovirtstream tests benchmarks examples

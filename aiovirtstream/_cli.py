@@ -125,6 +125,7 @@ async def _cmd_download(args: argparse.Namespace) -> int:
                 overwrite=args.overwrite,
                 progress=progress,
                 checksum=args.checksum,
+                parallel=args.parallel,
             )
         _print_result("downloaded", result, args.quiet)
     finally:
@@ -278,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     down = commands.add_parser("download", help="download a volume into a file")
     transfer_args(down, "write")
     down.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    down.add_argument(
+        "--parallel", type=int, default=1, help="streams over ranges of the volume (>= 64 MiB each)"
+    )
     down.set_defaults(run=_cmd_download)
 
     demo = commands.add_parser(

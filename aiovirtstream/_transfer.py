@@ -62,6 +62,9 @@ DownloadDestination = str | os.PathLike[str] | IO[bytes] | anyio.abc.ByteSendStr
 
 #: Bytes of downloaded data waiting for the disk before the loop stops reading.
 WRITE_BEHIND = 16 * 1024 * 1024
+#: ``parallel`` splits a download only into ranges at least this large.
+PARALLEL_MIN_PART = 64 * 1024 * 1024
+MiB = 1024 * 1024
 _ZERO_CHUNK = bytes(MAX_CHUNK)
 _HASH_ZEROES = bytes(1024 * 1024)
 
@@ -124,6 +127,7 @@ class _Options:
     progress_interval: float
     checksum: bool
     detect_zeroes: bool = False
+    parallel: int = 1
     started: float = field(default_factory=time.perf_counter)
 
     def hasher(self) -> _Hasher | None:
@@ -492,6 +496,7 @@ async def download(
     progress: ProgressCallback | None = None,
     progress_interval: float = 0.1,
     checksum: bool = False,
+    parallel: int = 1,
 ) -> TransferResult:
     """Download ``vol`` from ``offset`` (``length`` 0: to its end) into ``dest``.
 
@@ -607,34 +612,71 @@ async def _download_fd(
     name: str,
 ) -> TransferResult:
     total = await _download_size(vol, options)
-    stream = await open_volume_download(
-        vol, offset=options.offset, length=options.length, sparse=options.sparse
-    )
-    writer = _FileWriter(fd, start, punch, options.hasher())
+    # A checksum needs the content in order: one stream.
+    parts = _split_range(options.offset, total, 1 if options.checksum else options.parallel)
+    hasher = options.hasher()
+    writers = [
+        _FileWriter(fd, start + part_offset - options.offset, punch, hasher)
+        for part_offset, _ in parts
+    ]
+
+    def counts() -> tuple[int, int]:
+        return sum(w.data_bytes for w in writers), sum(w.hole_bytes for w in writers)
+
+    with options.reporter(counts, total) as reporter:
+        if len(parts) == 1:
+            await _download_range(vol, writers[0], options.offset, options.length, options, name)
+        else:
+            # Several streams over ranges of one volume: the daemon keeps one
+            # packet in flight per stream, so ranges overlap on its side.
+            async with anyio.create_task_group() as group:
+                for writer, (part_offset, part_length) in zip(writers, parts, strict=True):
+                    group.start_soon(
+                        _download_range, vol, writer, part_offset, part_length, options, name
+                    )
+        await run_in_worker(max(writers, key=lambda w: w.end).close)
+        reporter.report()
+    data, holes = counts()
+    _check_complete(data + holes, total)
+    return options.result(data, holes, hasher)
+
+
+def _split_range(offset: int, total: int, parallel: int) -> list[tuple[int, int]]:
+    """``parallel`` ranges of about equal size, cut at MiB boundaries; one if small."""
+    if parallel <= 1 or total < parallel * PARALLEL_MIN_PART:
+        return [(offset, total)]
+    step = -(-total // parallel // MiB) * MiB
+    return [(offset + at, min(step, total - at)) for at in range(0, total, step)]
+
+
+async def _download_range(
+    vol: libvirt.virStorageVol,
+    writer: _FileWriter,
+    offset: int,
+    length: int,
+    options: _Options,
+    name: str,
+) -> None:
+    """One stream's worth of a download, written behind by a worker thread."""
+    stream = await open_volume_download(vol, offset=offset, length=length, sparse=options.sparse)
     queue: WorkQueue[StreamItem] = WorkQueue(
         asyncio.get_running_loop(), writer.write, _item_weight, limit=WRITE_BEHIND
     )
     try:
-        counts = lambda: (writer.data_bytes, writer.hole_bytes)  # noqa: E731
-        with options.reporter(counts, total) as reporter:
-            async with stream:
-                items = stream.iter_items() if options.sparse else stream.iter_data()
-                async for item in items:
-                    await queue.put(item)
-                    if queue.error is not None:
-                        break
-                await queue.join()
+        async with stream:
+            items = stream.iter_items() if options.sparse else stream.iter_data()
+            async for item in items:
+                await queue.put(item)
                 if queue.error is not None:
-                    raise TransferError(f"cannot write {name!r}: {queue.error}") from queue.error
-                await run_in_worker(writer.close)
-            reporter.report()
+                    break
+            await queue.join()
+            if queue.error is not None:
+                raise TransferError(f"cannot write {name!r}: {queue.error}") from queue.error
     except BaseException:
         queue.stop()
         with anyio.CancelScope(shield=True):
             await queue.join()
         raise
-    _check_complete(writer.data_bytes + writer.hole_bytes, total)
-    return options.result(writer.data_bytes, writer.hole_bytes, writer.hasher)
 
 
 async def _download_size(vol: libvirt.virStorageVol, options: _Options) -> int:
@@ -711,6 +753,11 @@ class _FileWriter:
             step = min(length, MAX_CHUNK)
             pos += os.pwrite(self._fd, _ZERO_CHUNK[:step], pos)
             length -= step
+
+    @property
+    def end(self) -> int:
+        """The file offset after the last byte (or hole) written."""
+        return self._pos
 
     def close(self) -> None:
         """Extend the file over a trailing hole (seeking past it wrote nothing)."""

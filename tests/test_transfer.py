@@ -274,3 +274,26 @@ async def test_concurrent_transfers_on_one_connection(
     )
     for n, content in enumerate(contents):
         assert (tmp_path / f"d{n}").read_bytes() == content
+
+
+async def test_parallel_download_over_ranges(make_volume: MakeVolume, tmp_path: Path) -> None:
+    size = 200 * MiB
+    source = tmp_path / "src"
+    layout: Layout = [("data", 3 * MiB), ("hole", 60 * MiB), ("data", 70 * MiB)]
+    layout += [("hole", size - data_size(layout) - 60 * MiB - MiB), ("data", MiB)]
+    content = write_layout(source, layout)
+    vol = await make_volume("parallel.img", size)
+    await avs.upload(vol, source)
+    dest = tmp_path / "out"
+    seen: list[avs.TransferProgress] = []
+    result = await avs.download(vol, dest, parallel=3, progress=seen.append)
+    assert result.total_bytes == size
+    assert seen[-1].done_bytes == size
+    assert dest.read_bytes() == content
+    assert allocated(dest) <= allocated(source) + 4 * BLOCK
+    # Offsets that are not MiB-aligned, into an open file over existing data.
+    with open(tmp_path / "window", "wb") as f:
+        f.write(b"\xff" * (150 * MiB))
+        f.seek(0)
+        await avs.download(vol, f, offset=MiB + 5, length=140 * MiB, parallel=2)
+    assert (tmp_path / "window").read_bytes()[: 140 * MiB] == content[MiB + 5 : 141 * MiB + 5]
