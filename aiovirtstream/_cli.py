@@ -36,8 +36,7 @@ def _rich() -> Any:
         import rich.table
     except ImportError as error:  # pragma: no cover - the cli extra is missing
         raise SystemExit(
-            "the aiovirtstream command needs rich for its output: "
-            "pip install 'aiovirtstream[cli]'"
+            "the aiovirtstream command needs rich for its output: pip install 'aiovirtstream[cli]'"
         ) from error
     return rich
 

@@ -552,6 +552,7 @@ def _log_libvirt_error(_context: object, error: Any) -> None:
     # error is libvirt's error tuple: (code, domain, message, level, ...)
     _libvirt_logger.debug("libvirt: %s", error[2] if len(error) > 2 else error)
 
+
 _impl = EventImpl()
 _register_lock = threading.Lock()
 
