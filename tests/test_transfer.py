@@ -21,9 +21,9 @@ Layout = list[tuple[str, int]]  # ("data" | "hole", length)
 
 
 @pytest.fixture(params=["unix", "tcp"])
-async def conn(request: pytest.FixtureRequest, libvirt_sandbox: Sandbox) -> AsyncIterator[
-    libvirt.virConnect
-]:
+async def conn(
+    request: pytest.FixtureRequest, libvirt_sandbox: Sandbox
+) -> AsyncIterator[libvirt.virConnect]:
     uri = libvirt_sandbox.tcp_uri if request.param == "tcp" else libvirt_sandbox.uri
     connection = await avs.connect(uri)
     yield connection
@@ -234,7 +234,9 @@ async def test_cancelled_download_leaves_nothing(
 
     async def slow_consumer() -> None:
         await avs.download(
-            vol, tmp_path / "out", progress=lambda p: seen.append(p.data_bytes),
+            vol,
+            tmp_path / "out",
+            progress=lambda p: seen.append(p.data_bytes),
             progress_interval=0.001,
         )
 
@@ -269,9 +271,7 @@ async def test_concurrent_transfers_on_one_connection(
         path.write_bytes(content)
         sources.append(path)
     await asyncio.gather(*(avs.upload(v, s) for v, s in zip(vols, sources, strict=True)))
-    await asyncio.gather(
-        *(avs.download(v, tmp_path / f"d{n}") for n, v in enumerate(vols))
-    )
+    await asyncio.gather(*(avs.download(v, tmp_path / f"d{n}") for n, v in enumerate(vols)))
     for n, content in enumerate(contents):
         assert (tmp_path / f"d{n}").read_bytes() == content
 
