@@ -26,6 +26,7 @@ import asyncio
 import enum
 import logging
 import warnings
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -62,7 +63,6 @@ _READABLE = libvirt.VIR_STREAM_EVENT_READABLE
 _WRITABLE = libvirt.VIR_STREAM_EVENT_WRITABLE
 _ERROR = libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP
 _HOLE_WEIGHT = 64  # a hole costs the queue a few bytes, not its length
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +116,7 @@ class AsyncStream(anyio.abc.ByteStream):
         self.start_result: object = None
         self._loop = asyncio.get_running_loop()
         self._state = _State.OPEN
+        self._closing = False  # finish() or abort() under way
         self._broken_reason: BaseException | None = None
         self._eof = False
         self._write_side_broken: str | None = None
@@ -140,10 +141,12 @@ class AsyncStream(anyio.abc.ByteStream):
         # driver never calls the callback's free function, so the binding's
         # own data (which holds the stream) would leak with it. We clear ours
         # after removing the callback, which breaks the cycle.
+        # A weak reference: libvirt keeps the data alive, and an unclosed
+        # stream must still be collectable (its __del__ then warns).
         self._callback_data: dict[str, Any] | None = {
             "stream": virstream,
             "cb": _on_stream_event,
-            "opaque": self,
+            "opaque": weakref.ref(self),
         }
         if libvirtmod.virStreamEventAddCallback(virstream._o, 0, self._callback_data) == -1:
             self._callback_data = None
@@ -222,8 +225,10 @@ class AsyncStream(anyio.abc.ByteStream):
     # ------------------------------------------------------------------ state
 
     def _check_open(self, action: str) -> None:
-        if self._state is _State.OPEN:
+        if self._state is _State.OPEN and not self._closing:
             return
+        if self._state is _State.OPEN:
+            raise StreamClosedError(f"cannot {action}: the {self.description} is being closed")
         if self._state is _State.BROKEN:
             raise StreamBrokenError(
                 f"cannot {action}: the {self.description} broke earlier: {self._broken_reason}"
@@ -252,9 +257,7 @@ class AsyncStream(anyio.abc.ByteStream):
     # ------------------------------------------------------------------ reading
 
     @overload
-    async def read(
-        self, max_bytes: int = ..., *, stop_at_hole: Literal[False] = ...
-    ) -> bytes: ...
+    async def read(self, max_bytes: int = ..., *, stop_at_hole: Literal[False] = ...) -> bytes: ...
 
     @overload
     async def read(self, max_bytes: int = ..., *, stop_at_hole: Literal[True]) -> StreamItem: ...
@@ -456,6 +459,7 @@ class AsyncStream(anyio.abc.ByteStream):
         if self._state is _State.FINISHED:
             return
         self._check_open("finish")
+        self._closing = True
         with anyio.CancelScope(shield=True):
             await self._sender.join()
             try:
@@ -478,6 +482,7 @@ class AsyncStream(anyio.abc.ByteStream):
             await self._abort()
 
     async def _abort(self) -> None:
+        self._closing = True
         was_broken = self._state is _State.BROKEN
         self._state = _State.ABORTED if not was_broken else _State.BROKEN
         self._sender.stop()
@@ -520,8 +525,12 @@ class AsyncStream(anyio.abc.ByteStream):
         return f"<AsyncStream {self.description} {self._state.value}>"
 
 
-def _on_stream_event(virstream: libvirt.virStream, events: int, stream: AsyncStream) -> None:
-    stream._call_in_loop(stream._on_event, events)
+def _on_stream_event(
+    virstream: libvirt.virStream, events: int, ref: weakref.ref[AsyncStream]
+) -> None:
+    stream = ref()
+    if stream is not None:
+        stream._call_in_loop(stream._on_event, events)
 
 
 async def open_stream(

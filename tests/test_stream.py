@@ -285,3 +285,16 @@ async def test_cancelled_write_breaks_write_side_and_connection_survives(
     await impl.wait_frees()
     after = impl.stats()
     assert (after.watches, after.timers) == (baseline.watches, baseline.timers)
+
+
+async def test_unclosed_stream_warns_and_releases_its_callback(make_volume: MakeVolume) -> None:
+    import gc
+
+    vol = await make_volume("forgotten", MiB)
+    impl = avs.get_event_impl()
+    stream = await avs.open_volume_download(vol)
+    assert await stream.read()
+    with pytest.warns(ResourceWarning, match="unclosed"):
+        del stream
+        gc.collect()
+    await impl.wait_frees()
