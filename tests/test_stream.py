@@ -207,8 +207,10 @@ async def test_errors_are_typed(libvirt_sandbox: Sandbox, make_volume: MakeVolum
         async for _ in stream:
             pass
 
-    # Two readers at once: the first waits for a daemon that is stopped.
-    async with await avs.open_volume_download(vol) as stream:
+    # Two readers at once: the first waits for a daemon that is stopped (a large
+    # volume, so that the daemon cannot have queued all of it already).
+    big = await make_volume("errors-big", 1024 * MiB)
+    async with await avs.open_volume_download(big) as stream:
         os.kill(libvirt_sandbox.pid, signal.SIGSTOP)
         try:
             while True:
@@ -222,8 +224,7 @@ async def test_errors_are_typed(libvirt_sandbox: Sandbox, make_volume: MakeVolum
         finally:
             os.kill(libvirt_sandbox.pid, signal.SIGCONT)
         assert await first
-        async for _ in stream:
-            pass
+        await stream.aclose()  # leaving early: abort, not finish
 
     # A libvirt error mid-stream: more data than the upload's length.
     with pytest.raises(avs.StreamBrokenError) as caught:
