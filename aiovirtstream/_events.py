@@ -526,6 +526,11 @@ class EventImpl:
         if self.registered_with_libvirt:
             return
         libvirt.registerErrorHandler(_log_libvirt_error, None)
+        already = EventLoopError(
+            "another libvirt event implementation (libvirtaio, or "
+            "virEventRegisterDefaultImpl) is already registered in this process; "
+            "aiovirtstream needs its own: do not register another one"
+        )
         try:
             libvirt.virEventRegisterImpl(
                 self.add_handle,
@@ -536,12 +541,21 @@ class EventImpl:
                 self.remove_timeout,
             )
         except (libvirt.libvirtError, RuntimeError) as error:
-            raise EventLoopError(
-                "another libvirt event implementation (libvirtaio, or "
-                "virEventRegisterDefaultImpl) is already registered in this process; "
-                "aiovirtstream needs its own: do not register another one"
-            ) from error
+            raise already from error
+        # libvirt ignores a second registration with only a logged warning when
+        # the first came from C (virEventRegisterDefaultImpl): check that a
+        # timer added through libvirt now reaches our hooks.
+        before = next(self._timer_ids)
+        probe = libvirt.virEventAddTimeout(-1, _ignore_timer, None)
+        ours = probe > before and probe in self._timers
+        libvirt.virEventRemoveTimeout(probe)
+        if not ours:
+            raise already
         self.registered_with_libvirt = True
+
+
+def _ignore_timer(_timer: int, _opaque: object) -> None:
+    """The registration probe's timer never fires (-1)."""
 
 
 _MISSING = object()

@@ -163,6 +163,12 @@ _UNSUPPORTED_CODES = frozenset(
     for name in ("VIR_ERR_NO_SUPPORT", "VIR_ERR_ARGUMENT_UNSUPPORTED")
     if hasattr(libvirt, name)
 )
+# Raised by the RPC layer when the socket broke ("Cannot write data: Broken pipe").
+_TRANSPORT_CODES = frozenset(
+    getattr(libvirt, name)
+    for name in ("VIR_ERR_SYSTEM_ERROR", "VIR_ERR_RPC", "VIR_ERR_INTERNAL_ERROR")
+    if hasattr(libvirt, name)
+)
 _CONNECT_CODES = frozenset(
     getattr(libvirt, name)
     for name in ("VIR_ERR_NO_CONNECT", "VIR_ERR_AUTH_FAILED", "VIR_ERR_AUTH_CANCELLED")
@@ -193,10 +199,10 @@ def libvirt_error_to_exception(
         return UnsupportedError(message, **kwargs)
     if code == libvirt.VIR_ERR_OPERATION_INVALID:
         return OperationInvalidError(message, **kwargs)
-    if code in _CONNECT_CODES:
-        return ConnectError(message, **kwargs)
     if stream:
         return StreamBrokenError(message)
+    if code in _CONNECT_CODES or (domain == libvirt.VIR_FROM_RPC and code in _TRANSPORT_CODES):
+        return ConnectError(message, **kwargs)
     return LibvirtError(message, **kwargs)
 
 

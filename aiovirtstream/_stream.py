@@ -38,7 +38,7 @@ import anyio.to_thread
 import libvirt
 import libvirtmod
 
-from ._events import bind_event_loop
+from ._events import bind_event_loop, get_event_impl
 from ._exceptions import (
     EventLoopNotRegisteredError,
     SparseNotSupportedError,
@@ -48,7 +48,7 @@ from ._exceptions import (
     libvirt_error_to_exception,
     map_libvirt_errors,
 )
-from ._workqueue import WorkQueue
+from ._workqueue import WorkQueue, run_in_worker
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 MAX_CHUNK = 262_120
 #: Reading 1 MiB at a time measured fastest for downloads (LIBVIRT-NOTES.md).
 DEFAULT_READ_SIZE = 1024 * 1024
+#: Seconds abort() waits for the daemon's answer before leaving it to a thread.
+DEFAULT_ABORT_WAIT = 2.0
 #: Bytes queued for the sender thread before ``write`` waits.
 DEFAULT_WRITE_BUFFER = 8 * MAX_CHUNK
 
@@ -112,6 +114,9 @@ class AsyncStream(anyio.abc.ByteStream):
         self.virstream = virstream
         self.sparse = sparse
         self.description = description
+        #: Seconds :meth:`abort` waits for the daemon before leaving the rest
+        #: to a worker thread (a stopped daemon answers only when it resumes).
+        self.abort_wait = DEFAULT_ABORT_WAIT
         #: What the call that started the stream returned (see :func:`open_stream`).
         self.start_result: object = None
         self._loop = asyncio.get_running_loop()
@@ -486,16 +491,31 @@ class AsyncStream(anyio.abc.ByteStream):
         was_broken = self._state is _State.BROKEN
         self._state = _State.ABORTED if not was_broken else _State.BROKEN
         self._sender.stop()
-        await self._sender.join()
         self._remove_callback()
+
+        def abort_blocking() -> None:
+            self._sender.wait_idle_blocking()  # a send in flight ends first
+            try:
+                self.virstream.abort()
+            except libvirt.libvirtError as error:
+                # After an error libvirt has already torn the stream down;
+                # abort then only reports that again.
+                logger.debug("%s: abort: %s", self.description, error)
+
+        # abort waits for the daemon's answer (and a send in flight for the
+        # daemon to read it): against a stopped daemon that lasts until the
+        # keepalive gives up. Wait a little, then let it end in the background
+        # so that a cancellation or a timeout is not held up.
+        done = run_in_worker(abort_blocking)
         try:
-            await anyio.to_thread.run_sync(self.virstream.abort)
-        except libvirt.libvirtError as error:
-            # After an error libvirt has already torn the stream down; abort
-            # then only reports that again.
-            logger.debug("%s: abort: %s", self.description, error)
-        if not was_broken:
-            self._state = _State.ABORTED
+            await asyncio.wait_for(asyncio.shield(done), self.abort_wait)
+        except TimeoutError:
+            logger.warning(
+                "%s: the daemon did not acknowledge the abort within %.1f s; "
+                "it completes in the background",
+                self.description,
+                self.abort_wait,
+            )
 
     async def aclose(self) -> None:
         """anyio ``AsyncResource.aclose``: abort unless already finished."""
@@ -549,9 +569,17 @@ async def open_stream(
     the MIME type of ``virDomainScreenshot``) is kept as
     :attr:`AsyncStream.start_result`.
     """
-    impl = bind_event_loop()
-    if not impl.registered_with_libvirt:  # pragma: no cover - bind registers
-        raise EventLoopNotRegisteredError("the event implementation is not registered")
+    registered_before = get_event_impl().registered_with_libvirt
+    bind_event_loop()
+    if not registered_before and not _in_process(conn):
+        # Registered just now, so this connection was opened before: libvirt
+        # gave it no async I/O, and its stream events would never come.
+        raise EventLoopNotRegisteredError(
+            "this connection was opened before aiovirtstream's event implementation was "
+            "registered, so libvirt will never report its stream events. Open it with "
+            "aiovirtstream.connect(), or call aiovirtstream.register_event_impl() before "
+            "libvirt.open()"
+        )
     with map_libvirt_errors(context=f"cannot create the {description}"):
         virstream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
     started = False
@@ -571,9 +599,14 @@ async def open_stream(
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(_abort_quietly, virstream)
         raise
-    stream = AsyncStream(
-        virstream, sparse=sparse, description=description, write_buffer=write_buffer
-    )
+    try:
+        stream = AsyncStream(
+            virstream, sparse=sparse, description=description, write_buffer=write_buffer
+        )
+    except EventLoopNotRegisteredError:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(_abort_quietly, virstream)
+        raise
     stream.start_result = result
     return stream
 
@@ -583,3 +616,12 @@ def _abort_quietly(virstream: libvirt.virStream) -> None:
         virstream.abort()
     except libvirt.libvirtError as error:
         logger.debug("abort of a stream that was never used: %s", error)
+
+
+def _in_process(conn: libvirt.virConnect) -> bool:
+    """True for drivers that run in this process (their streams are local fds)."""
+    try:
+        uri = conn.getURI()  # formatted locally, no round trip
+    except libvirt.libvirtError:
+        return False
+    return uri.startswith("test:") or uri.endswith("/embed") or "/embed?" in uri

@@ -25,7 +25,7 @@ T = TypeVar("T")
 #: draining pauses until :meth:`WorkQueue.resume`.
 WOULD_BLOCK = -2
 
-_executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="aiovirtstream-io")
+_executor = ThreadPoolExecutor(max_workers=256, thread_name_prefix="aiovirtstream-io")
 
 
 def run_in_worker(func: Callable[[], T]) -> asyncio.Future[T]:
@@ -124,6 +124,12 @@ class WorkQueue(Generic[T]):
             self._idle_waiters.append(waiter)
         await asyncio.shield(waiter)
 
+    def wait_idle_blocking(self) -> None:
+        """From a worker thread: wait until no item is being processed."""
+        with self._lock:
+            while self._running:
+                self._room.wait()
+
     def stop(self) -> None:
         """Drop everything queued; the item being processed completes."""
         with self._lock:
@@ -150,6 +156,7 @@ class WorkQueue(Generic[T]):
             with self._lock:
                 if not self._queue or self._stopped:
                     self._running = False
+                    self._room.notify_all()  # wakes wait_idle_blocking() too
                     self._wake_idle_locked()
                     return
                 item = self._queue[0]

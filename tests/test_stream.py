@@ -299,3 +299,28 @@ async def test_unclosed_stream_warns_and_releases_its_callback(make_volume: Make
         del stream
         gc.collect()
     await impl.wait_frees()
+
+
+async def test_timeout_against_a_stopped_daemon_is_not_held_up(
+    libvirt_sandbox: Sandbox, make_volume: MakeVolume, conn: libvirt.virConnect
+) -> None:
+    vol = await make_volume("stopped", 64 * MiB)
+    loop = asyncio.get_running_loop()
+    stream = await avs.open_volume_upload(vol)
+    stream.abort_wait = 0.5
+    os.kill(libvirt_sandbox.pid, signal.SIGSTOP)
+    try:
+        start = loop.time()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                async with stream:
+                    await stream.write(os.urandom(32 * MiB))
+        elapsed = loop.time() - start
+    finally:
+        os.kill(libvirt_sandbox.pid, signal.SIGCONT)
+    assert elapsed < 3, f"the timeout was held up {elapsed:.1f} s by the stopped daemon"
+    assert stream.closed
+    data = os.urandom(MiB)  # the abort ended in the background; the connection works
+    async with await avs.open_volume_upload(vol) as again:
+        await again.write(data)
+    assert await download_all(vol, MiB) == data
