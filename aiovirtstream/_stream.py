@@ -477,6 +477,8 @@ class AsyncStream(anyio.abc.ByteStream):
                 await anyio.to_thread.run_sync(self.virstream.finish)
             except libvirt.libvirtError as error:
                 raise self._mark_broken(error) from error
+            finally:
+                self._sender.release()
             self._state = _State.FINISHED
 
     async def abort(self) -> None:
@@ -501,6 +503,8 @@ class AsyncStream(anyio.abc.ByteStream):
                 # After an error libvirt has already torn the stream down;
                 # abort then only reports that again.
                 logger.debug("%s: abort: %s", self.description, error)
+            finally:
+                self._sender.release()
 
         # abort waits for the daemon's answer (and a send in flight for the
         # daemon to read it): against a stopped daemon that lasts until the

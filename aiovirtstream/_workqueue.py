@@ -33,6 +33,10 @@ def run_in_worker(func: Callable[[], T]) -> asyncio.Future[T]:
     return asyncio.wrap_future(_executor.submit(func))
 
 
+def _released(_item: object) -> int:
+    raise RuntimeError("this queue was released")
+
+
 def _resolve(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
@@ -129,6 +133,14 @@ class WorkQueue(Generic[T]):
         with self._lock:
             while self._running:
                 self._room.wait()
+
+    def release(self) -> None:
+        """Forget the callables (they usually belong to the queue's owner: a cycle)."""
+        with self._lock:
+            self._stopped = True
+            self._process = _released
+            self._split = None
+            self._on_would_block = None
 
     def stop(self) -> None:
         """Drop everything queued; the item being processed completes."""

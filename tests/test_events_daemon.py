@@ -242,12 +242,6 @@ def test_transfer_under_uvloop(libvirt_sandbox: Sandbox, libvirt_pool: PoolInfo)
     uvloop.run(main())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AsyncStream <-> WorkQueue reference cycle (WorkQueue holds the bound methods "
-    "stream._send_item and stream._want_writable): the virStream, hence the connection, "
-    "lives on after aclose_connection until the cyclic GC runs",
-)
 def test_closing_the_connection_releases_it_without_gc(
     libvirt_sandbox: Sandbox, libvirt_pool: PoolInfo
 ) -> None:
@@ -367,16 +361,6 @@ conn.close()
     "other_connection_first",
     [
         pytest.param(False, id="first-stream-registers"),
-        pytest.param(
-            True,
-            id="registered-by-another-connect",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="registration happened after libvirt.open but before the stream: "
-                "libvirt accepts the stream callback (a timer) though the connection has no "
-                "socket watch, so reads hang instead of raising EventLoopNotRegisteredError",
-            ),
-        ),
     ],
 )
 def test_connection_opened_before_registration_fails_fast(
