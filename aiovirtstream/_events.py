@@ -12,12 +12,14 @@ What libvirt asks of it, and how each is met here:
 
 * The hooks are called from any thread and re-entered (every blocking call a
   worker thread makes disables and re-enables the connection's socket watch).
-  Ids are allocated under a lock and returned at once; changes to the loop
-  happen only on the loop's thread. A change made from another thread wakes
-  the loop (``call_soon_threadsafe``) only when it *widens* what is registered
-  on the loop; narrowing is applied lazily, when an event nobody wants fires.
-  Waking the loop for each of the two updates per blocking call cost 2-4x in
-  upload speed when measured (LIBVIRT-NOTES.md).
+  Ids are allocated under a lock and returned at once; the hooks only record
+  the change, and one flush per loop iteration applies what changed to the
+  loop (on the loop's thread only). A change made from another thread wakes
+  the loop (``call_soon_threadsafe``, once until the flush runs) only when it
+  *widens* what is registered on the loop, removes an fd or frees something;
+  narrowing is applied lazily, when an event nobody wants fires. Waking the
+  loop for each of the two updates per blocking call cost 2-4x in upload
+  speed when measured (LIBVIRT-NOTES.md).
 * Callbacks and free functions are never called from inside a hook: ``ff`` is
   always deferred to the loop, and called exactly once, also across a change
   of loop.
@@ -37,6 +39,7 @@ __all__ = [
 ]
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import select
@@ -92,6 +95,19 @@ class _FdEntry:
     watches: dict[int, _Watch] = field(default_factory=dict)
     wanted: int = 0  # READABLE/WRITABLE that some watch asks for
     registered: int = 0  # READABLE/WRITABLE registered on the loop for this entry
+    poller: Any = None  # a select.poll for ERROR/HANGUP, made on first use
+
+    def error_events(self) -> int:
+        """ERROR/HANGUP pending on the fd (asyncio reports them only as readiness)."""
+        if self.poller is None:
+            self.poller = select.poll()
+            self.poller.register(self.fd, 0)
+        result = 0
+        for _, revents in self.poller.poll(0):
+            for poll_bit, libvirt_bit in _POLL_TO_LIBVIRT:
+                if revents & poll_bit:
+                    result |= libvirt_bit
+        return result & (ERROR | HANGUP)
 
     def recompute(self) -> None:
         wanted = 0
@@ -149,12 +165,13 @@ class EventImpl:
         self._fds: dict[int, _FdEntry] = {}
         # Which entry holds the loop's reader/writer for an fd (loop thread only).
         self._on_loop: dict[int, _FdEntry] = {}
-        self._fd_syncs_pending: set[int] = set()
+        self._dirty_fds: set[int] = set()
+        self._dirty_timers: dict[int, _Timer] = {}
+        self._flush_scheduled = False
         self._timers: dict[int, _Timer] = {}
         self._frees: dict[int, Any] = {}
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._poller = select.poll
         self.registered_with_libvirt = False
 
     # ------------------------------------------------------------------ binding
@@ -201,18 +218,18 @@ class EventImpl:
                 if timer.handle is not None:
                     timer.handle.cancel()
         self._on_loop.clear()
-        self._fd_syncs_pending.clear()
         for entry in self._fds.values():
             entry.registered = 0
-        self._loop = loop
-        for fd in list(self._fds):
-            self._sync_fd_locked(fd)
         for timer in self._timers.values():
             timer.handle = None
             timer.generation += 1
-            self._arm_timer_locked(timer)
-        for free_id in list(self._frees):
-            loop.call_soon(self._run_free, free_id)
+        self._loop = loop
+        # Everything is applied afresh on the new loop at its next iteration,
+        # pending frees included (the old loop may have dropped their calls).
+        self._flush_scheduled = False
+        self._dirty_fds.update(self._fds)
+        self._dirty_timers.update(self._timers)
+        self._request_flush_locked(urgent=True)
         if old is not None:
             logger.debug("libvirt event implementation moved to a new loop")
 
@@ -229,15 +246,46 @@ class EventImpl:
             return True
         return False
 
-    def _wake(self, callback: Callable[..., object], *args: Any) -> None:
-        """Run ``callback`` on the bound loop from another thread (if any loop is alive)."""
-        loop = self._loop
-        if loop is None:
-            return  # applied at the next bind
-        try:
-            loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:
-            pass  # the loop closed; the next bind syncs everything
+    def _request_flush_locked(self, *, urgent: bool) -> None:
+        """Have :meth:`_flush` apply pending changes at the loop's next iteration.
+
+        On the loop's thread that costs one ``call_soon`` per burst of changes
+        (libvirt makes several per packet). From another thread the loop is
+        woken only for an ``urgent`` change, once until the flush runs.
+        """
+        if self._loop is None or self._flush_scheduled:
+            return
+        if self._maybe_rebind_locked():
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)
+        elif urgent:
+            self._flush_scheduled = True
+            try:
+                self._loop.call_soon_threadsafe(self._flush)
+            except RuntimeError:
+                self._flush_scheduled = False  # closed: the next bind applies everything
+
+    def _flush(self) -> None:
+        """Apply what changed since the last flush (loop thread)."""
+        with self._lock:
+            if _running_loop() is not self._loop:
+                return  # queued on a loop we have since left
+            self._flush_scheduled = False
+            fds, self._dirty_fds = self._dirty_fds, set()
+            for fd in fds:
+                self._sync_fd_locked(fd)
+            timers, self._dirty_timers = self._dirty_timers, {}
+            for timer in timers.values():
+                self._arm_timer_locked(timer)
+            frees = list(self._frees.values())
+            self._frees.clear()
+            waiters, self._idle_waiters = self._idle_waiters, []
+        for opaque in frees:
+            self._invoke_free(opaque)
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     # ------------------------------------------------------------------ handles
 
@@ -287,26 +335,14 @@ class EventImpl:
 
     def _fd_changed_locked(self, entry: _FdEntry) -> None:
         fd = entry.fd
-        if self._loop is None:
-            return
-        if self._maybe_rebind_locked():
-            self._sync_fd_locked(fd)
-            return
+        self._dirty_fds.add(fd)
         owner = self._on_loop.get(fd)
         registered = entry.registered if owner is entry else 0
-        # Removals are applied eagerly (the fd number may be reused at once);
-        # additions only when they widen what the loop watches; narrowing waits
-        # for the next unwanted event (see _on_fd_ready).
+        # From another thread, removals wake the loop (the fd number may be
+        # reused at once), and so do additions that widen what the loop
+        # watches; narrowing waits for the next unwanted event (_on_fd_ready).
         stale = owner is not None and owner is not self._fds.get(fd)
-        if (stale or entry.wanted & ~registered) and fd not in self._fd_syncs_pending:
-            self._fd_syncs_pending.add(fd)
-            self._wake(self._sync_fd, fd)
-
-    def _sync_fd(self, fd: int) -> None:
-        with self._lock:
-            self._fd_syncs_pending.discard(fd)
-            if _running_loop() is self._loop:
-                self._sync_fd_locked(fd)
+        self._request_flush_locked(urgent=stale or bool(entry.wanted & ~registered))
 
     def _sync_fd_locked(self, fd: int) -> None:
         """Make the loop's reader/writer for ``fd`` match its watches (loop thread)."""
@@ -322,14 +358,21 @@ class EventImpl:
             return
         registered = entry.registered if owner is entry else 0
         wanted = entry.wanted
-        if wanted & READABLE and not registered & READABLE:
-            loop.add_reader(fd, self._on_fd_ready, entry, READABLE)
-        elif registered & READABLE and not wanted & READABLE:
-            loop.remove_reader(fd)
-        if wanted & WRITABLE and not registered & WRITABLE:
-            loop.add_writer(fd, self._on_fd_ready, entry, WRITABLE)
-        elif registered & WRITABLE and not wanted & WRITABLE:
-            loop.remove_writer(fd)
+        try:
+            if wanted & READABLE and not registered & READABLE:
+                loop.add_reader(fd, self._on_fd_ready, entry, READABLE)
+            elif registered & READABLE and not wanted & READABLE:
+                loop.remove_reader(fd)
+            if wanted & WRITABLE and not registered & WRITABLE:
+                loop.add_writer(fd, self._on_fd_ready, entry, WRITABLE)
+            elif registered & WRITABLE and not wanted & WRITABLE:
+                loop.remove_writer(fd)
+        except OSError as error:
+            # Closed before this flush ran: libvirt removes the watch next.
+            logger.debug("watch on fd %d: %s", fd, error)
+            self._drop_from_loop(loop, fd)
+            entry.registered = 0
+            return
         entry.registered = wanted
         if wanted:
             self._on_loop[fd] = entry
@@ -353,33 +396,23 @@ class EventImpl:
                 return
             if not entry.wanted & kind:
                 # Lazy narrowing: nobody wants this event any more.
-                if kind == READABLE:
-                    self._loop.remove_reader(fd)  # type: ignore[union-attr]
-                else:
-                    self._loop.remove_writer(fd)  # type: ignore[union-attr]
+                loop = self._loop
+                assert loop is not None
+                remove = loop.remove_reader if kind == READABLE else loop.remove_writer
+                with contextlib.suppress(OSError, ValueError):
+                    remove(fd)
                 entry.registered &= ~kind
                 if not entry.registered:
                     self._on_loop.pop(fd, None)
                 return
             targets = list(entry.watches.values())
-        revents = kind | self._error_events(fd)
+        revents = kind | entry.error_events()
         for watch in targets:
             if watch.removed:
                 continue
             events = revents & (watch.events | ERROR | HANGUP)
             if events:
                 watch.callback(watch.id, fd, events, watch.opaque)
-
-    def _error_events(self, fd: int) -> int:
-        """ERROR/HANGUP pending on ``fd`` (asyncio reports them only as readiness)."""
-        poller = self._poller()
-        poller.register(fd, 0)
-        result = 0
-        for _, revents in poller.poll(0):
-            for poll_bit, libvirt_bit in _POLL_TO_LIBVIRT:
-                if revents & poll_bit:
-                    result |= libvirt_bit
-        return result & (ERROR | HANGUP)
 
     # ------------------------------------------------------------------ timers
 
@@ -411,30 +444,16 @@ class EventImpl:
                 logger.debug("remove_timeout: unknown timer %d", timer_id)
                 return -1
             timer.removed = True
-            timer.generation += 1
-            if timer.handle is not None and self._maybe_rebind_locked():
-                timer.handle.cancel()
-                timer.handle = None
+            self._timer_changed_locked(timer)  # the flush cancels its pending firing
             self._defer_free_locked(timer.opaque)
             return 0
 
     def _timer_changed_locked(self, timer: _Timer) -> None:
         timer.generation += 1
-        if self._loop is None:
-            return
-        if self._maybe_rebind_locked():
-            self._arm_timer_locked(timer)
-        elif timer.interval >= 0:
-            self._wake(self._arm_timer, timer, timer.generation)
-        # A timer disabled from another thread is not cancelled there: its
+        self._dirty_timers[timer.id] = timer
+        # A timer disabled from another thread is not worth a wake-up: its
         # pending firing sees the new generation and does nothing.
-
-    def _arm_timer(self, timer: _Timer, generation: int) -> None:
-        with self._lock:
-            if timer.removed or timer.generation != generation:
-                return
-            if _running_loop() is self._loop:
-                self._arm_timer_locked(timer)
+        self._request_flush_locked(urgent=timer.interval >= 0 and not timer.removed)
 
     def _arm_timer_locked(self, timer: _Timer) -> None:
         loop = self._loop
@@ -442,6 +461,8 @@ class EventImpl:
         if timer.handle is not None:
             timer.handle.cancel()
             timer.handle = None
+        if timer.removed:
+            return
         if timer.interval == 0:
             timer.handle = loop.call_soon(self._fire_timer, timer, timer.generation)
         elif timer.interval > 0:
@@ -468,27 +489,9 @@ class EventImpl:
     # ------------------------------------------------------------------ frees
 
     def _defer_free_locked(self, opaque: Any) -> None:
-        free_id = next(self._free_ids)
-        self._frees[free_id] = opaque
-        if self._loop is None:
-            return
-        if self._maybe_rebind_locked():
-            self._loop.call_soon(self._run_free, free_id)
-        else:
-            self._wake(self._run_free, free_id)
-
-    def _run_free(self, free_id: int) -> None:
-        with self._lock:
-            opaque = self._frees.pop(free_id, _MISSING)
-            if opaque is _MISSING:
-                return  # already run (scheduled again after a change of loop)
-            waiters: list[asyncio.Future[None]] = []
-            if not self._frees:
-                waiters, self._idle_waiters = self._idle_waiters, []
-        self._invoke_free(opaque)
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        # Never inside the hook (libvirt: likely a deadlock): at the next flush.
+        self._frees[next(self._free_ids)] = opaque
+        self._request_flush_locked(urgent=True)
 
     async def wait_frees(self) -> None:
         """Wait until every deferred free function has run."""
@@ -558,7 +561,6 @@ def _ignore_timer(_timer: int, _opaque: object) -> None:
     """The registration probe's timer never fires (-1)."""
 
 
-_MISSING = object()
 _libvirt_logger = logging.getLogger("aiovirtstream.libvirt")
 
 

@@ -197,6 +197,7 @@ async def test_watches_share_one_fd_registration(impl: EventImpl, rec: Recorder)
     with a, b:
         w1 = impl.add_handle(a.fileno(), READABLE, rec.handle, "r")
         w2 = impl.add_handle(a.fileno(), WRITABLE, rec.handle, "w")
+        await spin(1)  # changes made on the loop thread apply at its next iteration
         stats = impl.stats()
         assert (stats.watches, stats.fds, stats.fds_registered_on_loop) == (2, 1, 1)
         b.send(b"x")
@@ -276,9 +277,7 @@ def test_calls_from_eight_threads_in_debug_mode(rec: Recorder) -> None:
         impl.bind()
         pairs = [socket.socketpair() for _ in range(8)]
         try:
-            threads = [
-                threading.Thread(target=worker, args=(n, pairs[n][0])) for n in range(8)
-            ]
+            threads = [threading.Thread(target=worker, args=(n, pairs[n][0])) for n in range(8)]
             for thread in threads:
                 thread.start()
             while any(thread.is_alive() for thread in threads):
