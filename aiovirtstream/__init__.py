@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._connect import aclose_connection, connect
 from ._events import EventImplStats, bind_event_loop, get_event_impl, register_event_impl
+from ._domain import lookup_domain, open_channel, open_console, screenshot, screenshot_to_file
 from ._exceptions import *  # noqa: F403
 from ._exceptions import __all__ as _exceptions_all
 from ._extents import Extent, file_extents
@@ -32,6 +33,11 @@ __all__ = [
     "open_volume_upload",
     "open_volume_download",
     "lookup_volume",
+    "lookup_domain",
+    "open_console",
+    "open_channel",
+    "screenshot",
+    "screenshot_to_file",
     "upload",
     "download",
     "TransferResult",

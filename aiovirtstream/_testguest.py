@@ -43,6 +43,11 @@ TCG, session libvirtd as ``nobody``, console and channel read with blocking
   guest polls virtio_console's debugfs ``host_connected`` every 50 ms with shell
   builtins only (no fork): about 5 % of a host core while idle and
   disconnected (13 % with a fork per poll), about 1 % when connected.
+* Closing a virtio port in the guest discards the data the host sent that was
+  not read yet: a new host end (a FORCE takeover, a quick close and reopen) can
+  send before the guest's ``tr`` saw the old one go, so the guest keeps the port
+  open and restarts ``tr`` on the same descriptor. (Data that reaches a port
+  nobody in the guest holds open is discarded too.)
 * Input sent before the marker gets partly echoed, partly lost (the line
   discipline is not raw yet): ``early\n`` sent at boot gave ``y\r\n`` then ``Y\n``.
 """
@@ -63,6 +68,7 @@ __all__ = [
     "build_initramfs",
     "domain_xml",
     "prepare_guest_files",
+    "check_requirements",
 ]
 
 import contextlib
@@ -108,7 +114,7 @@ _MODULES_ROOT = Path("/lib/modules")
 _BUSYBOX = Path("/bin/busybox")
 _KERNEL_PACKAGE = "linux-image-cloud-amd64"
 _BUSYBOX_PACKAGE = "busybox-static"
-_FORMAT_VERSION = "1"  # bump when the initramfs layout or /init changes
+_FORMAT_VERSION = "2"  # bump when the initramfs layout or /init changes
 _APPLETS_FALLBACK = (
     "bin/sh bin/mount bin/stty bin/sleep bin/ls bin/cat bin/echo bin/mkdir "
     "sbin/insmod usr/bin/tr usr/bin/printf usr/bin/basename usr/bin/test usr/bin/["
@@ -143,10 +149,14 @@ host_connected() {
 }
 serve_port() {
     # read() returns 0 while no host end is connected: wait for one without
-    # forking (an idle guest then costs little CPU), serve it, again
+    # forking (an idle guest then costs little CPU), serve it, again. The port
+    # stays open (fd 3) for good: closing it discards unread data, and a new
+    # host end (FORCE takeover, quick reopen) may send before tr saw the old
+    # one go.
+    exec 3<>"/dev/$1"
     while :; do
         if host_connected "$1"; then
-            tr a-zA-Z A-Za-z 0<>"/dev/$1" 1>&0 2>/dev/null
+            tr a-zA-Z A-Za-z <&3 >&3 2>/dev/null
         fi
         nap 0.05
     done
@@ -413,6 +423,16 @@ def build_initramfs(
     _make_dir(dest_dir)
     _write_atomically(dest, gzip.compress(cpio.finish(), compresslevel=6, mtime=0))
     return dest
+
+
+def check_requirements(*, busybox: Path = _BUSYBOX) -> None:
+    """Raise :class:`GuestPackageMissingError` if the kernel, its modules or busybox is missing.
+
+    Cheap: it builds nothing.
+    """
+    if not busybox.is_file():
+        raise GuestPackageMissingError(f"{busybox} not found", _BUSYBOX_PACKAGE)
+    _resolve_modules(kernel_modules_dir(find_kernel()), VIRTIO_MODULES)
 
 
 def _readable_by_others(path: Path) -> bool:

@@ -9,6 +9,10 @@ disable it with ``-p no:aiovirtstream``. Fixtures:
   a :class:`~aiovirtstream.testing.PoolInfo`, deleted with its volumes after the test.
 * ``libvirt_sandbox_full`` (session): a sandbox with every driver, qemu included,
   and a TCP listener.
+* ``libvirt_guest`` (function): a freshly booted test guest in
+  ``libvirt_sandbox_full`` (a :class:`~aiovirtstream.testing.GuestInfo`), killed
+  after the test. Without QEMU, the kernel or busybox it skips, loudly; with
+  ``CI=true`` in the environment it fails instead.
 
 They are sync fixtures, so they serve sync tests and async tests under any
 event loop (pytest-asyncio's loop per test included). Options (or environment
@@ -24,6 +28,8 @@ __all__ = [
     "libvirt_sandbox",
     "libvirt_sandbox_full",
     "libvirt_pool",
+    "libvirt_guest",
+    "require_test_guest",
     "pytest_addoption",
     "pytest_runtest_makereport",
 ]
@@ -32,14 +38,16 @@ import itertools
 import os
 import re
 from collections.abc import Generator, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import pytest
 
 if TYPE_CHECKING:
-    from .testing import PoolInfo, Sandbox, SandboxMode
+    from .testing import GuestInfo, PoolInfo, Sandbox, SandboxMode
 
 _pool_numbers = itertools.count(1)
+_guest_numbers = itertools.count(1)
+_guest_sandboxes: dict[str, Sandbox] = {}  # guest name -> its sandbox, for failure reports
 _SANDBOX_FIXTURES = ("libvirt_sandbox", "libvirt_sandbox_full")
 
 
@@ -118,6 +126,69 @@ def libvirt_pool(libvirt_sandbox: Sandbox, request: pytest.FixtureRequest) -> It
         libvirt_sandbox.delete_pool(pool)
 
 
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def _guest_unavailable(problem: str) -> NoReturn:
+    """Skip (a contributor's machine) or fail (CI=true) a test that needs the test guest."""
+    if _in_ci():
+        pytest.fail(
+            f"the QEMU test guest cannot run and CI=true, so this fails instead of skipping: "
+            f"{problem}",
+            pytrace=False,
+        )
+    pytest.skip(
+        "QEMU TEST GUEST UNAVAILABLE, console/channel/screenshot tests skipped: "
+        f"{problem} (apt-get install --no-install-recommends qemu-system-x86 "
+        "libvirt-daemon-driver-qemu busybox-static linux-image-cloud-amd64; "
+        "these tests run in CI)"
+    )
+
+
+def require_test_guest(config: pytest.Config | None = None) -> None:
+    """Skip the calling test, loudly, if the QEMU test guest cannot run here (fail if CI=true).
+
+    For tests that start their own ``Sandbox("full")`` and guests;
+    ``libvirt_guest`` does this itself.
+    """
+    from .testing import guest_requirements_problem
+
+    libvirtd = config.getoption("--libvirtd") if config is not None else None
+    problem = guest_requirements_problem(libvirtd=libvirtd)
+    if problem is not None:
+        _guest_unavailable(problem)
+
+
+@pytest.fixture
+def libvirt_guest(request: pytest.FixtureRequest) -> Iterator[GuestInfo]:
+    """A freshly booted test guest in ``libvirt_sandbox_full``, killed after the test.
+
+    Function scope: a guest boots in 2-3 s under TCG (the first of a session
+    about 2 s more), is killed without waiting, and every test gets one nobody
+    else touched (tests destroy guests and take consoles over).
+    The guest's ready marker was already read: its console answers every byte
+    upper-cased, its channel ``guest.channel`` with letters' case swapped. Open
+    them with ``aiovirtstream.lookup_domain(conn, guest.name)`` on a connection
+    to ``guest.uri`` (or ``guest.tcp_uri``).
+    """
+    from .testing import GuestPackageMissingError
+
+    require_test_guest(request.config)
+    sandbox: Sandbox = request.getfixturevalue("libvirt_sandbox_full")
+    name = f"guest-{next(_guest_numbers)}"
+    try:
+        guest = sandbox.start_test_guest(name)
+    except GuestPackageMissingError as error:
+        _guest_unavailable(str(error))
+    _guest_sandboxes[guest.name] = sandbox
+    try:
+        yield guest
+    finally:
+        # SIGKILL, no waiting: libvirt's own destroy waits up to 2 s per guest.
+        sandbox.stop_test_guest(guest, wait=False)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
@@ -131,4 +202,16 @@ def pytest_runtest_makereport(
             tail = sandbox.log_tail() if sandbox is not None else ""
             if tail:
                 report.sections.append((f"libvirtd log ({name})", tail))
+        guest = funcargs.get("libvirt_guest")
+        if guest is not None:
+            from .testing import _tail
+
+            owner = _guest_sandboxes.get(guest.name)
+            if owner is not None and "libvirt_sandbox_full" not in funcargs:
+                tail = owner.log_tail()
+                if tail:
+                    report.sections.append(("libvirtd log (libvirt_sandbox_full)", tail))
+            tail = _tail(guest.log_path, 40)
+            if tail:
+                report.sections.append((f"QEMU log of test guest {guest.name}", tail))
     return report

@@ -9,6 +9,14 @@ touching) the machine's own libvirt::
         pool = await sb.acreate_pool()
         vol = await sb.acreate_volume(pool, "disk.img", 1 << 30)
 
+A full-mode sandbox also boots a tiny QEMU/TCG test guest whose console and
+channel answer what they read, transformed (:meth:`Sandbox.start_test_guest`)::
+
+    async with Sandbox("full") as sb:
+        guest = await sb.astart_test_guest()
+        conn = await aiovirtstream.connect(guest.uri)
+        dom = await aiovirtstream.lookup_domain(conn, guest.name)
+
 The helpers (:meth:`Sandbox.create_pool`, ...) use plain blocking libvirt
 connections of their own; open the connections whose streams you use with
 :func:`aiovirtstream.connect`. The pytest fixtures are in
@@ -25,9 +33,13 @@ __all__ = [
     "SandboxError",
     "DaemonNotInstalledError",
     "SandboxStartError",
+    "GuestInfo",
+    "GuestPackageMissingError",
+    "guest_requirements_problem",
 ]
 
 import contextlib
+import functools
 import inspect
 import os
 import pwd
@@ -55,7 +67,9 @@ import anyio
 import anyio.to_thread
 import libvirt
 
+from . import _testguest
 from ._exceptions import SandboxError, map_libvirt_errors
+from ._testguest import GuestPackageMissingError
 
 SandboxMode = Literal["storage", "full"]
 
@@ -103,6 +117,45 @@ class VolumeInfo:
     name: str
     path: Path
     capacity: int
+
+
+@dataclass(frozen=True)
+class GuestInfo:
+    """A running test guest of a full-mode sandbox (:meth:`Sandbox.start_test_guest`).
+
+    Its serial console upper-cases what it reads, its virtio-serial channel
+    ``channel`` swaps the case of letters (:mod:`aiovirtstream._testguest`).
+    """
+
+    name: str
+    uri: str
+    tcp_uri: str | None
+    channel: str
+    channel_path: Path
+    log_path: Path
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def guest_requirements_problem(
+    *, libvirtd: str | os.PathLike[str] | None = None
+) -> str | None:
+    """Why the test guest cannot boot here (a message naming the packages), or None.
+
+    Checks libvirtd and its qemu driver, ``qemu-system-x86_64``, the kernel
+    and its modules, and busybox, without starting anything.
+    """
+    problems = []
+    try:
+        Sandbox("full", libvirtd=libvirtd)._find_programs()
+    except SandboxError as error:
+        problems.append(str(error))
+    try:
+        _testguest.check_requirements()
+    except GuestPackageMissingError as error:
+        problems.append(str(error))
+    return "; ".join(problems) or None
 
 
 def _free_port() -> int:
@@ -321,7 +374,8 @@ class Sandbox:
 
     * ``mode="storage"`` loads only the storage driver (starts in well under
       a second); ``mode="full"`` loads every driver, qemu included. Files
-      given to guests must be readable by :attr:`daemon_user`.
+      given to guests must be readable by :attr:`daemon_user`;
+      :meth:`start_test_guest` boots the test guest.
     * ``tcp=True`` adds a listener on 127.0.0.1 (no auth, no TLS):
       :attr:`tcp_uri`.
     * As root the daemon runs as ``user`` (default ``nobody``) and its
@@ -365,6 +419,8 @@ class Sandbox:
         self._port_attempts = 0
         self._libvirtd: Path | None = None
         self._spawn_offsets: dict[str, int] = {}
+        self._guest_lock = threading.Lock()
+        self._guest_files_cache: _testguest.GuestFiles | None = None
 
     # --- properties -----------------------------------------------------------
 
@@ -775,3 +831,167 @@ class Sandbox:
     async def adelete_pool(self, pool: PoolInfo | str) -> None:
         """:meth:`delete_pool` in a worker thread."""
         await anyio.to_thread.run_sync(self.delete_pool, pool)
+
+    # --- helpers: the test guest (full mode) ----------------------------------
+
+    def _guest_files(self) -> _testguest.GuestFiles:
+        """Kernel and initramfs in ``<path>/guests``, built once per sandbox."""
+        with self._guest_lock:
+            if self._guest_files_cache is None:
+                folder = self.path / "guests"
+                files = _testguest.prepare_guest_files(folder)
+                if os.geteuid() == 0:
+                    # QEMU (the daemon's user) binds the channels' sockets here.
+                    os.chown(folder, self._daemon.uid, self._daemon.gid)
+                self._guest_files_cache = files
+            return self._guest_files_cache
+
+    def start_test_guest(self, name: str = "guest", *, ready_timeout: float = 60.0) -> GuestInfo:
+        """Boot the tiny test guest as a transient domain; return once it answers.
+
+        Full mode only. The guest (:mod:`aiovirtstream._testguest`: TCG, no
+        KVM, about 2 s to boot) has a pty serial console that upper-cases what
+        it reads and a virtio-serial channel that swaps letters' case. Its
+        files are built into ``<path>/guests``; its display is VNC on a unix
+        socket (no TCP port for concurrent daemons to race for). The ready
+        marker is consumed here: the console opened next shows only answers.
+        Raises :class:`GuestPackageMissingError` naming a missing package, or
+        :class:`SandboxError` with the guest's console output and log if it
+        did not come up within ``ready_timeout`` seconds.
+        """
+        if self.mode != "full":
+            raise SandboxError("test guests need a full-mode sandbox: Sandbox('full')")
+        if not _NAME_RE.fullmatch(name):
+            raise ValueError(f"guest name {name!r}: use letters, digits and _.+-")
+        files = self._guest_files()
+        channel_path = self.path / "guests" / f"{name}.chan"
+        if len(os.fsencode(channel_path)) > _SUN_PATH_MAX:
+            raise SandboxError(f"channel socket path {channel_path} is too long: use tmp_dir=")
+        xml = _testguest.domain_xml(
+            name, files.kernel, files.initrd, graphics="vnc-socket", channel_path=channel_path
+        )
+        log_path = self.path / "cache" / "libvirt" / "qemu" / "log" / f"{name}.log"
+        with self.connect() as conn:
+            with map_libvirt_errors(context=f"start test guest {name!r}"):
+                dom = conn.createXML(xml, 0)
+            try:
+                _wait_for_ready_marker(conn, dom, ready_timeout)
+            except BaseException as error:
+                with contextlib.suppress(libvirt.libvirtError):
+                    dom.destroy()
+                if isinstance(error, _GuestNotReadyError):
+                    log = _tail(log_path, _LOG_TAIL_LINES)
+                    raise SandboxError(
+                        f"test guest {name!r} of {self!r} {error}\n--- {log_path} ---\n{log}"
+                    ) from None
+                raise
+        return GuestInfo(
+            name=name,
+            uri=self.uri,
+            tcp_uri=self.tcp_uri if self.tcp else None,
+            channel=_testguest.DEFAULT_CHANNEL_NAME,
+            channel_path=channel_path,
+            log_path=log_path,
+        )
+
+    def stop_test_guest(self, guest: GuestInfo | str, *, wait: bool = True) -> None:
+        """Stop the guest (a transient domain: it is gone then); no-op if it is not running.
+
+        ``wait=True`` destroys it through libvirt and returns once libvirt
+        saw QEMU go (here up to 2 s: libvirt polls every 200 ms until the
+        process is reaped). ``wait=False`` SIGKILLs the guest's QEMU (found
+        by its pid file in the sandbox) and returns at once; libvirtd notices
+        and removes the domain in the background. Open streams of the guest
+        end either way.
+        """
+        name = str(guest)
+        if not wait and self._kill_guest_qemu(name):
+            return
+        with self.connect() as conn, map_libvirt_errors(context=f"stop test guest {name!r}"):
+            try:
+                conn.lookupByName(name).destroy()
+            except libvirt.libvirtError as error:
+                if error.get_error_code() not in (
+                    libvirt.VIR_ERR_NO_DOMAIN,
+                    libvirt.VIR_ERR_OPERATION_INVALID,
+                ):
+                    raise
+
+    def _kill_guest_qemu(self, name: str) -> bool:
+        """SIGKILL the QEMU of domain ``name`` of this sandbox; False if it was not found."""
+        pid_file = self.path / "run" / "libvirt" / "qemu" / "run" / f"{name}.pid"
+        try:
+            pid = int(pid_file.read_text().strip())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+            owner = os.stat(f"/proc/{pid}").st_uid
+        except (OSError, ValueError):
+            return False
+        # Only the QEMU of that guest of this sandbox (pid files can be stale).
+        if owner != self._daemon.uid or f"guest={name},".encode() not in cmdline:
+            return False
+        if os.fsencode(self.path) not in cmdline:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        return True
+
+    async def astart_test_guest(
+        self, name: str = "guest", *, ready_timeout: float = 60.0
+    ) -> GuestInfo:
+        """:meth:`start_test_guest` in a worker thread."""
+        start = functools.partial(self.start_test_guest, name, ready_timeout=ready_timeout)
+        return await anyio.to_thread.run_sync(start)
+
+    async def astop_test_guest(self, guest: GuestInfo | str, *, wait: bool = True) -> None:
+        """:meth:`stop_test_guest` in a worker thread."""
+        await anyio.to_thread.run_sync(functools.partial(self.stop_test_guest, guest, wait=wait))
+
+
+class _GuestNotReadyError(Exception):
+    pass
+
+
+def _wait_for_ready_marker(
+    conn: libvirt.virConnect, dom: libvirt.virDomain, timeout: float
+) -> None:
+    """Read the console (a blocking stream, in a thread) until the guest's ready marker.
+
+    The console is opened right after ``createXML``: QEMU's pty drops guest
+    output while nobody holds it, and the marker is written once. On timeout
+    the caller's ``destroy`` ends the stream, which ends the thread.
+    """
+    stream = conn.newStream(0)
+    dom.openConsole(None, stream, 0)
+    seen = bytearray()
+    outcome: list[str | None] = []
+
+    def read() -> None:
+        try:
+            while _testguest.READY_MARKER not in seen:
+                data = stream.recv(64 * 1024)
+                if not isinstance(data, bytes) or not data:
+                    outcome.append("stopped before it was ready")
+                    return
+                seen.extend(data)
+            outcome.append(None)
+        except libvirt.libvirtError as error:
+            outcome.append(f"console failed: {error.get_error_message() or error}")
+
+    thread = threading.Thread(target=read, name="aiovirtstream-guest-console", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if outcome == [None]:
+        stream.finish()
+        return
+    if thread.is_alive():
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.destroy()  # ends the blocked recv with end of stream
+        thread.join(10)
+        reason = f"was not ready within {timeout:g} s"
+    else:
+        reason = (outcome[0] if outcome else None) or "failed"
+    with contextlib.suppress(libvirt.libvirtError):
+        stream.abort()
+    tail = bytes(seen[-2000:]).decode(errors="replace")
+    raise _GuestNotReadyError(f"{reason}; console output:\n{tail}")

@@ -1,0 +1,202 @@
+"""Domain streams: serial consoles, virtio-serial channels and screenshots.
+
+A console or a channel is a bidirectional :class:`~aiovirtstream.AsyncStream`
+(an anyio ``ByteStream``): read what the guest writes, write what it should
+read. Put anyio's ``TextStream`` or ``BufferedByteReceiveStream`` on top for
+lines and prompts. How such a stream ends (verified against QEMU guests
+through a daemon, see ``tests/test_console.py``):
+
+* The guest goes away (destroyed, its QEMU killed or exited): ``read`` returns
+  ``b""`` (``receive`` raises ``anyio.EndOfStream``, ``async for`` ends), at
+  once, also for a read that was already waiting.
+* Another client takes the console over (``force=True``) or the daemon fails
+  it: ``read`` raises :class:`~aiovirtstream.StreamBrokenError` (an
+  ``anyio.BrokenResourceError``; libvirt says "stream had I/O failure").
+* Closing it ourselves (``aclose``, ``abort``, leaving ``async with``) while
+  another task waits in ``read``: that read raises
+  :class:`~aiovirtstream.StreamClosedError` (an ``anyio.ClosedResourceError``).
+
+Leaving ``async with`` *finishes* the stream on a normal exit, as ``virsh
+console`` does when you detach (``Ctrl-]``: ``virStreamFinish``): input
+already written is delivered to the guest first, and a console that was taken
+over raises :class:`~aiovirtstream.StreamBrokenError` there if its end was not
+seen by a read yet. An exception or a cancellation aborts it instead (what
+virsh does on errors): queued input is dropped; ``aclose()`` does the same,
+e.g. to leave a guest that stopped reading its console. A console ended by
+the guest (``b""`` seen) closes without error either way. Either way the
+stream's callback is removed and nothing keeps the stream alive: the console
+can be opened again at once, without ``force``.
+
+libvirt errors never reach stderr: aiovirtstream routes them to
+:mod:`logging` (logger ``aiovirtstream.libvirt``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "lookup_domain",
+    "open_console",
+    "open_channel",
+    "screenshot",
+    "screenshot_to_file",
+]
+
+import contextlib
+import os
+import secrets
+import uuid
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import libvirt
+
+from ._exceptions import map_libvirt_errors
+from ._stream import AsyncStream, open_stream
+
+
+def _domain_name(domain: libvirt.virDomain) -> str:
+    try:
+        return str(domain.name())  # kept by the binding: no round trip
+    except libvirt.libvirtError:  # pragma: no cover - name() is local
+        return "?"
+
+
+async def lookup_domain(
+    conn: libvirt.virConnect, name_or_uuid: str | uuid.UUID
+) -> libvirt.virDomain:
+    """Find a domain by name or UUID, off the loop thread (a lookup is a round trip).
+
+    A string that parses as a UUID is tried as one first, then as a name.
+    Raises :class:`aiovirtstream.NotFoundError` when there is no such domain.
+    """
+    key = str(name_or_uuid)
+    try:
+        as_uuid: str | None = str(uuid.UUID(key))
+    except ValueError:
+        as_uuid = None
+
+    def lookup() -> libvirt.virDomain:
+        if as_uuid is not None:
+            try:
+                return conn.lookupByUUIDString(as_uuid)
+            except libvirt.libvirtError as error:
+                if error.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN or isinstance(
+                    name_or_uuid, uuid.UUID
+                ):
+                    raise
+        return conn.lookupByName(key)
+
+    with map_libvirt_errors(context=f"cannot find domain {key!r}"):
+        return await anyio.to_thread.run_sync(lookup)
+
+
+async def open_console(
+    domain: libvirt.virDomain,
+    dev_name: str | None = None,
+    *,
+    force: bool = False,
+    safe: bool = False,
+) -> AsyncStream:
+    """Open the domain's console (``dev_name``: an alias such as ``serial0``; default the first).
+
+    ``force`` (``VIR_DOMAIN_CONSOLE_FORCE``) takes the console over from
+    whichever client holds it: that client's reads raise
+    :class:`~aiovirtstream.StreamBrokenError`. Without it, a console held
+    elsewhere raises :class:`~aiovirtstream.LibvirtError` ("Active console
+    session exists"). ``safe`` (``VIR_DOMAIN_CONSOLE_SAFE``) refuses drivers
+    that cannot guarantee exclusive access. How the stream ends: see the
+    module documentation.
+    """
+    flags = (libvirt.VIR_DOMAIN_CONSOLE_FORCE if force else 0) | (
+        libvirt.VIR_DOMAIN_CONSOLE_SAFE if safe else 0
+    )
+    device = f" {dev_name!r}" if dev_name else ""
+    return await open_stream(
+        domain.connect(),
+        lambda st: domain.openConsole(dev_name, st, flags),
+        description=f"console{device} of domain {_domain_name(domain)!r}",
+    )
+
+
+async def open_channel(domain: libvirt.virDomain, name: str, *, force: bool = False) -> AsyncStream:
+    """Open the domain's ``<channel>`` with target name (or alias) ``name``.
+
+    QEMU serves only ``type='unix'`` channels. ``force``
+    (``VIR_DOMAIN_CHANNEL_FORCE``) takes the channel over from another
+    client, as for :func:`open_console`; the stream ends the same way.
+    """
+    flags = libvirt.VIR_DOMAIN_CHANNEL_FORCE if force else 0
+    return await open_stream(
+        domain.connect(),
+        lambda st: domain.openChannel(name, st, flags),
+        description=f"channel {name!r} of domain {_domain_name(domain)!r}",
+    )
+
+
+async def _open_screenshot(domain: libvirt.virDomain, screen: int) -> tuple[AsyncStream, str]:
+    stream = await open_stream(
+        domain.connect(),
+        lambda st: domain.screenshot(st, screen, 0),
+        description=f"screenshot of screen {screen} of domain {_domain_name(domain)!r}",
+    )
+    return stream, str(stream.start_result or "application/octet-stream")
+
+
+async def screenshot(domain: libvirt.virDomain, screen: int = 0) -> tuple[str, bytes]:
+    """Take a screenshot of ``screen``: ``(mime type, image bytes)``, e.g. ``image/png``.
+
+    The format is the hypervisor's choice (QEMU: PNG, or PPM from older
+    ones). For large screens prefer :func:`screenshot_to_file`.
+    """
+    stream, mime = await _open_screenshot(domain, screen)
+    chunks: list[bytes] = []
+    async with stream:
+        async for chunk in stream:
+            chunks.append(chunk)
+    return mime, b"".join(chunks)
+
+
+async def screenshot_to_file(
+    domain: libvirt.virDomain, path: str | os.PathLike[str], screen: int = 0
+) -> str:
+    """Stream a screenshot of ``screen`` into ``path``; returns the mime type.
+
+    The image goes to a temporary file next to ``path`` (disk writes run in
+    worker threads), renamed over ``path`` only once the daemon finished the
+    stream: ``path`` is either the whole new image or untouched. The new
+    file's permissions follow the umask, as ``open`` would make them.
+    """
+    dest = Path(path)
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+
+    def create() -> int:
+        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+
+    stream, mime = await _open_screenshot(domain, screen)
+    try:
+        async with stream:
+            fd = await anyio.to_thread.run_sync(create)
+            try:
+                async for chunk in stream:
+                    await anyio.to_thread.run_sync(_write_all, fd, chunk)
+                await anyio.to_thread.run_sync(os.fsync, fd)
+            finally:
+                os.close(fd)
+        await anyio.to_thread.run_sync(os.replace, tmp, dest)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(_unlink_quietly, tmp)
+        raise
+    return mime
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
