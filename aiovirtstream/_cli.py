@@ -89,44 +89,32 @@ def _print_result(verb: str, result: TransferResult, quiet: bool) -> None:
     )
 
 
-async def _cmd_upload(args: argparse.Namespace) -> int:
+async def _cmd_transfer(args: argparse.Namespace) -> int:
+    """``upload`` and ``download``: one volume, one file, a progress bar."""
     conn = await connect(args.connect)
     try:
         vol = await lookup_volume(conn, args.volume, pool=args.pool)
-        with _progress_bar(f"upload {args.volume}", args.quiet) as progress:
-            result = await upload(
-                vol,
-                args.file,
-                sparse=args.sparse,
-                detect_zeroes=args.detect_zeroes,
-                offset=args.offset,
-                length=args.length,
-                progress=progress,
-                checksum=args.checksum,
-            )
-        _print_result("uploaded", result, args.quiet)
-    finally:
-        await aclose_connection(conn)
-    return 0
-
-
-async def _cmd_download(args: argparse.Namespace) -> int:
-    conn = await connect(args.connect)
-    try:
-        vol = await lookup_volume(conn, args.volume, pool=args.pool)
-        with _progress_bar(f"download {args.volume}", args.quiet) as progress:
-            result = await download(
-                vol,
-                args.file,
-                sparse=args.sparse,
-                offset=args.offset,
-                length=args.length,
-                overwrite=args.overwrite,
-                progress=progress,
-                checksum=args.checksum,
-                parallel=args.parallel,
-            )
-        _print_result("downloaded", result, args.quiet)
+        common: dict[str, Any] = {
+            "sparse": args.sparse,
+            "offset": args.offset,
+            "length": args.length,
+            "checksum": args.checksum,
+        }
+        with _progress_bar(f"{args.command} {args.volume}", args.quiet) as progress:
+            if args.command == "upload":
+                result = await upload(
+                    vol, args.file, detect_zeroes=args.detect_zeroes, progress=progress, **common
+                )
+            else:
+                result = await download(
+                    vol,
+                    args.file,
+                    overwrite=args.overwrite,
+                    parallel=args.parallel,
+                    progress=progress,
+                    **common,
+                )
+        _print_result(f"{args.command}ed", result, args.quiet)
     finally:
         await aclose_connection(conn)
     return 0
@@ -273,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--detect-zeroes", action="store_true", help="send aligned runs of zeroes as holes"
     )
-    up.set_defaults(run=_cmd_upload)
+    up.set_defaults(run=_cmd_transfer)
 
     down = commands.add_parser("download", help="download a volume into a file")
     transfer_args(down, "write")
@@ -281,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument(
         "--parallel", type=int, default=1, help="streams over ranges of the volume (>= 64 MiB each)"
     )
-    down.set_defaults(run=_cmd_download)
+    down.set_defaults(run=_cmd_transfer)
 
     demo = commands.add_parser(
         "demo", help="start a private libvirtd and round-trip a sparse image through it"

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 import libvirt
 import pytest
 import uvloop
+from _helpers import download_all, upload_all
 
 import aiovirtstream as avs
 from aiovirtstream.testing import PoolInfo, Sandbox
@@ -34,27 +35,11 @@ MiB = 1024 * KiB
 # ---------------------------------------------------------------- helpers
 
 
-async def upload(vol: libvirt.virStorageVol, data: bytes) -> None:
-    """Write ``data`` to the start of ``vol`` through an AsyncStream."""
-    async with await avs.open_volume_upload(vol) as stream:
-        for start in range(0, len(data), MiB):
-            await stream.write(data[start : start + MiB])
-
-
-async def download(vol: libvirt.virStorageVol, length: int) -> bytes:
-    """Read the first ``length`` bytes of ``vol`` through an AsyncStream."""
-    out = bytearray()
-    async with await avs.open_volume_download(vol, length=length) as stream:
-        async for chunk in stream:
-            out += chunk
-    return bytes(out)
-
-
 async def round_trip(conn: libvirt.virConnect, pool: str, name: str, data: bytes) -> None:
     """Upload ``data`` to volume ``name`` and check the download gives it back."""
     vol = await avs.lookup_volume(conn, name, pool=pool)
-    await upload(vol, data)
-    back = await download(vol, len(data))
+    await upload_all(vol, data)
+    back = await download_all(vol, len(data))
     assert len(back) == len(data)
     assert hashlib.sha256(back).digest() == hashlib.sha256(data).digest()
 
@@ -304,8 +289,8 @@ async def test_blocking_calls_from_threads_during_transfers(
         async def transfer() -> bytes:
             nonlocal transferring
             try:
-                await upload(vol, data)
-                return await download(vol, size)
+                await upload_all(vol, data)
+                return await download_all(vol, size)
             finally:
                 transferring = False
 

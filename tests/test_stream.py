@@ -6,48 +6,19 @@ import asyncio
 import hashlib
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 import libvirt
 import pytest
+from _helpers import download_all
 from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.text import TextReceiveStream
+from conftest import MakeVolume
 
 import aiovirtstream as avs
-from aiovirtstream.testing import PoolInfo, Sandbox
+from aiovirtstream.testing import Sandbox
 
 MiB = 1024 * 1024
-MakeVolume = Callable[[str, int], Awaitable[libvirt.virStorageVol]]
-
-
-@pytest.fixture(params=["unix", "tcp"])
-async def conn(
-    request: pytest.FixtureRequest, libvirt_sandbox: Sandbox
-) -> AsyncIterator[libvirt.virConnect]:
-    uri = libvirt_sandbox.tcp_uri if request.param == "tcp" else libvirt_sandbox.uri
-    connection = await avs.connect(uri)
-    yield connection
-    await avs.aclose_connection(connection)
-
-
-@pytest.fixture
-def make_volume(
-    libvirt_sandbox: Sandbox, libvirt_pool: PoolInfo, conn: libvirt.virConnect
-) -> MakeVolume:
-    async def make(name: str, capacity: int) -> libvirt.virStorageVol:
-        await libvirt_sandbox.acreate_volume(libvirt_pool, name, capacity)
-        return await avs.lookup_volume(conn, name, pool=libvirt_pool.name)
-
-    return make
-
-
-async def download_all(vol: libvirt.virStorageVol, length: int) -> bytes:
-    out = bytearray()
-    async with await avs.open_volume_download(vol, length=length) as stream:
-        async for chunk in stream:
-            out += chunk
-    return bytes(out)
 
 
 @pytest.mark.parametrize("size", [0, 1, 262_119, 262_120, 262_121, 37 * MiB + 3])

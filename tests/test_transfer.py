@@ -5,40 +5,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import libvirt
 import pytest
+from conftest import MakeVolume
 
 import aiovirtstream as avs
-from aiovirtstream.testing import PoolInfo, Sandbox
+from aiovirtstream.testing import Sandbox
 
 MiB = 1024 * 1024
 BLOCK = os.statvfs("/tmp").f_bsize  # holes exist at the file system's block size
-MakeVolume = Callable[[str, int], Awaitable[libvirt.virStorageVol]]
 Layout = list[tuple[str, int]]  # ("data" | "hole", length)
-
-
-@pytest.fixture(params=["unix", "tcp"])
-async def conn(
-    request: pytest.FixtureRequest, libvirt_sandbox: Sandbox
-) -> AsyncIterator[libvirt.virConnect]:
-    uri = libvirt_sandbox.tcp_uri if request.param == "tcp" else libvirt_sandbox.uri
-    connection = await avs.connect(uri)
-    yield connection
-    await avs.aclose_connection(connection)
-
-
-@pytest.fixture
-def make_volume(
-    libvirt_sandbox: Sandbox, libvirt_pool: PoolInfo, conn: libvirt.virConnect
-) -> MakeVolume:
-    async def make(name: str, capacity: int) -> libvirt.virStorageVol:
-        await libvirt_sandbox.acreate_volume(libvirt_pool, name, capacity)
-        return await avs.lookup_volume(conn, name, pool=libvirt_pool.name)
-
-    return make
 
 
 def write_layout(path: Path, layout: Layout) -> bytes:

@@ -1,0 +1,25 @@
+"""Small helpers shared by the tests (imported as a module: pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+import libvirt
+
+import aiovirtstream as avs
+
+MiB = 1024 * 1024
+
+
+async def upload_all(vol: libvirt.virStorageVol, data: bytes) -> None:
+    """Write ``data`` to the start of ``vol`` through an AsyncStream, 1 MiB at a time."""
+    async with await avs.open_volume_upload(vol) as stream:
+        for start in range(0, len(data), MiB):
+            await stream.write(data[start : start + MiB])
+
+
+async def download_all(vol: libvirt.virStorageVol, length: int) -> bytes:
+    """Read ``length`` bytes of ``vol`` (0: all of it) through an AsyncStream."""
+    out = bytearray()
+    async with await avs.open_volume_download(vol, length=length) as stream:
+        async for chunk in stream:
+            out += chunk
+    return bytes(out)
