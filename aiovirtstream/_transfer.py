@@ -30,6 +30,7 @@ import ctypes
 import ctypes.util
 import errno
 import hashlib
+import logging
 import os
 import stat
 import tempfile
@@ -66,6 +67,7 @@ WRITE_BEHIND = 16 * 1024 * 1024
 PARALLEL_MIN_PART = 64 * 1024 * 1024
 MiB = 1024 * 1024
 _ZERO_CHUNK = bytes(MAX_CHUNK)
+logger = logging.getLogger(__name__)
 _HASH_ZEROES = bytes(1024 * 1024)
 
 
@@ -199,10 +201,54 @@ class _ProgressReporter:
             self._task.cancel()
 
 
-async def _volume_capacity(vol: libvirt.virStorageVol) -> int:
-    with map_libvirt_errors(context="cannot read the volume's capacity"):
+async def _volume_info(vol: libvirt.virStorageVol) -> tuple[int, int]:
+    """(capacity, allocation) of ``vol``, asked off the loop."""
+    with map_libvirt_errors(context="cannot read the volume's size"):
         info = await anyio.to_thread.run_sync(vol.info)
-    return int(info[1])
+    return int(info[1]), int(info[2])
+
+
+async def _volume_capacity(vol: libvirt.virStorageVol) -> int:
+    return (await _volume_info(vol))[0]
+
+
+@dataclass(frozen=True, slots=True)
+class _UploadPlan:
+    """How an upload treats holes, given what the volume holds."""
+
+    holes: bool  # send holes (else the zeroes they stand for)
+    room: int  # bytes from the offset to the volume's end
+    stream_length: int  # the length the stream is opened with
+
+
+async def _plan_upload(
+    vol: libvirt.virStorageVol, options: _Options, amount: int | None, name: str
+) -> _UploadPlan:
+    capacity, allocation = await _volume_info(vol)
+    if options.offset > capacity:
+        raise SourceTooLargeError(
+            f"offset {options.offset} is past the end of the volume ({capacity} bytes)"
+        )
+    room = capacity - options.offset
+    if amount is not None and amount > room:
+        raise SourceTooLargeError(
+            f"{name} has {amount} bytes to upload at offset {options.offset}, but the "
+            f"volume holds {capacity} bytes: resize the volume or pass a smaller length"
+        )
+    # libvirt stores an uploaded hole by seeking over it and truncating the
+    # volume's file at the hole's end (measured on a dir pool, libvirt 9.0):
+    # whatever the volume held in the hole stays, and what followed it is cut
+    # off. Holes are therefore sent only into a volume that holds no data yet,
+    # and the volume's size is restored with a last hole.
+    holes = options.sparse and allocation == 0
+    if options.sparse and not holes:
+        logger.warning(
+            "the volume holds data (%d bytes allocated): holes are sent as zeroes, "
+            "since libvirt would keep the old data inside them; upload into a new "
+            "volume to keep the upload sparse",
+            allocation,
+        )
+    return _UploadPlan(holes, room, room if holes else (amount or room))
 
 
 # ---------------------------------------------------------------------- upload
@@ -304,28 +350,37 @@ async def _upload_file(
             return await _upload_iterable(vol, _iter_file(cast(IO[bytes], source)), options)
         available = max(size - position, 0)
         amount = min(options.length, available) if options.length else available
-        capacity = await _volume_capacity(vol)
-        if options.offset + amount > capacity:
-            raise SourceTooLargeError(
-                f"{name!r} has {amount} bytes to upload at offset {options.offset}, but the "
-                f"volume holds {capacity} bytes: resize the volume or pass a smaller length"
-            )
+        plan = await _plan_upload(vol, options, amount, repr(name))
         stream = await open_volume_upload(
-            vol, offset=options.offset, length=amount, sparse=options.sparse
+            vol, offset=options.offset, length=plan.stream_length, sparse=plan.holes
         )
         hasher = options.hasher()
         reader = _FileReader(
-            fd, position, position + amount, stream, options.sparse, options.detect_zeroes, hasher
+            fd,
+            position,
+            position + amount,
+            stream,
+            walk_extents=options.sparse,
+            holes=plan.holes,
+            detect_zeroes=options.detect_zeroes,
+            hasher=hasher,
         )
         counts = lambda: (stream.bytes_sent, stream.hole_bytes_sent)  # noqa: E731
         with options.reporter(counts, amount) as reporter:
             async with stream:
                 await _run_reader(reader, stream)
+                await _restore_size(stream, plan, amount)
             reporter.report()
-        return options.result(stream.bytes_sent, stream.hole_bytes_sent, hasher)
+        return options.result(stream.bytes_sent, amount - stream.bytes_sent, hasher)
     finally:
         if owned:
             os.close(fd)
+
+
+async def _restore_size(stream: AsyncStream, plan: _UploadPlan, sent: int) -> None:
+    """A last hole up to the volume's end: libvirt cut the volume at the last hole."""
+    if plan.holes and plan.room > sent:
+        await stream.send_hole(plan.room - sent)
 
 
 async def _run_reader(reader: _FileReader, stream: AsyncStream) -> None:
@@ -351,7 +406,9 @@ class _FileReader:
         start: int,
         end: int,
         stream: AsyncStream,
-        sparse: bool,
+        *,
+        walk_extents: bool,
+        holes: bool,
         detect_zeroes: bool,
         hasher: _Hasher | None,
     ) -> None:
@@ -359,8 +416,9 @@ class _FileReader:
         self._start = start
         self._end = end
         self._queue = stream._sender
-        self._sparse = sparse
-        self._detect_zeroes = detect_zeroes and sparse
+        self._walk_extents = walk_extents  # find the source's holes (SEEK_DATA/SEEK_HOLE)
+        self._sparse = holes  # send them as holes (else as zeroes, without reading them)
+        self._detect_zeroes = detect_zeroes and holes
         self._hasher = hasher
         self._stopped = threading.Event()
 
@@ -368,7 +426,7 @@ class _FileReader:
         self._stopped.set()
 
     def _extents(self) -> Iterator[Extent]:
-        if self._sparse:
+        if self._walk_extents:
             return file_extents(self._fd, self._start, self._end)
         return iter([Extent(self._start, self._end - self._start, True)])
 
@@ -388,7 +446,7 @@ class _FileReader:
             self._hasher.hole(length)
         if self._sparse:
             return self._put(Hole(length))
-        while length > 0:  # not reached: non-sparse transfers read holes as data
+        while length > 0:
             step = min(length, MAX_CHUNK)
             if not self._put(_ZERO_CHUNK[:step]):
                 return False
@@ -441,13 +499,9 @@ async def _upload_iterable(
     vol: libvirt.virStorageVol, source: AsyncIterable[bytes], options: _Options
 ) -> TransferResult:
     offset, length = options.offset, options.length
-    capacity = await _volume_capacity(vol)
-    if offset > capacity:
-        raise SourceTooLargeError(f"offset {offset} is past the volume's end ({capacity} bytes)")
-    room = capacity - offset
-    limit = min(length, room) if length else room
-    detect = options.detect_zeroes and options.sparse
-    stream = await open_volume_upload(vol, offset=offset, length=limit, sparse=detect)
+    plan = await _plan_upload(vol, options, length or None, "the upload source")
+    detect = options.detect_zeroes and plan.holes
+    stream = await open_volume_upload(vol, offset=offset, length=plan.room, sparse=plan.holes)
     hasher = options.hasher()
     position = 0
     counts = lambda: (stream.bytes_sent, stream.hole_bytes_sent)  # noqa: E731
@@ -457,13 +511,13 @@ async def _upload_iterable(
                 if not chunk:
                     continue
                 data = bytes(chunk)
-                if position + len(data) > limit:
-                    if not length or position >= length:
-                        raise SourceTooLargeError(
-                            f"the upload source has more than {limit} bytes, the room in the "
-                            f"volume from offset {offset}: the upload was aborted"
-                        )
-                    data = data[: length - position]
+                if length and position + len(data) > length:
+                    data = data[: length - position]  # the caller asked for a prefix
+                if position + len(data) > plan.room:
+                    raise SourceTooLargeError(
+                        f"the upload source has more than {plan.room} bytes, the room in the "
+                        f"volume from offset {offset}: the upload was aborted"
+                    )
                 if hasher:
                     await anyio.to_thread.run_sync(hasher.data, data)
                 if detect:
@@ -478,8 +532,9 @@ async def _upload_iterable(
                 position += len(data)
                 if length and position >= length:
                     break
+            await _restore_size(stream, plan, position)
         reporter.report()
-    return options.result(stream.bytes_sent, stream.hole_bytes_sent, hasher)
+    return options.result(stream.bytes_sent, position - stream.bytes_sent, hasher)
 
 
 # ---------------------------------------------------------------------- download

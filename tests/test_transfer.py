@@ -275,3 +275,47 @@ async def test_parallel_download_over_ranges(make_volume: MakeVolume, tmp_path: 
         f.seek(0)
         await avs.download(vol, f, offset=MiB + 5, length=140 * MiB, parallel=2)
     assert (tmp_path / "window").read_bytes()[: 140 * MiB] == content[MiB + 5 : 141 * MiB + 5]
+
+
+async def test_sparse_upload_keeps_the_volume_whole(make_volume: MakeVolume, tmp_path: Path) -> None:
+    """libvirt cuts a file volume at the end of each uploaded hole and keeps its old data
+    inside the hole (measured): upload() must still leave exactly the source in place."""
+    layout: Layout = [("data", MiB), ("hole", MiB), ("data", MiB)]
+    source = tmp_path / "src"
+    content = write_layout(source, layout)
+
+    fresh = await make_volume("fresh.img", 8 * MiB)
+    result = await avs.upload(fresh, source)
+    assert result.hole_bytes == MiB
+    info = await asyncio.to_thread(fresh.info)
+    assert info[1] == 8 * MiB, "the sparse upload shrank the volume"
+    assert info[2] <= 2 * MiB + BLOCK
+    assert await download_bytes(fresh, tmp_path / "a") == content + bytes(5 * MiB)
+
+    used = await make_volume("used.img", 8 * MiB)
+    old = b"\xff" * (8 * MiB)
+    await avs.upload(used, _iter_once(old))
+    result = await avs.upload(used, source, offset=MiB)
+    assert result.hole_bytes == 0  # into a volume holding data, holes go as zeroes
+    assert (await asyncio.to_thread(used.info))[1] == 8 * MiB
+    back = await download_bytes(used, tmp_path / "b")
+    assert back == old[:MiB] + content + old[4 * MiB :]
+
+
+async def _iter_once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def download_bytes(vol: libvirt.virStorageVol, path: Path) -> bytes:
+    await avs.download(vol, path, overwrite=True)
+    return await asyncio.to_thread(path.read_bytes)
+
+
+async def test_iterable_longer_than_the_room_is_refused(
+    make_volume: MakeVolume, tmp_path: Path
+) -> None:
+    vol = await make_volume("room.img", MiB)
+    with pytest.raises(avs.SourceTooLargeError):
+        await avs.upload(vol, _iter_once(bytes(MiB + 1)), length=2 * MiB)
+    with pytest.raises(avs.SourceTooLargeError):
+        await avs.upload(vol, _iter_once(b"x" * (MiB + 1)))

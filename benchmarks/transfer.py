@@ -1,0 +1,918 @@
+"""Volume transfers: aiovirtstream vs ``virsh`` vs libvirt-python's blocking helpers.
+
+Run it with ``python -m benchmarks.transfer`` (or ``python -m benchmarks
+transfer``); ``--quick`` is a smoke test with small sizes and 2 rounds.
+
+One run starts a private storage-only libvirtd (:class:`aiovirtstream.testing.Sandbox`,
+unix socket), makes a dense volume (random data, ``--size-gib``) and a 2 GiB
+sparse one (56 extents of 1 MiB at seeded 4 KiB-aligned offsets), and then,
+round after round on the same volumes and files, times:
+
+* **aiovirtstream**: ``aiovirtstream.upload`` / ``download`` (dense: ``sparse=False``,
+  sparse: ``sparse=True``, the flags the others use) in a child process
+  (``--child ours``) that connects once with ``aiovirtstream.connect`` and
+  runs a 1 ms ticker task during the transfer to measure loop lag;
+* **virsh**: ``virsh -t -c URI vol-download|vol-upload --pool P VOL FILE``
+  (``--sparse`` for the sparse volume);
+* **blocking**: libvirt-python's ``recvAll`` / ``sendAll`` /
+  ``sparseRecvAll`` / ``sparseSendAll`` on a plain ``libvirt.open``
+  connection in a child process (``--child blocking``) that never imports
+  aiovirtstream, with SEEK_DATA/SEEK_HOLE handlers written like virsh's.
+
+How every contender is timed (the same way for all three): each run is a fresh
+child process that starts, connects, and then times *the operation* itself:
+volume lookup (pool + volume by name), opening the local file, starting the
+stream, moving the data, finishing the stream. For virsh that is the figure
+its ``--timing`` option prints for the command (virsh connects before the
+command starts); the Python children time the same span with
+``time.perf_counter`` and its CPU with ``getrusage`` (all threads). Process
+start, imports and connect are excluded from the ratios but shown as
+"proc s" (the child's whole wall time, measured by this process).
+
+Peak RSS: "proc peak" is the child's ``ru_maxrss`` from ``wait4`` (every
+contender). "above base" (Python children) is ``VmHWM`` at the end minus
+``VmRSS`` before the operation, after resetting the high-water mark through
+``/proc/self/clear_refs``.
+
+Order: the contenders' order rotates every round; medians over ``--rounds``
+rounds (after ``--warmup`` untimed rounds). Caches are warm: all files stay in
+the page cache (the machine has plenty of RAM); ``sync`` runs before every
+timed run so that no contender pays for another's writeback. Results are
+checked after every run: each downloaded file is compared byte for byte with
+the source (sparse-aware: both files' data ranges), and before every upload
+some 4 KiB blocks of the volume file are overwritten with a marker so that
+an upload that left the volume alone fails the comparison.
+
+The exit status is 0 when every target is met, 1 when one is missed, 2 when a
+transfer failed or moved wrong data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import random
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MiB = 1 << 20
+GiB = 1 << 30
+REPO = Path(__file__).resolve().parents[1]
+CONTENDERS = ("ours", "virsh", "blocking")
+TICK = 0.001  # the loop-lag ticker's sleep
+_RESULT_PREFIX = "BENCH-RESULT "
+
+# Runs a contender and reports its rusage. The contender is forked from this
+# small process, not from the benchmark's: Linux carries the RSS high-water
+# mark of the process that forks (vfork: of its whole address space) into the
+# child's ru_maxrss, which would report the parent's peak for every child.
+_LAUNCHER = """
+import json, os, sys, time
+t0 = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, ru = os.wait4(pid, 0)
+wall = time.perf_counter() - t0
+with open(sys.argv[1], "w") as out:
+    json.dump({"status": os.waitstatus_to_exitcode(status), "wall": wall,
+               "cpu": ru.ru_utime + ru.ru_stime, "maxrss": ru.ru_maxrss * 1024}, out)
+"""
+_VIRSH_TIME = re.compile(r"\(Time: ([0-9.]+) ms\)")
+
+
+# ============================================================== child helpers
+
+
+def _status_bytes(field_name: str) -> int:
+    """A ``kB`` field of /proc/self/status, in bytes (0 if absent)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of the process
+    return usage.ru_utime + usage.ru_stime
+
+
+def _emit(result: dict[str, Any]) -> None:
+    print(_RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def _in_data(fd: int) -> tuple[bool, int]:
+    """virsh's virFileInData: (in data?, length of this section) at fd's position."""
+    cur = os.lseek(fd, 0, os.SEEK_CUR)
+    try:
+        data = os.lseek(fd, cur, os.SEEK_DATA)
+    except OSError as error:
+        if error.errno != errno.ENXIO:
+            raise
+        end = os.lseek(fd, 0, os.SEEK_END)  # in the trailing hole (or at the end)
+        result = (False, end - cur)
+    else:
+        if data > cur:
+            result = (False, data - cur)
+        else:
+            result = (True, os.lseek(fd, cur, os.SEEK_HOLE) - cur)
+    os.lseek(fd, cur, os.SEEK_SET)
+    return result
+
+
+def _write_all(fd: int, data: bytes) -> int:
+    """virsh's safewrite."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    return len(data)
+
+
+def _blocking_child(args: argparse.Namespace) -> dict[str, Any]:
+    """libvirt-python's blocking helpers, written the way virsh uses libvirt's."""
+    import libvirt
+
+    conn = libvirt.open(args.uri)
+    try:
+        reset = _reset_peak_rss()
+        base = _status_bytes("VmRSS")
+        cpu0, t0 = _cpu_seconds(), time.perf_counter()
+        vol = conn.storagePoolLookupByName(args.pool).storageVolLookupByName(args.vol)
+        stream = conn.newStream(0)
+        if args.op == "download":
+            flags = libvirt.VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM if args.sparse else 0
+            fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            try:
+                vol.download(stream, 0, 0, flags)
+
+                def sink(_st: Any, data: bytes, fd: int) -> int:
+                    return _write_all(fd, data)
+
+                if args.sparse:
+
+                    def skip(_st: Any, length: int, fd: int) -> int:
+                        # virsh's virshStreamSkip: seek, then truncate to make the hole.
+                        os.ftruncate(fd, os.lseek(fd, length, os.SEEK_CUR))
+                        return 0
+
+                    stream.sparseRecvAll(sink, skip, fd)
+                else:
+                    stream.recvAll(sink, fd)
+                stream.finish()
+            finally:
+                os.close(fd)
+        else:
+            flags = libvirt.VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM if args.sparse else 0
+            fd = os.open(args.file, os.O_RDONLY)
+            try:
+                vol.upload(stream, 0, 0, flags)
+
+                def source(_st: Any, nbytes: int, fd: int) -> bytes:
+                    return os.read(fd, nbytes)
+
+                if args.sparse:
+
+                    def hole(_st: Any, fd: int) -> tuple[bool, int]:
+                        return _in_data(fd)
+
+                    def skip_source(_st: Any, length: int, fd: int) -> int:
+                        return os.lseek(fd, length, os.SEEK_CUR)
+
+                    stream.sparseSendAll(source, hole, skip_source, fd)
+                else:
+                    stream.sendAll(source, fd)
+                stream.finish()
+            finally:
+                os.close(fd)
+        op_s, op_cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+        peak = _status_bytes("VmHWM")
+    finally:
+        conn.close()
+    return {
+        "op_s": op_s,
+        "op_cpu_s": op_cpu,
+        "rss_base": base,
+        "rss_peak": peak,
+        "hwm_reset": reset,
+    }
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of values; nan if empty."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def _ours_child(args: argparse.Namespace) -> dict[str, Any]:
+    import asyncio
+
+    async def ticker(lags: list[float], stop: asyncio.Event) -> None:
+        prev = time.perf_counter()
+        while not stop.is_set():
+            await asyncio.sleep(TICK)
+            now = time.perf_counter()
+            lags.append(now - prev - TICK)
+            prev = now
+
+    async def run() -> dict[str, Any]:
+        import aiovirtstream
+
+        conn = await aiovirtstream.connect(args.uri)
+        try:
+            # The ticker alone, on an idle loop: its own lag and CPU cost.
+            idle: list[float] = []
+            stop = asyncio.Event()
+            cpu_idle0 = _cpu_seconds()
+            task = asyncio.create_task(ticker(idle, stop))
+            await asyncio.sleep(0.25)
+            stop.set()
+            await task
+            ticker_cpu_per_s = (_cpu_seconds() - cpu_idle0) / 0.25
+
+            lags: list[float] = []
+            stop = asyncio.Event()
+            reset = _reset_peak_rss()
+            base = _status_bytes("VmRSS")
+            task = asyncio.create_task(ticker(lags, stop))
+            await asyncio.sleep(0)
+            profiler = None
+            if args.profile:
+                import cProfile
+
+                profiler = cProfile.Profile()
+                profiler.enable()
+            cpu0, t0 = _cpu_seconds(), time.perf_counter()
+            vol = await aiovirtstream.lookup_volume(conn, args.vol, pool=args.pool)
+            if args.op == "download":
+                result = await aiovirtstream.download(
+                    vol, args.file, sparse=args.sparse, overwrite=True
+                )
+            else:
+                result = await aiovirtstream.upload(vol, args.file, sparse=args.sparse)
+            op_s, op_cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+            if profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(args.profile)
+            stop.set()
+            await task
+            peak = _status_bytes("VmHWM")
+        finally:
+            await aiovirtstream.aclose_connection(conn)
+        return {
+            "op_s": op_s,
+            "op_cpu_s": op_cpu,
+            "rss_base": base,
+            "rss_peak": peak,
+            "hwm_reset": reset,
+            "data_bytes": result.data_bytes,
+            "hole_bytes": result.hole_bytes,
+            "lags": [round(lag, 6) for lag in lags],
+            "idle_lag_p99": _percentile(idle, 99),
+            "ticker_cpu_per_s": ticker_cpu_per_s,
+        }
+
+    return asyncio.run(run())
+
+
+def _child_main(args: argparse.Namespace) -> int:
+    run = _ours_child if args.child == "ours" else _blocking_child
+    _emit(run(args))
+    return 0
+
+
+# ============================================================== files and checks
+
+
+def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
+    """The [start, end) ranges of data in fd (SEEK_DATA/SEEK_HOLE)."""
+    ranges = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as error:
+            if error.errno == errno.ENXIO:
+                break
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        ranges.append((start, end))
+        pos = end
+    return ranges
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def compare_files(expected: Path, actual: Path) -> str | None:
+    """None if both files hold the same bytes (holes read as zeroes), else what differs."""
+    if not actual.exists():
+        return f"{actual} does not exist"
+    size_e, size_a = expected.stat().st_size, actual.stat().st_size
+    if size_e != size_a:
+        return f"{actual} has {size_a} bytes, expected {size_e}"
+    fe, fa = os.open(expected, os.O_RDONLY), os.open(actual, os.O_RDONLY)
+    try:
+        ranges = _merge(_data_ranges(fe, size_e) + _data_ranges(fa, size_a))
+        for start, end in ranges:
+            for pos in range(start, end, 16 * MiB):
+                n = min(16 * MiB, end - pos)
+                if os.pread(fe, n, pos) != os.pread(fa, n, pos):
+                    return f"{actual} differs from {expected} in [{pos}, {pos + n})"
+    finally:
+        os.close(fe)
+        os.close(fa)
+    return None
+
+
+def _write_dense(path: Path, size: int) -> None:
+    with open(path, "wb") as out:
+        remaining = size
+        while remaining:
+            n = min(16 * MiB, remaining)
+            out.write(os.urandom(n))
+            remaining -= n
+
+
+def _sparse_layout(size: int, extents: int, extent_size: int, seed: int) -> list[int]:
+    """Seeded 4 KiB-aligned offsets, one extent per equal slice of the file."""
+    rng = random.Random(seed)
+    slot = size // extents
+    room = slot - extent_size - 64 * 1024  # keep a hole of at least 64 KiB after each
+    assert room > 0, "extents do not fit"
+    return [i * slot + rng.randrange(0, room // 4096) * 4096 for i in range(extents)]
+
+
+def _write_sparse(path: Path, size: int, offsets: list[int], extent_size: int, seed: int) -> None:
+    rng = random.Random(seed + 1)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        for offset in offsets:
+            os.pwrite(fd, rng.randbytes(extent_size), offset)
+    finally:
+        os.close(fd)
+
+
+_MARK = b"\xa5" * 4096
+
+
+def _poison(vol_path: Path, size: int, start: int, seed: int) -> None:
+    """Overwrite a few 4 KiB blocks of the volume from ``start``: an upload that skips them shows.
+
+    ``start`` is where the source's first data is. A sparse upload (virsh's,
+    libvirt-python's and ours alike) leaves the volume's old bytes in a hole
+    at the *start* of the source: libvirtd makes a hole by seeking and
+    truncating there, which clears what follows the hole but not the hole
+    itself. Later holes come out as zeroes.
+    """
+    rng = random.Random(seed)
+    first, blocks = start // 4096, size // 4096
+    where = {first, blocks - 1, *(rng.randrange(first, blocks) for _ in range(14))}
+    fd = os.open(vol_path, os.O_WRONLY)
+    try:
+        for block in where:
+            os.pwrite(fd, _MARK, block * 4096)
+    finally:
+        os.close(fd)
+
+
+def _allocated(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+def _daemon_cpu(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as stat_file:
+            fields = stat_file.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+
+
+# ============================================================== the parent
+
+
+@dataclass(frozen=True)
+class Group:
+    """One workload and direction: the three contenders move the same bytes."""
+
+    workload: str  # "dense" / "sparse"
+    op: str  # "download" / "upload"
+    sparse: bool
+    vol: str
+    vol_path: Path
+    source: Path
+    size: int
+    data_size: int
+    first_data: int = 0  # where the source's first data is
+
+    @property
+    def name(self) -> str:
+        return f"{self.workload} {self.op}"
+
+    def label(self, contender: str) -> str:
+        if contender == "ours":
+            return "aiovirtstream"
+        if contender == "virsh":
+            return "virsh --sparse" if self.sparse else "virsh"
+        helper = {"download": "RecvAll", "upload": "SendAll"}[self.op]
+        return f"sparse{helper}" if self.sparse else helper[0].lower() + helper[1:]
+
+
+@dataclass
+class Run:
+    op_s: float
+    wall_s: float
+    cpu_s: float  # the whole child process (ru_utime + ru_stime)
+    maxrss: int  # the whole child process, bytes
+    daemon_cpu_s: float
+    op_cpu_s: float | None = None
+    rss_above: int | None = None
+    lags: list[float] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class TransferFailed(Exception):
+    pass
+
+
+class Bench:
+    def __init__(self, uri: str, pool: str, daemon_pid: int, work: Path, verbose: bool) -> None:
+        self.uri = uri
+        self.pool = pool
+        self.daemon_pid = daemon_pid
+        self.work = work
+        self.verbose = verbose
+        self.runs: dict[tuple[str, str], list[Run]] = {}
+        self.allocations: dict[tuple[str, str], int] = {}
+        self._poison_seed = 1000
+
+    def argv(self, group: Group, contender: str, target: Path, profile: str | None) -> list[str]:
+        if contender == "virsh":
+            command = "vol-download" if group.op == "download" else "vol-upload"
+            argv = ["virsh", "-t", "-q", "-c", self.uri, command, "--pool", self.pool]
+            argv += [group.vol, str(target)]
+            return argv + (["--sparse"] if group.sparse else [])
+        argv = [sys.executable, "-m", "benchmarks.transfer", "--child", contender]
+        argv += ["--op", group.op, "--uri", self.uri, "--pool", self.pool, "--vol", group.vol]
+        argv += ["--file", str(target)] + (["--sparse"] if group.sparse else [])
+        return argv + (["--profile", profile] if profile else [])
+
+    def run_one(
+        self, group: Group, contender: str, record: bool, profile: str | None = None
+    ) -> Run:
+        if group.op == "download":
+            target = self.work / f"download-{group.workload}-{contender}.img"
+            target.unlink(missing_ok=True)
+        else:
+            target = group.source
+            self._poison_seed += 1
+            _poison(group.vol_path, group.size, group.first_data, self._poison_seed)
+        os.sync()  # nobody pays for the previous run's writeback
+        out_path, err_path = self.work / "child.out", self.work / "child.err"
+        usage_path = self.work / "child.usage"
+        argv = [sys.executable, "-S", "-c", _LAUNCHER, str(usage_path)]
+        argv += self.argv(group, contender, target, profile)
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            daemon0 = _daemon_cpu(self.daemon_pid)
+            launcher = subprocess.run(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=REPO
+            )
+            daemon_cpu = _daemon_cpu(self.daemon_pid) - daemon0
+        stdout, stderr = out_path.read_text(), err_path.read_text()
+        what = f"{group.name} by {group.label(contender)}"
+        if launcher.returncode != 0:
+            raise TransferFailed(f"{what}: the launcher failed:\n{stderr}{stdout}")
+        usage = json.loads(usage_path.read_text())
+        if usage["status"] != 0:
+            raise TransferFailed(f"{what} exited {usage['status']}:\n{stderr}{stdout}")
+        run = Run(
+            op_s=float("nan"),
+            wall_s=usage["wall"],
+            cpu_s=usage["cpu"],
+            maxrss=usage["maxrss"],
+            daemon_cpu_s=daemon_cpu,
+        )
+        if contender == "virsh":
+            times = _VIRSH_TIME.findall(stdout)
+            if not times:
+                raise TransferFailed(f"{what}: no '(Time: ...)' in virsh's output:\n{stdout}")
+            run.op_s = float(times[-1]) / 1000
+        else:
+            lines = [ln for ln in stdout.splitlines() if ln.startswith(_RESULT_PREFIX)]
+            if not lines:
+                raise TransferFailed(f"{what}: no result line:\n{stderr}{stdout}")
+            data = json.loads(lines[-1][len(_RESULT_PREFIX) :])
+            run.op_s, run.op_cpu_s = data.pop("op_s"), data.pop("op_cpu_s")
+            run.rss_above = data["rss_peak"] - data["rss_base"]
+            run.lags = data.pop("lags", [])
+            run.extra = data
+            if contender == "ours" and data["data_bytes"] + data["hole_bytes"] != group.size:
+                raise TransferFailed(f"{what}: TransferResult says {data}, size {group.size}")
+        # Check what arrived.
+        if group.op == "download":
+            problem = compare_files(group.source, target)
+            if group.sparse and problem is None:
+                allocated = _allocated(target)
+                self.allocations[(group.name, contender)] = allocated
+                if allocated > 2 * group.data_size + 4 * MiB:
+                    problem = f"{target} is not sparse: {allocated} bytes allocated"
+            target.unlink(missing_ok=True)
+        else:
+            problem = compare_files(group.source, group.vol_path)
+        if problem is not None:
+            raise TransferFailed(f"{what} moved wrong data: {problem}")
+        if record:
+            self.runs.setdefault((group.name, contender), []).append(run)
+        if self.verbose:
+            print(
+                f"  {group.name:16} {group.label(contender):15} op {run.op_s:7.3f} s  "
+                f"proc {run.wall_s:6.3f} s  {'(warm-up)' if not record else ''}",
+                flush=True,
+            )
+        return run
+
+
+# ============================================================== report
+
+
+@dataclass(frozen=True)
+class Target:
+    group: str
+    text: str
+    value: float
+    threshold: float
+    strict: bool  # ">" instead of ">=" (or "<" for upper bounds)
+    upper: bool = False  # the value must stay below the threshold
+
+    @property
+    def passed(self) -> bool:
+        if self.value != self.value:  # nan
+            return False
+        if self.upper:
+            return self.value < self.threshold if self.strict else self.value <= self.threshold
+        return self.value > self.threshold if self.strict else self.value >= self.threshold
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    if value is None or value != value:
+        return "-"
+    return format(value, spec)
+
+
+def report(bench: Bench, groups: list[Group], rounds: int) -> tuple[str, list[Target]]:
+    lines = []
+    header = (
+        f"{'workload':16} {'contender':15} {'median s':>9} {'min-max s':>13} {'MiB/s':>7} "
+        f"{'op CPU s':>8} {'proc s':>7} {'proc CPU':>8} {'dmn CPU':>7} "
+        f"{'proc peak':>9} {'above base med/max':>18}"
+    )
+    lines.append(header)
+    lines.append("-" * len(header))
+    medians: dict[tuple[str, str], float] = {}
+    op_cpu: dict[tuple[str, str], float] = {}
+    for group in groups:
+        for contender in CONTENDERS:
+            runs = bench.runs.get((group.name, contender), [])
+            op = _median([r.op_s for r in runs])
+            medians[(group.name, contender)] = op
+            cpu_values = [r.op_cpu_s for r in runs if r.op_cpu_s is not None]
+            op_cpu[(group.name, contender)] = _median(cpu_values)
+            above = [r.rss_above for r in runs if r.rss_above is not None]
+            lo, hi = (min(r.op_s for r in runs), max(r.op_s for r in runs)) if runs else (0, 0)
+            above_text = (
+                f"{_median([a / MiB for a in above]):5.1f} /{max(above) / MiB:6.1f} MiB"
+                if above
+                else "-"
+            )
+            lines.append(
+                f"{group.name:16} {group.label(contender):15} {op:9.3f} "
+                f"{f'{lo:.3f}-{hi:.3f}':>13} {group.size / MiB / op:7.0f} "
+                f"{_fmt(op_cpu[(group.name, contender)], '8.2f'):>8} "
+                f"{_median([r.wall_s for r in runs]):7.3f} "
+                f"{_median([r.cpu_s for r in runs]):8.2f} "
+                f"{_median([r.daemon_cpu_s for r in runs]):7.2f} "
+                f"{_median([r.maxrss / MiB for r in runs]):6.0f} MiB "
+                f"{above_text:>15}"
+            )
+        lines.append("")
+    lines.append(
+        f"median of {rounds} rounds; 'median s' / 'min-max s' / 'MiB/s': the operation (lookup, "
+        "open, stream, finish), MiB/s of the logical size; 'op CPU s': CPU of the operation "
+        "(Python children); 'proc s' / 'proc CPU': the whole child process incl. start-up and "
+        "connect; 'dmn CPU': libvirtd's CPU during the run; 'proc peak': the child's ru_maxrss; "
+        "'above base': peak RSS during the operation over the RSS before it, median / largest "
+        "of the rounds (Python children; their 'proc peak' is taken after the reset too)."
+    )
+
+    # Loop lag of ours.
+    lines.append("")
+    lines.append("aiovirtstream loop lag (1 ms ticker during the transfer; lag = gap - 1 ms):")
+    all_lags: list[float] = []
+    lag_p99: dict[str, float] = {}
+    for group in groups:
+        runs = bench.runs.get((group.name, "ours"), [])
+        lags = [lag for r in runs for lag in r.lags]
+        all_lags += lags
+        lag_p99[group.name] = _percentile(lags, 99)
+        idle = _median([r.extra.get("idle_lag_p99", float("nan")) for r in runs])
+        lines.append(
+            f"  {group.name:16} p50 {_percentile(lags, 50) * 1000:6.3f} ms  "
+            f"p99 {_percentile(lags, 99) * 1000:6.3f} ms  max {max(lags or [0]) * 1000:7.3f} ms  "
+            f"({len(lags)} ticks; idle loop p99 {idle * 1000:.3f} ms)"
+        )
+    ticker_cpu = _median(
+        [
+            r.extra.get("ticker_cpu_per_s", float("nan"))
+            for rs in bench.runs.values()
+            for r in rs
+            if "ticker_cpu_per_s" in r.extra
+        ]
+    )
+    lines.append(
+        f"  (the ticker alone costs about {ticker_cpu:.3f} CPU s per second on an idle loop)"
+    )
+    if bench.allocations:
+        lines.append("")
+        lines.append(
+            "sparse downloads, allocated on disk: "
+            + ", ".join(
+                f"{dict((g.name, g) for g in groups)[name].label(c)} {size / MiB:.0f} MiB"
+                for (name, c), size in sorted(bench.allocations.items())
+            )
+        )
+
+    # Targets.
+    targets: list[Target] = []
+
+    def speed(group: str, other: str, label: str, threshold: float, strict: bool) -> None:
+        value = medians[(group, other)] / medians[(group, "ours")]
+        sign = ">" if strict else ">="
+        targets.append(
+            Target(group, f"speed vs {label} {sign} {threshold:g}x", value, threshold, strict)
+        )
+
+    by_name = {g.name: g for g in groups}
+    for group in groups:
+        virsh_label, helper_label = group.label("virsh"), group.label("blocking")
+        if group.workload == "dense" and group.op == "download":
+            speed(group.name, "virsh", virsh_label, 1.1, False)
+            speed(group.name, "blocking", helper_label, 1.0, False)
+        elif group.workload == "dense":
+            speed(group.name, "blocking", helper_label, 1.0, False)
+        else:
+            speed(group.name, "blocking", helper_label, 1.0, False)
+            speed(group.name, "virsh", virsh_label, 1.0, True)
+    for group in groups:
+        if group.workload != "dense":
+            continue
+        runs = bench.runs.get((group.name, "ours"), [])
+        peak = max((r.rss_above or 0 for r in runs), default=float("nan"))
+        targets.append(
+            Target(group.name, "peak RSS above baseline < 48 MiB", peak / MiB, 48, True, True)
+        )
+        ours_cpu = op_cpu[(group.name, "ours")] / (group.size / GiB)
+        theirs_cpu = op_cpu[(group.name, "blocking")] / (group.size / GiB)
+        targets.append(
+            Target(
+                group.name,
+                f"CPU s/GiB vs {by_name[group.name].label('blocking')} <= 1.1x "
+                f"({ours_cpu:.2f} vs {theirs_cpu:.2f})",
+                ours_cpu / theirs_cpu,
+                1.1,
+                False,
+                True,
+            )
+        )
+    for group in groups:
+        targets.append(
+            Target(group.name, "loop lag p99 < 2 ms", lag_p99[group.name] * 1000, 2.0, True, True)
+        )
+    targets.append(
+        Target("all", "loop lag p99 < 2 ms", _percentile(all_lags, 99) * 1000, 2.0, True, True)
+    )
+
+    lines.append("")
+    lines.append(
+        "targets (speed ratio = their median time / ours: > 1 means aiovirtstream is faster):"
+    )
+    for target in targets:
+        lines.append(
+            f"  {target.group:16} {target.text:52} {target.value:7.2f}  "
+            f"{'PASS' if target.passed else 'FAIL'}"
+        )
+    return "\n".join(lines), targets
+
+
+# ============================================================== main
+
+
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.transfer",
+        description="Volume upload/download: aiovirtstream vs virsh vs libvirt-python's "
+        "blocking helpers, against a private storage-only libvirtd.",
+    )
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 1)")
+    parser.add_argument("--size-gib", type=float, default=None, help="dense volume (default 1)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, 2 rounds: a smoke test")
+    parser.add_argument("--only", choices=["dense", "sparse"], help="run one workload")
+    parser.add_argument("--json", metavar="PATH", help="also write every run's figures here")
+    parser.add_argument("--profile-dir", metavar="DIR", help="cProfile aiovirtstream's runs here")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print every run")
+    # The child processes (internal).
+    parser.add_argument("--child", choices=["ours", "blocking"], help=argparse.SUPPRESS)
+    parser.add_argument("--op", choices=["upload", "download"], help=argparse.SUPPRESS)
+    parser.add_argument("--uri", help=argparse.SUPPRESS)
+    parser.add_argument("--pool", help=argparse.SUPPRESS)
+    parser.add_argument("--vol", help=argparse.SUPPRESS)
+    parser.add_argument("--file", help=argparse.SUPPRESS)
+    parser.add_argument("--sparse", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", help=argparse.SUPPRESS)
+    return parser.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, unknown = _parse(argv)
+    if args.child:
+        return _child_main(args)
+    if __name__ != "__main__":
+        # Run from ``python -m benchmarks``, other benchmarks may have registered
+        # a libvirt event implementation in this process already: the sandbox's
+        # plain set-up connections are opened in a process of our own.
+        return subprocess.call([sys.executable, "-m", "benchmarks.transfer", *argv], cwd=REPO)
+    if unknown:
+        print(f"benchmarks.transfer: ignoring unknown options {unknown}", file=sys.stderr)
+    quick = args.quick
+    rounds = args.rounds if args.rounds is not None else (2 if quick else 5)
+    warmup = args.warmup if args.warmup is not None else (0 if quick else 1)
+    dense_size = int(
+        (args.size_gib if args.size_gib is not None else (1 / 16 if quick else 1)) * GiB
+    )
+    dense_size -= dense_size % 4096
+    sparse_size, extents = (256 * MiB, 8) if quick else (2 * GiB, 56)
+    extent_size = 1 * MiB
+    if shutil.which("virsh") is None:
+        print("benchmarks.transfer: virsh not found (Debian: libvirt-clients)", file=sys.stderr)
+        return 2
+
+    from aiovirtstream.testing import Sandbox
+
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="aiovirtstream-bench-"))
+    try:
+        with Sandbox() as sb:
+            pool = sb.create_pool("bench")
+            dense_vol = sb.create_volume(pool, "dense", dense_size)
+            sparse_vol = sb.create_volume(pool, "sparse", sparse_size)
+            print(
+                f"preparing: {dense_size / MiB:.0f} MiB dense, {sparse_size / MiB:.0f} MiB "
+                f"sparse with {extents} x {extent_size // MiB} MiB of data, in {work}",
+                flush=True,
+            )
+            dense_src, sparse_src = work / "dense.src", work / "sparse.src"
+            _write_dense(dense_src, dense_size)
+            offsets = _sparse_layout(sparse_size, extents, extent_size, seed=20240601)
+            _write_sparse(sparse_src, sparse_size, offsets, extent_size, seed=20240601)
+            for vol, src, sparse in ((dense_vol, dense_src, False), (sparse_vol, sparse_src, True)):
+                cmd = ["virsh", "-q", "-c", sb.uri, "vol-upload", "--pool", pool.name, vol.name]
+                subprocess.run(cmd + [str(src)] + (["--sparse"] if sparse else []), check=True)
+                problem = compare_files(src, vol.path)
+                if problem:
+                    raise TransferFailed(f"set-up upload: {problem}")
+            os.sync()
+            groups = []
+            for op in ("download", "upload"):
+                groups.append(
+                    Group(
+                        "dense",
+                        op,
+                        False,
+                        "dense",
+                        dense_vol.path,
+                        dense_src,
+                        dense_size,
+                        dense_size,
+                    )
+                )
+            for op in ("download", "upload"):
+                groups.append(
+                    Group(
+                        "sparse",
+                        op,
+                        True,
+                        "sparse",
+                        sparse_vol.path,
+                        sparse_src,
+                        sparse_size,
+                        extents * extent_size,
+                        min(offsets),
+                    )
+                )
+            if args.only:
+                groups = [g for g in groups if g.workload == args.only]
+            bench = Bench(sb.uri, pool.name, sb.pid, work, args.verbose)
+            for round_no in range(-warmup, rounds):
+                record = round_no >= 0
+                shift = round_no % len(CONTENDERS)
+                order = CONTENDERS[shift:] + CONTENDERS[:shift]
+                if not args.verbose:
+                    print(
+                        f"round {round_no + 1}/{rounds}" if record else "warm-up round",
+                        f"(order: {', '.join(order)})",
+                        flush=True,
+                    )
+                for group in groups:
+                    for contender in order:
+                        profile = None
+                        if args.profile_dir and contender == "ours" and record:
+                            name = f"{group.workload}-{group.op}-r{round_no}.prof"
+                            profile = str(Path(args.profile_dir).resolve() / name)
+                        bench.run_one(group, contender, record, profile)
+            text, targets = report(bench, groups, rounds)
+            if args.json:
+                Path(args.json).write_text(
+                    json.dumps(
+                        {
+                            f"{g}|{c}": [vars(r) for r in runs]
+                            for (g, c), runs in bench.runs.items()
+                        },
+                        indent=1,
+                    )
+                )
+    except TransferFailed as error:
+        print(f"FAILED: {error}", file=sys.stderr)
+        return 2
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(
+        f"python {sys.version.split()[0]}, libvirt-python {_dist_version('libvirt-python')}, "
+        f"libvirt {_libvirt_version()}, {os.cpu_count()} CPUs; caches warm; "
+        f"{time.perf_counter() - started:.0f} s in all"
+    )
+    print(text)
+    return 0 if all(t.passed for t in targets) else 1
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "?"
+
+
+def _libvirt_version() -> str:
+    import libvirt
+
+    version = libvirt.getVersion()
+    return f"{version // 1000000}.{version // 1000 % 1000}.{version % 1000}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
