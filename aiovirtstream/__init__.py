@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ._connect import aclose_connection, connect
-from ._events import EventImplStats, bind_event_loop, get_event_impl, register_event_impl
 from ._domain import lookup_domain, open_channel, open_console, screenshot, screenshot_to_file
+from ._events import EventImplStats, bind_event_loop, get_event_impl, register_event_impl
 from ._exceptions import *  # noqa: F403
 from ._exceptions import __all__ as _exceptions_all
 from ._extents import Extent, file_extents

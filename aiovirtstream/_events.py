@@ -44,6 +44,7 @@ import itertools
 import logging
 import select
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,6 +125,8 @@ class _Timer:
     opaque: Any
     generation: int = 0  # bumped by every change; stale firings are ignored
     handle: asyncio.Handle | None = None
+    armed_for: float = 0.0  # loop time the armed handle fires at
+    deadline: float | None = None  # a later due time set from another thread
     removed: bool = False
 
 
@@ -433,6 +436,20 @@ class EventImpl:
                 return
             if interval == 0 and timer.interval == 0 and timer.handle is not None:
                 return  # already firing every loop iteration
+            if (
+                interval > 0
+                and timer.interval > 0
+                and timer.handle is not None
+                and _running_loop() is not self._loop
+            ):
+                # Pushed back from another thread (libvirt re-arms the keepalive
+                # timer on every send): no wake-up; the armed firing moves
+                # itself to the new deadline when it comes.
+                due = time.monotonic() + interval / 1000
+                if due >= timer.armed_for:
+                    timer.interval = interval
+                    timer.deadline = due
+                    return
             timer.interval = interval
             self._timer_changed_locked(timer)
 
@@ -450,6 +467,13 @@ class EventImpl:
 
     def _timer_changed_locked(self, timer: _Timer) -> None:
         timer.generation += 1
+        timer.deadline = None
+        if timer.interval == 0 and not timer.removed and self._maybe_rebind_locked():
+            # Stream events come from 0 ms timers: arm at once, not at the
+            # next flush, which would cost every packet a loop iteration.
+            self._arm_timer_locked(timer)
+            self._dirty_timers.pop(timer.id, None)
+            return
         self._dirty_timers[timer.id] = timer
         # A timer disabled from another thread is not worth a wake-up: its
         # pending firing sees the new generation and does nothing.
@@ -465,10 +489,12 @@ class EventImpl:
             return
         if timer.interval == 0:
             timer.handle = loop.call_soon(self._fire_timer, timer, timer.generation)
+            timer.armed_for = loop.time()
         elif timer.interval > 0:
             timer.handle = loop.call_later(
                 timer.interval / 1000, self._fire_timer, timer, timer.generation
             )
+            timer.armed_for = loop.time() + timer.interval / 1000
 
     def _fire_timer(self, timer: _Timer, generation: int) -> None:
         with self._lock:
@@ -477,13 +503,16 @@ class EventImpl:
             loop = self._loop
             if loop is None or _running_loop() is not loop:
                 return
+            if timer.deadline is not None:
+                # Pushed back while armed (see update_timeout): not due yet.
+                late = timer.deadline - loop.time()
+                timer.deadline = None
+                if late > 0.0005:
+                    timer.handle = loop.call_later(late, self._fire_timer, timer, generation)
+                    timer.armed_for = loop.time() + late
+                    return
             # Re-arm before the callback, which may update or remove the timer.
-            if timer.interval == 0:
-                timer.handle = loop.call_soon(self._fire_timer, timer, generation)
-            else:
-                timer.handle = loop.call_later(
-                    timer.interval / 1000, self._fire_timer, timer, generation
-                )
+            self._arm_timer_locked(timer)
         timer.callback(timer.id, timer.opaque)
 
     # ------------------------------------------------------------------ frees

@@ -560,12 +560,19 @@ async def download(
     only with ``overwrite=True``), an open binary file (written from its
     current position; holes are punched where it had data), or an anyio byte
     stream (holes are sent as zeroes). With ``sparse`` the volume's holes
-    stay holes in the destination. On any failure or cancellation the stream
-    is aborted, the temporary file removed and the error raised.
+    stay holes in the destination. ``parallel=N`` splits a download into a
+    path or a file into N ranges (of at least 64 MiB) over N streams; with
+    ``checksum``, which needs the content in order, one stream is used. On
+    any failure or cancellation the streams are aborted, the temporary file
+    removed and the error raised.
     """
     if offset < 0 or length < 0:
         raise ValueError("offset and length must be >= 0")
-    options = _Options(sparse, offset, length, progress, progress_interval, checksum)
+    if parallel < 1:
+        raise ValueError("parallel must be >= 1")
+    options = _Options(
+        sparse, offset, length, progress, progress_interval, checksum, parallel=parallel
+    )
     if isinstance(dest, (str, os.PathLike)):
         return await _download_path(vol, Path(dest), overwrite, options)
     if _has_fileno(dest):

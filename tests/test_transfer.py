@@ -8,10 +8,12 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import libvirt
 import pytest
 from conftest import MakeVolume
 
 import aiovirtstream as avs
+import aiovirtstream._transfer as transfer_module
 from aiovirtstream.testing import Sandbox
 
 MiB = 1024 * 1024
@@ -254,7 +256,9 @@ async def test_concurrent_transfers_on_one_connection(
         assert (tmp_path / f"d{n}").read_bytes() == content
 
 
-async def test_parallel_download_over_ranges(make_volume: MakeVolume, tmp_path: Path) -> None:
+async def test_parallel_download_over_ranges(
+    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     size = 200 * MiB
     source = tmp_path / "src"
     layout: Layout = [("data", 3 * MiB), ("hole", 60 * MiB), ("data", 70 * MiB)]
@@ -264,7 +268,16 @@ async def test_parallel_download_over_ranges(make_volume: MakeVolume, tmp_path: 
     await avs.upload(vol, source)
     dest = tmp_path / "out"
     seen: list[avs.TransferProgress] = []
+    opened: list[tuple[int, int]] = []
+    real_open = transfer_module.open_volume_download
+
+    async def spy(vol: libvirt.virStorageVol, **kwargs: int) -> avs.AsyncStream:
+        opened.append((kwargs["offset"], kwargs["length"]))
+        return await real_open(vol, **kwargs)
+
+    monkeypatch.setattr(transfer_module, "open_volume_download", spy)
     result = await avs.download(vol, dest, parallel=3, progress=seen.append)
+    assert len(opened) == 3 and sum(length for _, length in opened) == size
     assert result.total_bytes == size
     assert seen[-1].done_bytes == size
     assert dest.read_bytes() == content
@@ -277,7 +290,9 @@ async def test_parallel_download_over_ranges(make_volume: MakeVolume, tmp_path: 
     assert (tmp_path / "window").read_bytes()[: 140 * MiB] == content[MiB + 5 : 141 * MiB + 5]
 
 
-async def test_sparse_upload_keeps_the_volume_whole(make_volume: MakeVolume, tmp_path: Path) -> None:
+async def test_sparse_upload_keeps_the_volume_whole(
+    make_volume: MakeVolume, tmp_path: Path
+) -> None:
     """libvirt cuts a file volume at the end of each uploaded hole and keeps its old data
     inside the hole (measured): upload() must still leave exactly the source in place."""
     layout: Layout = [("data", MiB), ("hole", MiB), ("data", MiB)]
