@@ -484,6 +484,12 @@ class Bench:
         self.allocations: dict[tuple[str, str], int] = {}
         self._poison_seed = 1000
 
+    def _recreate(self, group: Group) -> None:
+        virsh = ["virsh", "-q", "-c", self.uri]
+        subprocess.run([*virsh, "vol-delete", "--pool", self.pool, group.vol], check=True)
+        create = ["vol-create-as", self.pool, group.vol, str(group.size), "--format", "raw"]
+        subprocess.run([*virsh, *create, "--allocation", "0"], check=True)
+
     def argv(self, group: Group, contender: str, target: Path, profile: str | None) -> list[str]:
         if contender == "virsh":
             command = "vol-download" if group.op == "download" else "vol-upload"
@@ -501,6 +507,12 @@ class Bench:
         if group.op == "download":
             target = self.work / f"download-{group.workload}-{contender}.img"
             target.unlink(missing_ok=True)
+        elif group.sparse:
+            # A sparse upload is only correct into a volume that holds no data:
+            # libvirtd keeps a volume's old bytes inside an uploaded hole. Every
+            # contender gets a new empty volume (untimed).
+            target = group.source
+            self._recreate(group)
         else:
             target = group.source
             self._poison_seed += 1
