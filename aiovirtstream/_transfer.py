@@ -52,9 +52,9 @@ from ._exceptions import (
     map_libvirt_errors,
 )
 from ._extents import ZERO_BLOCK_SIZE, Extent, file_extents, zero_runs
-from ._stream import MAX_CHUNK, AsyncStream, Hole, StreamItem
+from ._stream import DEFAULT_READ_SIZE, MAX_CHUNK, AsyncStream, Hole, StreamItem
 from ._volume import open_volume_download, open_volume_upload
-from ._workqueue import WorkQueue, run_in_worker
+from ._workqueue import run_in_worker
 
 UploadSource = (
     str | os.PathLike[str] | IO[bytes] | AsyncIterable[bytes] | anyio.abc.ByteReceiveStream
@@ -63,6 +63,8 @@ DownloadDestination = str | os.PathLike[str] | IO[bytes] | anyio.abc.ByteSendStr
 
 #: Bytes of downloaded data waiting for the disk before the loop stops reading.
 WRITE_BEHIND = 16 * 1024 * 1024
+#: Uploads ask the kernel to read this much ahead of what they send.
+READ_AHEAD = 32 * MAX_CHUNK
 #: ``parallel`` splits a download only into ranges at least this large.
 PARALLEL_MIN_PART = 64 * 1024 * 1024
 MiB = 1024 * 1024
@@ -384,15 +386,18 @@ async def _restore_size(stream: AsyncStream, plan: _UploadPlan, sent: int) -> No
 
 
 async def _run_reader(reader: _FileReader, stream: AsyncStream) -> None:
-    """Run the read-ahead job; on cancellation stop it before letting go."""
+    """Run the reading and sending job; on cancellation stop it before letting go."""
     future = run_in_worker(reader.run)
     try:
         await asyncio.shield(future)
+    except libvirt.libvirtError as error:
+        raise stream._mark_broken(error) from error
     except BaseException:
         reader.stop()
         stream._sender.stop()
-        with contextlib.suppress(BaseException):
-            await asyncio.shield(future)
+        while not future.done():
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(future)
         raise
     stream._raise_send_error()
 
@@ -416,6 +421,8 @@ class _FileReader:
         self._start = start
         self._end = end
         self._queue = stream._sender
+        self._send = stream._send_item
+        self._direct = True
         self._walk_extents = walk_extents  # find the source's holes (SEEK_DATA/SEEK_HOLE)
         self._sparse = holes  # send them as holes (else as zeroes, without reading them)
         self._detect_zeroes = detect_zeroes and holes
@@ -431,6 +438,10 @@ class _FileReader:
         return iter([Extent(self._start, self._end - self._start, True)])
 
     def run(self) -> None:
+        with contextlib.suppress(OSError):  # advice only
+            os.posix_fadvise(
+                self._fd, self._start, self._end - self._start, os.POSIX_FADV_SEQUENTIAL
+            )
         for extent in self._extents():
             if extent.data:
                 if not self._send_data(extent):
@@ -439,7 +450,20 @@ class _FileReader:
                 return
 
     def _put(self, item: StreamItem) -> bool:
-        return not self._stopped.is_set() and self._queue.put_blocking(item)
+        if self._stopped.is_set():
+            return False
+        if self._direct:
+            # Sent from this thread, like libvirt's own sendAll: a second
+            # thread between reading and sending only added GIL hand-offs
+            # (measured 10-25% slower). The kernel's read-ahead (fadvise)
+            # keeps the disk busy while the send blocks.
+            sent = self._send(item)
+            weight = len(item) if isinstance(item, bytes) else None
+            if weight is None or sent == weight:
+                return True
+            self._direct = False  # a local stream that would block: queue the rest
+            item = item[max(sent, 0) :]  # type: ignore[index]
+        return self._queue.put_blocking(item)
 
     def _send_hole(self, length: int) -> bool:
         if self._hasher:
@@ -459,6 +483,11 @@ class _FileReader:
         # detect_zeroes they are aligned to zero blocks as well.
         chunk = MAX_CHUNK - MAX_CHUNK % ZERO_BLOCK_SIZE if self._detect_zeroes else MAX_CHUNK
         while pos < end:
+            if (pos - extent.offset) % READ_AHEAD == 0:
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(
+                        self._fd, pos, min(2 * READ_AHEAD, end - pos), os.POSIX_FADV_WILLNEED
+                    )
             data = os.pread(self._fd, min(chunk, end - pos), pos)
             if not data:
                 raise TransferError(
@@ -719,26 +748,35 @@ async def _download_range(
     options: _Options,
     name: str,
 ) -> None:
-    """One stream's worth of a download, written behind by a worker thread."""
+    """One stream's worth of a download: a worker thread receives and writes.
+
+    The loop thread keeps libvirt's socket I/O; copying each packet out of
+    libvirt's queue and writing it happen in the worker, so the two overlap
+    on two cores instead of taking turns on the loop (measured: a
+    write-behind thread fed by the loop was 40% slower than the blocking
+    recvAll).
+    """
     stream = await open_volume_download(vol, offset=offset, length=length, sparse=options.sparse)
-    queue: WorkQueue[StreamItem] = WorkQueue(
-        asyncio.get_running_loop(), writer.write, _item_weight, limit=WRITE_BEHIND
-    )
-    try:
-        async with stream:
-            items = stream.iter_items() if options.sparse else stream.iter_data()
-            async for item in items:
-                await queue.put(item)
-                if queue.error is not None:
-                    break
-            await queue.join()
-            if queue.error is not None:
-                raise TransferError(f"cannot write {name!r}: {queue.error}") from queue.error
-    except BaseException:
-        queue.stop()
-        with anyio.CancelScope(shield=True):
-            await queue.join()
-        raise
+    async with stream:
+        reading = stream.thread_reader(stop_at_hole=options.sparse)
+        read = reading.__enter__()
+
+        def pump() -> None:
+            while item := read(DEFAULT_READ_SIZE):
+                writer.write(item)
+
+        done = run_in_worker(pump)
+        try:
+            await asyncio.shield(done)
+        except libvirt.libvirtError as error:
+            raise stream._mark_broken(error) from error
+        except OSError as error:
+            raise TransferError(f"cannot write {name!r}: {error}") from error
+        finally:
+            reading.__exit__(None, None, None)  # a cancelled pump stops waiting
+            while not done.done():
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(done)
 
 
 async def _download_size(vol: libvirt.virStorageVol, options: _Options) -> int:
