@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ._connect import aclose_connection, connect
-from ._exceptions import AioVirtStreamError
+from ._exceptions import AioVirtStreamError, DestinationExistsError
 from ._transfer import TransferProgress, TransferResult, download, upload
 from ._volume import lookup_volume
 
@@ -80,6 +80,8 @@ def _size(n: float) -> str:
 
 def _print_result(verb: str, result: TransferResult, quiet: bool) -> None:
     if quiet:
+        if result.sha256:
+            print(result.sha256)
         return
     digest = f", sha256 {result.sha256}" if result.sha256 else ""
     print(
@@ -286,6 +288,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(asyncio.run(args.run(args)))
+    except DestinationExistsError as error:
+        message = str(error).replace("overwrite=True", "--overwrite")
+        print(f"aiovirtstream: error: {message}", file=sys.stderr)
+        return 1
     except AioVirtStreamError as error:
         print(f"aiovirtstream: error: {error}", file=sys.stderr)
         return 1

@@ -71,7 +71,11 @@ class LibvirtError(AioVirtStreamError):
 
 
 class NotFoundError(LibvirtError, LookupError):
-    """The domain, pool, volume or device named does not exist."""
+    """The domain, pool or volume named does not exist.
+
+    (libvirt reports an unknown console or channel name as a plain
+    :class:`LibvirtError`.)
+    """
 
 
 class UnsupportedError(LibvirtError):
@@ -132,7 +136,12 @@ class SparseNotSupportedError(StreamError, ValueError):
 
 
 class TransferError(AioVirtStreamError):
-    """A volume upload or download could not be done; nothing was left half-done."""
+    """A volume upload or download could not be done.
+
+    A failed download to a path leaves no file behind; a failed upload may
+    have written part of the volume (libvirt has no transactions): run it
+    again.
+    """
 
 
 class DestinationExistsError(TransferError, FileExistsError):

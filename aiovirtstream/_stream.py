@@ -23,13 +23,11 @@ from __future__ import annotations
 __all__ = ["AsyncStream", "Hole", "StreamItem", "MAX_CHUNK", "DEFAULT_READ_SIZE", "open_stream"]
 
 import asyncio
-import contextlib
 import enum
 import logging
-import threading
 import warnings
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, overload
@@ -50,7 +48,7 @@ from ._exceptions import (
     libvirt_error_to_exception,
     map_libvirt_errors,
 )
-from ._workqueue import WorkQueue, run_in_worker
+from ._workqueue import WorkQueue, run_in_worker, wait_through_cancellation
 
 logger = logging.getLogger(__name__)
 
@@ -135,9 +133,6 @@ class AsyncStream(anyio.abc.ByteStream):
         self._read_waiter: asyncio.Future[int] | None = None
         self._write_waiter: asyncio.Future[int] | None = None
         self._subscribed = 0
-        # A worker thread reading (see thread_reader): READABLE stays wanted
-        # and each event sets this, instead of resolving a loop future.
-        self._thread_readable: threading.Event | None = None
         self._sender: WorkQueue[StreamItem] = WorkQueue(
             self._loop,
             self._send_item,
@@ -163,10 +158,10 @@ class AsyncStream(anyio.abc.ByteStream):
         if libvirtmod.virStreamEventAddCallback(virstream._o, 0, self._callback_data) == -1:
             self._callback_data = None
             raise EventLoopNotRegisteredError(
-                "libvirt refused to watch this stream: its connection was opened before "
-                "aiovirtstream's event implementation was registered. Open it with "
-                "aiovirtstream.connect(), or call aiovirtstream.register_event_impl() "
-                "before libvirt.open()"
+                "libvirt refused to watch this stream: no event implementation serves its "
+                "connection (none is registered, or it was registered after the connection "
+                "was opened). Open it with aiovirtstream.connect(), or call "
+                "aiovirtstream.register_event_impl() before libvirt.open()"
             )
 
     def _send_item(self, item: StreamItem) -> int:
@@ -192,8 +187,6 @@ class AsyncStream(anyio.abc.ByteStream):
                 pass  # loop closed: nobody is waiting any more
 
     def _on_event(self, events: int) -> None:
-        if self._thread_readable is not None:
-            self._thread_readable.set()
         if events & (_READABLE | _ERROR) and self._read_waiter is not None:
             if not self._read_waiter.done():
                 self._read_waiter.set_result(events)
@@ -206,7 +199,7 @@ class AsyncStream(anyio.abc.ByteStream):
         # Stream events come from a 0 ms timer that fires on every loop pass
         # while WRITABLE is wanted (LIBVIRT-NOTES.md): subscribe only to what a
         # coroutine is waiting for right now.
-        wanted = _READABLE if self._thread_readable is not None else 0
+        wanted = 0
         if self._read_waiter is not None and not self._read_waiter.done():
             wanted |= _READABLE
         if self._write_waiter is not None and not self._write_waiter.done():
@@ -332,54 +325,6 @@ class AsyncStream(anyio.abc.ByteStream):
                     return Hole(length)
                 continue
             raise self._mark_broken(RuntimeError(f"virStreamRecv returned {result!r}"))
-
-    @contextlib.contextmanager
-    def thread_reader(self, *, stop_at_hole: bool = False) -> Iterator[Callable[[int], StreamItem]]:
-        """Read from a worker thread: yields ``read(max_bytes)`` to call there.
-
-        For transfers that handle each chunk in a worker (downloads write it
-        to disk): the loop then only runs libvirt's socket I/O and sets an
-        event, and the per-chunk work leaves the loop thread. ``read``
-        returns bytes (``b""`` at end of stream) or a :class:`Hole` with
-        ``stop_at_hole``; it raises :class:`StreamClosedError` once the
-        stream is finished or aborted, and ``libvirtError`` as libvirt does.
-        Enter and leave the context on the loop thread.
-        """
-        if stop_at_hole and not self.sparse:
-            raise SparseNotSupportedError(f"the {self.description} was not opened sparse")
-        self._check_open("read")
-        if self._reading:
-            raise StreamBusyError("reading from")
-        self._reading = True
-        ready = self._thread_readable = threading.Event()
-        self._resubscribe()
-        st = self.virstream
-        flags = libvirt.VIR_STREAM_RECV_STOP_AT_HOLE if stop_at_hole else 0
-
-        def read(max_bytes: int) -> StreamItem:
-            while True:
-                if self._callback_data is None or self._thread_readable is not ready:
-                    raise StreamClosedError(f"reading the {self.description} was stopped")
-                result = st.recvFlags(max_bytes, flags) if flags else st.recv(max_bytes)
-                if isinstance(result, bytes):
-                    return result
-                if result == -2:
-                    ready.wait()
-                    ready.clear()
-                elif result == -3:
-                    length = st.recvHole(0)
-                    if length:
-                        return Hole(length)
-                else:
-                    raise RuntimeError(f"virStreamRecv returned {result!r}")
-
-        try:
-            yield read
-        finally:
-            self._thread_readable = None
-            ready.set()  # a reader still waiting gives up (it sees the stream closed)
-            self._reading = False
-            self._resubscribe()
 
     async def recv_hole(self) -> int:
         """Length of the hole at the current position of a sparse stream; 0 if data is next.
@@ -508,8 +453,6 @@ class AsyncStream(anyio.abc.ByteStream):
         self._callback_data.clear()
         self._callback_data = None
         self._subscribed = 0
-        if self._thread_readable is not None:
-            self._thread_readable.set()
         for waiter in (self._read_waiter, self._write_waiter):
             if waiter is not None and not waiter.done():
                 waiter.set_result(_ERROR)
@@ -532,13 +475,20 @@ class AsyncStream(anyio.abc.ByteStream):
                 await self._abort()
                 raise
             self._remove_callback()
+            done = run_in_worker(self.virstream.finish)
+            cancelled = await wait_through_cancellation(done)
             try:
-                await anyio.to_thread.run_sync(self.virstream.finish)
+                done.result()
             except libvirt.libvirtError as error:
-                raise self._mark_broken(error) from error
+                broken = self._mark_broken(error)
+                if cancelled:
+                    raise asyncio.CancelledError() from broken
+                raise broken from error
             finally:
                 self._sender.release()
             self._state = _State.FINISHED
+            if cancelled:
+                raise asyncio.CancelledError()
 
     async def abort(self) -> None:
         """Abandon the transfer: drop queued data and tell the daemon. Idempotent."""
@@ -645,23 +595,19 @@ async def open_stream(
         )
     with map_libvirt_errors(context=f"cannot create the {description}"):
         virstream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
-    started = False
-    result: object = None
 
-    def start_blocking() -> None:
-        nonlocal started, result
-        result = start(virstream)
-        started = True
-
-    try:
+    def start_blocking() -> object:
         with map_libvirt_errors(context=f"cannot open the {description}"):
-            await anyio.to_thread.run_sync(start_blocking)
-    except BaseException:
-        # A cancellation waits for the thread: the stream may have started.
-        if started:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(_abort_quietly, virstream)
-        raise
+            return start(virstream)
+
+    done = run_in_worker(start_blocking)
+    if await wait_through_cancellation(done):
+        # The start call cannot be interrupted: it ran to its end. A stream
+        # it opened is aborted before the cancellation goes on.
+        if done.exception() is None:
+            await wait_through_cancellation(run_in_worker(lambda: _abort_quietly(virstream)))
+        raise asyncio.CancelledError()
+    result = done.result()
     try:
         stream = AsyncStream(
             virstream, sparse=sparse, description=description, write_buffer=write_buffer

@@ -10,7 +10,7 @@ and ends when the queue is empty, so no thread is started per transfer.
 
 from __future__ import annotations
 
-__all__ = ["WorkQueue", "WOULD_BLOCK", "run_in_worker"]
+__all__ = ["WorkQueue", "WOULD_BLOCK", "run_in_worker", "wait_through_cancellation"]
 
 import asyncio
 import threading
@@ -31,6 +31,25 @@ _executor = ThreadPoolExecutor(max_workers=256, thread_name_prefix="aiovirtstrea
 def run_in_worker(func: Callable[[], T]) -> asyncio.Future[T]:
     """Run ``func`` on the shared I/O executor (threads are reused across transfers)."""
     return asyncio.wrap_future(_executor.submit(func))
+
+
+async def wait_through_cancellation(future: asyncio.Future[T]) -> bool:
+    """Wait until ``future`` is done, even if the task is cancelled meanwhile.
+
+    For calls that cannot be interrupted once started (a finish, a stream's
+    start): returning early would leave them running unseen. Returns True if
+    a cancellation arrived: the caller must raise ``CancelledError`` after
+    dealing with the result.
+    """
+    cancelled = False
+    while not future.done():
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            cancelled = True
+        except BaseException:  # noqa: BLE001 - the future's own; the caller reads it
+            break
+    return cancelled
 
 
 def _released(_item: object) -> int:

@@ -138,9 +138,7 @@ class GuestInfo:
         return self.name
 
 
-def guest_requirements_problem(
-    *, libvirtd: str | os.PathLike[str] | None = None
-) -> str | None:
+def guest_requirements_problem(*, libvirtd: str | os.PathLike[str] | None = None) -> str | None:
     """Why the test guest cannot boot here (a message naming the packages), or None.
 
     Checks libvirtd and its qemu driver, ``qemu-system-x86_64``, the kernel

@@ -295,3 +295,28 @@ async def test_timeout_against_a_stopped_daemon_is_not_held_up(
     async with await avs.open_volume_upload(vol) as again:
         await again.write(data)
     assert await download_all(vol, MiB) == data
+
+
+async def test_task_cancel_during_finish_waits_for_the_daemon(
+    libvirt_sandbox: Sandbox, make_volume: MakeVolume
+) -> None:
+    """finish() cannot be interrupted: cancelled, it still ends (and says how) first."""
+    vol = await make_volume("finish-cancel", MiB)
+    data = os.urandom(MiB)
+    stream = await avs.open_volume_upload(vol)
+    await stream.write(data)
+    await stream.flush()
+    os.kill(libvirt_sandbox.pid, signal.SIGSTOP)
+    try:
+        task = asyncio.create_task(stream.finish())
+        await asyncio.sleep(0.2)
+        assert not task.done()  # waiting for the stopped daemon
+        task.cancel()
+        await asyncio.sleep(0.2)
+        assert not task.done(), "finish() returned while its call still ran"
+    finally:
+        os.kill(libvirt_sandbox.pid, signal.SIGCONT)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert repr(stream).endswith("finished>")
+    assert await download_all(vol, MiB) == data
