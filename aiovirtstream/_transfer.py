@@ -160,7 +160,7 @@ class _Hasher:
     def hole(self, length: int) -> None:
         while length > 0:
             step = min(length, len(_HASH_ZEROES))
-            self._hash.update(_HASH_ZEROES[:step] if step < len(_HASH_ZEROES) else _HASH_ZEROES)
+            self._hash.update(_HASH_ZEROES[:step])  # a whole slice is the same object
             length -= step
 
     def hexdigest(self) -> str:
