@@ -247,6 +247,7 @@ async def test_no_callback_watch_or_fd_left(
     libvirt_guest: GuestInfo, conn: libvirt.virConnect, dom: libvirt.virDomain
 ) -> None:
     impl = avs.get_event_impl()
+    gc.collect()  # connections of earlier tests, freed now rather than during this one
     await impl.wait_frees()
     baseline, fds = stream_stats(), len(os.listdir("/proc/self/fd"))
     refs: list[weakref.ref[avs.AsyncStream]] = []
@@ -274,8 +275,8 @@ async def test_no_callback_watch_or_fd_left(
         mime, _ = await avs.screenshot(dom)
         assert mime == "image/png"
         del console, channel, first, second, pending
-        await impl.wait_frees()
         gc.collect()
+        await impl.wait_frees()
     assert [r for r in refs if r() is not None] == [], "closed streams kept alive"
     assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
     assert stream_stats() == baseline
