@@ -60,12 +60,7 @@ WRITABLE: int = libvirt.VIR_EVENT_HANDLE_WRITABLE
 ERROR: int = libvirt.VIR_EVENT_HANDLE_ERROR
 HANGUP: int = libvirt.VIR_EVENT_HANDLE_HANGUP
 _IO = READABLE | WRITABLE
-_POLL_TO_LIBVIRT = (
-    (select.POLLIN, READABLE),
-    (select.POLLOUT, WRITABLE),
-    (select.POLLERR, ERROR),
-    (select.POLLHUP, HANGUP),
-)
+_POLL_ERRORS = select.POLLERR | select.POLLNVAL
 
 HandleCallback = Callable[[int, int, int, Any], None]
 TimeoutCallback = Callable[[int, Any], None]
@@ -103,12 +98,13 @@ class _FdEntry:
         if self.poller is None:
             self.poller = select.poll()
             self.poller.register(self.fd, 0)
-        result = 0
-        for _, revents in self.poller.poll(0):
-            for poll_bit, libvirt_bit in _POLL_TO_LIBVIRT:
-                if revents & poll_bit:
-                    result |= libvirt_bit
-        return result & (ERROR | HANGUP)
+        ready = self.poller.poll(0)
+        if not ready:
+            return 0
+        revents = ready[0][1]
+        return (ERROR if revents & _POLL_ERRORS else 0) | (
+            HANGUP if revents & select.POLLHUP else 0
+        )
 
     def recompute(self) -> None:
         wanted = 0
@@ -394,10 +390,13 @@ class EventImpl:
 
     def _on_fd_ready(self, entry: _FdEntry, kind: int) -> None:
         fd = entry.fd
-        with self._lock:
-            if self._on_loop.get(fd) is not entry:
-                return
-            if not entry.wanted & kind:
+        # The common case reads without the lock: under the GIL these reads
+        # see either the state before a hook or the state after it, and a
+        # watch removed meanwhile is skipped below.
+        if self._on_loop.get(fd) is not entry or not entry.wanted & kind:
+            with self._lock:
+                if self._on_loop.get(fd) is not entry or entry.wanted & kind:
+                    return
                 # Lazy narrowing: nobody wants this event any more.
                 loop = self._loop
                 assert loop is not None
@@ -408,13 +407,11 @@ class EventImpl:
                 if not entry.registered:
                     self._on_loop.pop(fd, None)
                 return
-            targets = list(entry.watches.values())
+        targets = list(entry.watches.values())
         revents = kind | entry.error_events()
         for watch in targets:
-            if watch.removed:
-                continue
             events = revents & (watch.events | ERROR | HANGUP)
-            if events:
+            if events and not watch.removed:
                 watch.callback(watch.id, fd, events, watch.opaque)
 
     # ------------------------------------------------------------------ timers
