@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._connect import aclose_connection, connect
+from ._connect import aclose_connection, connect, connection_socket
 from ._domain import lookup_domain, open_channel, open_console, screenshot, screenshot_to_file
 from ._events import EventImplStats, bind_event_loop, get_event_impl, register_event_impl
 from ._exceptions import *  # noqa: F403
@@ -22,6 +22,7 @@ from ._volume import lookup_volume, open_volume_download, open_volume_upload
 __all__ = [
     "connect",
     "aclose_connection",
+    "connection_socket",
     "register_event_impl",
     "bind_event_loop",
     "get_event_impl",

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["connect", "aclose_connection"]
+__all__ = ["connect", "aclose_connection", "connection_socket"]
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,11 @@ import libvirt
 
 from ._events import bind_event_loop
 from ._exceptions import ConnectError, map_libvirt_errors
+
+# The socket fd of each connection opened by connect(), for backpressure
+# (EventImpl.pause_reading): libvirt does not tell, but its watch is the one
+# fd that appears in the event implementation while the connection opens.
+_sockets: weakref.WeakKeyDictionary[libvirt.virConnect, int] = weakref.WeakKeyDictionary()
 
 # libvirt's auth list: [credential types, callback, opaque] (see libvirt.openAuth).
 Auth = list[Any]
@@ -37,7 +43,8 @@ async def connect(
     off. The connection is a plain ``libvirt.virConnect``; close it with
     :func:`aclose_connection` (``close`` can block too).
     """
-    bind_event_loop()
+    impl = bind_event_loop()
+    watched_before = impl.watched_fds()
 
     def open_blocking() -> libvirt.virConnect:
         if auth is not None:
@@ -57,7 +64,7 @@ async def connect(
         return conn
 
     try:
-        return await anyio.to_thread.run_sync(open_blocking)
+        conn = await anyio.to_thread.run_sync(open_blocking)
     except libvirt.libvirtError as error:
         message = error.get_error_message() or str(error)
         raise ConnectError(
@@ -66,10 +73,20 @@ async def connect(
             domain=error.get_error_domain(),
             libvirt_message=message,
         ) from error
+    new = impl.watched_fds() - watched_before
+    if len(new) == 1:  # else another connection opened meanwhile: no guess
+        _sockets[conn] = next(iter(new))
+    return conn
+
+
+def connection_socket(conn: libvirt.virConnect) -> int | None:
+    """The socket fd of a connection opened by :func:`connect`, if known."""
+    return _sockets.get(conn)
 
 
 async def aclose_connection(conn: libvirt.virConnect) -> None:
     """Close ``conn`` in a worker thread (closing a remote connection waits for the daemon)."""
+    _sockets.pop(conn, None)  # its fd number may soon name another socket
     close: Callable[[], int] = conn.close
     with map_libvirt_errors(context="closing the connection"):
         await anyio.to_thread.run_sync(close)

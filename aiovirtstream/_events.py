@@ -106,11 +106,11 @@ class _FdEntry:
             HANGUP if revents & select.POLLHUP else 0
         )
 
-    def recompute(self) -> None:
+    def recompute(self, paused: bool = False) -> None:
         wanted = 0
         for watch in self.watches.values():
             wanted |= watch.events
-        self.wanted = wanted & _IO
+        self.wanted = wanted & (WRITABLE if paused else _IO)
 
 
 @dataclass(eq=False, slots=True)
@@ -165,6 +165,7 @@ class EventImpl:
         # Which entry holds the loop's reader/writer for an fd (loop thread only).
         self._on_loop: dict[int, _FdEntry] = {}
         self._dirty_fds: set[int] = set()
+        self._paused: dict[int, int] = {}  # fd -> pause_reading() nesting
         self._dirty_timers: dict[int, _Timer] = {}
         self._flush_scheduled = False
         self._timers: dict[int, _Timer] = {}
@@ -297,7 +298,7 @@ class EventImpl:
             if entry is None:
                 entry = self._fds[fd] = _FdEntry(fd)
             entry.watches[watch.id] = watch
-            entry.recompute()
+            entry.recompute(fd in self._paused)
             self._fd_changed_locked(entry)
             return watch.id
 
@@ -310,7 +311,7 @@ class EventImpl:
                 return
             watch.events = events
             entry = self._fds[watch.fd]
-            entry.recompute()
+            entry.recompute(watch.fd in self._paused)
             self._fd_changed_locked(entry)
 
     def remove_handle(self, watch_id: int) -> int:
@@ -324,7 +325,7 @@ class EventImpl:
             entry = self._fds[watch.fd]
             del entry.watches[watch_id]
             if entry.watches:
-                entry.recompute()
+                entry.recompute(watch.fd in self._paused)
             else:
                 del self._fds[watch.fd]
                 entry.wanted = 0
@@ -528,6 +529,42 @@ class EventImpl:
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._idle_waiters.append(waiter)
         await waiter
+
+    # ------------------------------------------------------------------ backpressure
+
+    def pause_reading(self, fd: int) -> None:
+        """Stop telling libvirt that ``fd`` is readable, until :meth:`resume_reading`.
+
+        libvirt's client reads a connection's socket whenever it is readable
+        and queues what it reads without limit; a download whose consumer
+        falls behind would grow that queue. Not serving the socket instead
+        lets TCP / the unix socket push back on the daemon. Nests.
+        """
+        with self._lock:
+            self._paused[fd] = self._paused.get(fd, 0) + 1
+            if self._paused[fd] == 1:
+                self._repaint_locked(fd)
+
+    def resume_reading(self, fd: int) -> None:
+        """Undo one :meth:`pause_reading`."""
+        with self._lock:
+            count = self._paused.get(fd, 0) - 1
+            if count > 0:
+                self._paused[fd] = count
+                return
+            self._paused.pop(fd, None)
+            self._repaint_locked(fd)
+
+    def _repaint_locked(self, fd: int) -> None:
+        entry = self._fds.get(fd)
+        if entry is not None:
+            entry.recompute(fd in self._paused)
+            self._fd_changed_locked(entry)
+
+    def watched_fds(self) -> frozenset[int]:
+        """The fds libvirt watches now (a connection's socket appears when it opens)."""
+        with self._lock:
+            return frozenset(self._fds)
 
     # ------------------------------------------------------------------ introspection
 

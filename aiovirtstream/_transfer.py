@@ -45,6 +45,8 @@ import anyio.abc
 import anyio.to_thread
 import libvirt
 
+from ._connect import connection_socket
+from ._events import get_event_impl
 from ._exceptions import (
     DestinationExistsError,
     SourceTooLargeError,
@@ -760,17 +762,31 @@ async def _download_range(
     The loop receives (a NONBLOCK recv only copies from libvirt's queue);
     the disk writes happen in the worker. Receiving in the worker as well
     was measured no faster, and let libvirt's unbounded client queue grow to
-    290 MiB when the worker fell behind the loop's socket reads.
+    290 MiB when the worker fell behind the loop's socket reads. When the
+    write-behind queue is full, the connection's socket is not served (for
+    connections from :func:`aiovirtstream.connect`), so the daemon waits
+    instead of libvirt's queue growing.
     """
     stream = await open_volume_download(vol, offset=offset, length=length, sparse=options.sparse)
     queue: WorkQueue[StreamItem] = WorkQueue(
         asyncio.get_running_loop(), writer.write, _item_weight, limit=WRITE_BEHIND
     )
+    impl = get_event_impl()
+    socket = connection_socket(vol.connect())
     try:
         async with stream:
             items = stream.iter_items() if options.sparse else stream.iter_data()
             async for item in items:
-                await queue.put(item)
+                if socket is not None and not queue.has_room():
+                    # The disk is behind: stop libvirt reading the socket, or
+                    # its unbounded client queue takes up the difference.
+                    impl.pause_reading(socket)
+                    try:
+                        await queue.put(item)
+                    finally:
+                        impl.resume_reading(socket)
+                else:
+                    await queue.put(item)
                 if queue.error is not None:
                     break
             await queue.join()

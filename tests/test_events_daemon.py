@@ -364,3 +364,38 @@ def test_connection_opened_before_registration_fails_fast(
     assert result.stdout.startswith("RAISED after"), result.stdout
     assert "aiovirtstream.connect()" in result.stdout
     assert elapsed < 10, f"the subprocess took {elapsed:.1f} s"
+
+
+async def test_paused_connection_socket_holds_the_daemon_back(
+    libvirt_sandbox: Sandbox, libvirt_pool: PoolInfo
+) -> None:
+    """Backpressure: while its socket is not served, a download receives nothing more."""
+    import stat
+
+    size = 64 * MiB
+    await libvirt_sandbox.acreate_volume(libvirt_pool, "paused", size)
+    conn = await avs.connect(libvirt_sandbox.uri)
+    impl = avs.get_event_impl()
+    try:
+        sock = avs.connection_socket(conn)
+        assert sock is not None and stat.S_ISSOCK(os.fstat(sock).st_mode)
+        vol = await avs.lookup_volume(conn, "paused", pool=libvirt_pool.name)
+        data = os.urandom(size)
+        await upload_all(vol, data)
+        received = bytearray()
+        async with await avs.open_volume_download(vol) as stream:
+            received += await stream.read()
+            impl.pause_reading(sock)
+            try:
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(1):
+                        while True:  # what libvirt had queued, then nothing
+                            received += await stream.read()
+                assert len(received) < 16 * MiB, "the daemon kept sending while paused"
+            finally:
+                impl.resume_reading(sock)
+            async for chunk in stream:
+                received += chunk
+        assert bytes(received) == data
+    finally:
+        await avs.aclose_connection(conn)

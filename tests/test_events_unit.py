@@ -386,3 +386,25 @@ def test_works_on_uvloop(rec: Recorder) -> None:
 
     uvloop.run(main())
     assert rec.frees == Counter({"w": 1, "t": 1})
+
+
+async def test_pause_reading_stops_and_resumes_readable_events(
+    impl: EventImpl, rec: Recorder
+) -> None:
+    impl.bind()
+    a, b = socket.socketpair()
+    with a, b:
+        watch = impl.add_handle(a.fileno(), READABLE, rec.handle, None)
+        impl.pause_reading(a.fileno())
+        impl.pause_reading(a.fileno())  # nests
+        b.send(b"x")
+        await spin(5)
+        assert rec.handle_calls == []
+        impl.resume_reading(a.fileno())
+        await spin(5)
+        assert rec.handle_calls == [], "resumed after one of two pauses"
+        impl.resume_reading(a.fileno())
+        await spin(5)
+        assert rec.handle_calls and rec.handle_calls[0][2] & READABLE
+        impl.remove_handle(watch)
+        await impl.wait_frees()
