@@ -15,7 +15,10 @@ Cancellation and timeouts (the caller's, e.g. ``asyncio.timeout``):
 * a cancelled ``write`` leaves the stream usable if none of its data was
   queued yet; otherwise the write side is broken (part of the data may have
   been sent) and further writes raise :class:`StreamBrokenError`;
-* leaving ``async with`` by an exception or a cancellation aborts the stream.
+* leaving ``async with`` by an exception or a cancellation aborts the stream;
+  ``abort`` waits at most :attr:`AsyncStream.abort_wait` for the daemon;
+* ``finish`` and the call that starts a stream cannot be interrupted in
+  libvirt: cancelled, they wait for that call, then raise ``CancelledError``.
 """
 
 from __future__ import annotations
