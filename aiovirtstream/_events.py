@@ -309,6 +309,8 @@ class EventImpl:
             if watch is None:
                 logger.debug("update_handle: unknown watch %d", watch_id)
                 return
+            if watch.events == events:
+                return  # libvirt re-states the same events on every socket wake-up
             watch.events = events
             entry = self._fds[watch.fd]
             entry.recompute(watch.fd in self._paused)
@@ -434,15 +436,10 @@ class EventImpl:
                 return
             if interval == 0 and timer.interval == 0 and timer.handle is not None:
                 return  # already firing every loop iteration
-            if (
-                interval > 0
-                and timer.interval > 0
-                and timer.handle is not None
-                and _running_loop() is not self._loop
-            ):
-                # Pushed back from another thread (libvirt re-arms the keepalive
-                # timer on every send): no wake-up; the armed firing moves
-                # itself to the new deadline when it comes.
+            if interval > 0 and timer.interval > 0 and timer.handle is not None:
+                # Pushed back (libvirt re-arms the keepalive timer on every
+                # packet, from any thread): nothing to apply now; the armed
+                # firing moves itself to the new deadline when it comes.
                 due = time.monotonic() + interval / 1000
                 if due >= timer.armed_for:
                     timer.interval = interval
