@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
+
 import libvirt
 
 import aiovirtstream as avs
+from aiovirtstream.testing import Sandbox
 
 MiB = 1024 * 1024
 
@@ -23,3 +29,13 @@ async def download_all(vol: libvirt.virStorageVol, length: int) -> bytes:
         async for chunk in stream:
             out += chunk
     return bytes(out)
+
+
+@contextlib.contextmanager
+def daemon_stopped(sandbox: Sandbox) -> Iterator[None]:
+    """SIGSTOP the (shared) daemon for the block; SIGCONT is sent whatever happens."""
+    os.kill(sandbox.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(sandbox.pid, signal.SIGCONT)

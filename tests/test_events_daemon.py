@@ -13,18 +13,16 @@ import gc
 import hashlib
 import logging
 import os
-import signal
 import subprocess
 import sys
 import textwrap
 import time
 import warnings
-from collections.abc import Iterator
 
 import libvirt
 import pytest
 import uvloop
-from _helpers import download_all, upload_all
+from _helpers import daemon_stopped, download_all, upload_all
 
 import aiovirtstream as avs
 from aiovirtstream.testing import PoolInfo, Sandbox
@@ -67,16 +65,6 @@ def settled_stats(*, collect: bool = True) -> avs.EventImplStats:
 def live_counts(stats: avs.EventImplStats) -> tuple[int, int, int, int]:
     """What a leak would change: watches, fds, timers, pending frees."""
     return (stats.watches, stats.fds, stats.timers, stats.pending_frees)
-
-
-@contextlib.contextmanager
-def daemon_stopped(sb: Sandbox) -> Iterator[None]:
-    """SIGSTOP the shared daemon for the block; SIGCONT is sent whatever happens."""
-    os.kill(sb.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(sb.pid, signal.SIGCONT)
 
 
 # ---------------------------------------------------------------- keepalive

@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import signal
 
 import anyio
 import libvirt
 import pytest
-from _helpers import download_all
+from _helpers import daemon_stopped, download_all
 from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.text import TextReceiveStream
 from conftest import MakeVolume
@@ -96,11 +95,8 @@ async def test_loop_never_blocks_while_daemon_is_stopped(
             last = now
 
     async def pause_daemon() -> None:
-        os.kill(libvirt_sandbox.pid, signal.SIGSTOP)
-        try:
+        with daemon_stopped(libvirt_sandbox):
             await asyncio.sleep(2)
-        finally:
-            os.kill(libvirt_sandbox.pid, signal.SIGCONT)
 
     tick = asyncio.create_task(ticker())
     start = loop.time()
@@ -182,8 +178,7 @@ async def test_errors_are_typed(libvirt_sandbox: Sandbox, make_volume: MakeVolum
     # volume, so that the daemon cannot have queued all of it already).
     big = await make_volume("errors-big", 1024 * MiB)
     async with await avs.open_volume_download(big) as stream:
-        os.kill(libvirt_sandbox.pid, signal.SIGSTOP)
-        try:
+        with daemon_stopped(libvirt_sandbox):
             while True:
                 first = asyncio.create_task(stream.read())
                 await asyncio.sleep(0.1)
@@ -192,8 +187,6 @@ async def test_errors_are_typed(libvirt_sandbox: Sandbox, make_volume: MakeVolum
                 assert await first
             with pytest.raises(avs.StreamBusyError, match="already reading"):
                 await stream.read()
-        finally:
-            os.kill(libvirt_sandbox.pid, signal.SIGCONT)
         assert await first
         await stream.aclose()  # leaving early: abort, not finish
 
@@ -217,14 +210,11 @@ async def test_cancelled_read_leaves_stream_usable(
     impl = avs.get_event_impl()
     async with await avs.open_volume_download(vol, length=size) as stream:
         out = bytearray(await stream.read())
-        os.kill(libvirt_sandbox.pid, signal.SIGSTOP)
-        try:
+        with daemon_stopped(libvirt_sandbox):
             with pytest.raises(TimeoutError):
                 async with asyncio.timeout(0.3):
                     while True:  # drains what was queued, then waits for the stopped daemon
                         out += await stream.read()
-        finally:
-            os.kill(libvirt_sandbox.pid, signal.SIGCONT)
         async for chunk in stream:
             out += chunk
     assert bytes(out) == data
@@ -238,13 +228,10 @@ async def test_cancelled_write_breaks_write_side_and_connection_survives(
     impl = avs.get_event_impl()
     baseline = impl.stats()
     stream = await avs.open_volume_upload(vol)
-    os.kill(libvirt_sandbox.pid, signal.SIGSTOP)
-    try:
+    with daemon_stopped(libvirt_sandbox):
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.5):
                 await stream.write(os.urandom(32 * MiB))
-    finally:
-        os.kill(libvirt_sandbox.pid, signal.SIGCONT)
     with pytest.raises(avs.StreamBrokenError, match="interrupted"):
         await stream.write(b"more")
     await stream.aclose()
@@ -279,16 +266,13 @@ async def test_timeout_against_a_stopped_daemon_is_not_held_up(
     loop = asyncio.get_running_loop()
     stream = await avs.open_volume_upload(vol)
     stream.abort_wait = 0.5
-    os.kill(libvirt_sandbox.pid, signal.SIGSTOP)
-    try:
+    with daemon_stopped(libvirt_sandbox):
         start = loop.time()
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.5):
                 async with stream:
                     await stream.write(os.urandom(32 * MiB))
         elapsed = loop.time() - start
-    finally:
-        os.kill(libvirt_sandbox.pid, signal.SIGCONT)
     assert elapsed < 3, f"the timeout was held up {elapsed:.1f} s by the stopped daemon"
     assert stream.closed
     data = os.urandom(MiB)  # the abort ended in the background; the connection works
@@ -306,16 +290,13 @@ async def test_task_cancel_during_finish_waits_for_the_daemon(
     stream = await avs.open_volume_upload(vol)
     await stream.write(data)
     await stream.flush()
-    os.kill(libvirt_sandbox.pid, signal.SIGSTOP)
-    try:
+    with daemon_stopped(libvirt_sandbox):
         task = asyncio.create_task(stream.finish())
         await asyncio.sleep(0.2)
         assert not task.done()  # waiting for the stopped daemon
         task.cancel()
         await asyncio.sleep(0.2)
         assert not task.done(), "finish() returned while its call still ran"
-    finally:
-        os.kill(libvirt_sandbox.pid, signal.SIGCONT)
     with pytest.raises(asyncio.CancelledError):
         await task
     assert repr(stream).endswith("finished>")
