@@ -215,10 +215,6 @@ async def _volume_info(vol: libvirt.virStorageVol) -> tuple[int, int]:
     return int(info[1]), int(info[2])
 
 
-async def _volume_capacity(vol: libvirt.virStorageVol) -> int:
-    return (await _volume_info(vol))[0]
-
-
 @dataclass(frozen=True, slots=True)
 class _UploadPlan:
     """How an upload treats holes, given what the volume holds."""
@@ -800,7 +796,7 @@ async def _download_range(
 
 
 async def _download_size(vol: libvirt.virStorageVol, options: _Options) -> int:
-    capacity = await _volume_capacity(vol)
+    capacity, _ = await _volume_info(vol)
     if options.offset > capacity:
         raise TransferError(f"offset {options.offset} is past the volume's end ({capacity} bytes)")
     room = capacity - options.offset
