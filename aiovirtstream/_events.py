@@ -120,10 +120,22 @@ class _Timer:
     callback: TimeoutCallback
     opaque: Any
     generation: int = 0  # bumped by every change; stale firings are ignored
-    handle: asyncio.Handle | None = None
+    handle: asyncio.Handle | _FiringAfterDispatch | None = None
     armed_for: float = 0.0  # loop time the armed handle fires at
     deadline: float | None = None  # a later due time set from another thread
     removed: bool = False
+
+
+class _FiringAfterDispatch:
+    """A 0 ms timer armed by an fd callback: it fires when that dispatch returns."""
+
+    __slots__ = ("cancelled",)
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +183,9 @@ class EventImpl:
         self._timers: dict[int, _Timer] = {}
         self._frees: dict[int, Any] = {}
         self._idle_waiters: list[asyncio.Future[None]] = []
+        # 0 ms timers armed while an fd callback runs (loop thread only).
+        self._dispatching_fd = False
+        self._after_dispatch: list[tuple[_FiringAfterDispatch, _Timer, int]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.registered_with_libvirt = False
 
@@ -412,10 +427,25 @@ class EventImpl:
                 return
         targets = list(entry.watches.values())
         revents = kind | entry.error_events()
-        for watch in targets:
-            events = revents & (watch.events | ERROR | HANGUP)
-            if events and not watch.removed:
-                watch.callback(watch.id, fd, events, watch.opaque)
+        # A stream's events come from a 0 ms timer that libvirt enables when
+        # this callback queued a packet: it fires right after the callback,
+        # not one loop iteration later (one iteration less per packet).
+        self._dispatching_fd = True
+        try:
+            for watch in targets:
+                events = revents & (watch.events | ERROR | HANGUP)
+                if events and not watch.removed:
+                    watch.callback(watch.id, fd, events, watch.opaque)
+        finally:
+            self._dispatching_fd = False
+            if self._after_dispatch:
+                self._fire_after_dispatch()
+
+    def _fire_after_dispatch(self) -> None:
+        firings, self._after_dispatch = self._after_dispatch, []
+        for firing, timer, generation in firings:
+            if not firing.cancelled:
+                self._fire_timer(timer, generation)
 
     # ------------------------------------------------------------------ timers
 
@@ -463,8 +493,10 @@ class EventImpl:
     def _timer_changed_locked(self, timer: _Timer) -> None:
         timer.generation += 1
         timer.deadline = None
-        if timer.interval == 0 and not timer.removed and self._maybe_rebind_locked():
-            # Stream events come from 0 ms timers: arm at once, not at the
+        if timer.interval <= 0 and not timer.removed and self._maybe_rebind_locked():
+            # Stream events come from 0 ms timers, enabled when a packet is
+            # queued and disabled when it was read: on the loop's thread
+            # both are applied at once (a call_soon, a cancel), not at the
             # next flush, which would cost every packet a loop iteration.
             self._arm_timer_locked(timer)
             self._dirty_timers.pop(timer.id, None)
@@ -483,7 +515,12 @@ class EventImpl:
         if timer.removed:
             return
         if timer.interval == 0:
-            timer.handle = loop.call_soon(self._fire_timer, timer, timer.generation)
+            if self._dispatching_fd and _running_loop() is loop:
+                firing = _FiringAfterDispatch()
+                self._after_dispatch.append((firing, timer, timer.generation))
+                timer.handle = firing
+            else:
+                timer.handle = loop.call_soon(self._fire_timer, timer, timer.generation)
             timer.armed_for = loop.time()
         elif timer.interval > 0:
             timer.handle = loop.call_later(
@@ -506,9 +543,22 @@ class EventImpl:
                     timer.handle = loop.call_later(late, self._fire_timer, timer, generation)
                     timer.armed_for = loop.time() + late
                     return
-            # Re-arm before the callback, which may update or remove the timer.
-            self._arm_timer_locked(timer)
-        timer.callback(timer.id, timer.opaque)
+            timer.handle = None  # this firing is used up
+        try:
+            timer.callback(timer.id, timer.opaque)
+        finally:
+            # Re-armed after the callback, unless it changed the timer (which
+            # arms or disarms it): a stream's callback usually disables its
+            # 0 ms timer, and arming first would cost a call_soon and a cancel.
+            with self._lock:
+                if (
+                    timer.handle is None
+                    and timer.generation == generation
+                    and not timer.removed
+                    and timer.interval >= 0
+                    and self._loop is loop
+                ):
+                    self._arm_timer_locked(timer)
 
     # ------------------------------------------------------------------ frees
 

@@ -26,9 +26,6 @@ __all__ = [
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
-import errno
 import hashlib
 import logging
 import os
@@ -39,7 +36,7 @@ import time
 from collections.abc import AsyncIterable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, cast
 
 import anyio.abc
 import anyio.to_thread
@@ -54,9 +51,11 @@ from ._exceptions import (
     map_libvirt_errors,
 )
 from ._extents import ZERO_BLOCK_SIZE, Extent, file_extents, zero_runs
+from ._native import Buffer
 from ._stream import MAX_CHUNK, AsyncStream, Hole, StreamItem
 from ._volume import open_volume_download, open_volume_upload
-from ._workqueue import WorkQueue, run_in_worker
+from ._workqueue import run_in_worker
+from ._writebehind import FileWriter, WriteBehind
 
 UploadSource = (
     str | os.PathLike[str] | IO[bytes] | AsyncIterable[bytes] | anyio.abc.ByteReceiveStream
@@ -156,7 +155,7 @@ class _Hasher:
     def __init__(self) -> None:
         self._hash = hashlib.sha256()
 
-    def data(self, data: bytes) -> None:
+    def data(self, data: Buffer | bytes) -> None:
         self._hash.update(data)
 
     def hole(self, length: int) -> None:
@@ -712,7 +711,7 @@ async def _download_fd(
     parts = _split_range(options.offset, total, 1 if options.checksum else options.parallel)
     hasher = options.hasher()
     writers = [
-        _FileWriter(fd, start + part_offset - options.offset, punch, hasher)
+        FileWriter(fd, start + part_offset - options.offset, punch, hasher)
         for part_offset, _ in parts
     ]
 
@@ -747,7 +746,7 @@ def _split_range(offset: int, total: int, parallel: int) -> list[tuple[int, int]
 
 async def _download_range(
     vol: libvirt.virStorageVol,
-    writer: _FileWriter,
+    writer: FileWriter,
     offset: int,
     length: int,
     options: _Options,
@@ -755,44 +754,60 @@ async def _download_range(
 ) -> None:
     """One stream's worth of a download, written behind by a worker thread.
 
-    The loop receives (a NONBLOCK recv only copies from libvirt's queue);
-    the disk writes happen in the worker. Receiving in the worker as well
-    was measured no faster, and let libvirt's unbounded client queue grow to
-    290 MiB when the worker fell behind the loop's socket reads. When the
-    write-behind queue is full, the connection's socket is not served (for
-    connections from :func:`aiovirtstream.connect`), so the daemon waits
-    instead of libvirt's queue growing.
+    The stream's pump receives on the loop, from inside the stream's events,
+    into the write-behind's slots (no coroutine wakes per packet); a worker
+    thread writes full slots. Receiving in a worker thread instead was
+    measured no faster, and let libvirt's unbounded client queue grow to
+    290 MiB when the worker fell behind the loop's socket reads. While the
+    write-behind has no free slot, the connection's socket is not served
+    (connections from :func:`aiovirtstream.connect`), so the daemon waits.
     """
     stream = await open_volume_download(vol, offset=offset, length=length, sparse=options.sparse)
-    queue: WorkQueue[StreamItem] = WorkQueue(
-        asyncio.get_running_loop(), writer.write, _item_weight, limit=WRITE_BEHIND
+    backpressure = _SocketBackpressure(vol.connect(), stream)
+    sink = WriteBehind(
+        writer,
+        limit=WRITE_BEHIND,
+        pause=backpressure.pause,
+        resume=backpressure.resume,
+        name=name,
     )
-    impl = get_event_impl()
-    socket = connection_socket(vol.connect())
     try:
         async with stream:
-            items = stream.iter_items() if options.sparse else stream.iter_data()
-            async for item in items:
-                if socket is not None and not queue.has_room():
-                    # The disk is behind: stop libvirt reading the socket, or
-                    # its unbounded client queue takes up the difference.
-                    impl.pause_reading(socket)
-                    try:
-                        await queue.put(item)
-                    finally:
-                        impl.resume_reading(socket)
-                else:
-                    await queue.put(item)
-                if queue.error is not None:
-                    break
-            await queue.join()
-            if queue.error is not None:
-                raise TransferError(f"cannot write {name!r}: {queue.error}") from queue.error
+            await stream.pump(sink, stop_at_hole=options.sparse)
+            await sink.close()
     except BaseException:
-        queue.stop()
         with anyio.CancelScope(shield=True):
-            await queue.join()
+            await sink.abandon()
         raise
+    finally:
+        backpressure.release()
+
+
+class _SocketBackpressure:
+    """Stops serving a connection's socket while a download's write-behind is full."""
+
+    def __init__(self, conn: libvirt.virConnect, stream: AsyncStream) -> None:
+        self._impl = get_event_impl()
+        self._socket = connection_socket(conn)
+        self._stream = stream
+        self._paused = False
+
+    def pause(self) -> None:
+        # The disk is behind: stop libvirt reading the socket, or its
+        # unbounded client queue takes up the difference.
+        if self._socket is not None and not self._paused:
+            self._impl.pause_reading(self._socket)
+            self._paused = True
+
+    def resume(self) -> None:
+        self.release()
+        self._stream.resume_pump()
+
+    def release(self) -> None:
+        if self._paused:
+            self._paused = False
+            assert self._socket is not None
+            self._impl.resume_reading(self._socket)
 
 
 async def _download_size(vol: libvirt.virStorageVol, options: _Options) -> int:
@@ -809,76 +824,6 @@ def _check_complete(received: int, expected: int) -> None:
             f"the volume sent {received} bytes where {expected} were expected: "
             "the download is incomplete"
         )
-
-
-def _item_weight(item: StreamItem) -> int:
-    return 64 if isinstance(item, Hole) else len(item)
-
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc: Any = None
-
-
-def _punch_hole(fd: int, offset: int, length: int) -> bool:
-    """Deallocate ``[offset, offset+length)`` of ``fd``; False if the file system can't."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
-    if _libc.fallocate(fd, mode, offset, length) == 0:
-        return True
-    if ctypes.get_errno() in (errno.EOPNOTSUPP, errno.ENOSYS):
-        return False
-    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-
-
-class _FileWriter:
-    """Writes downloaded items at increasing offsets (worker thread)."""
-
-    def __init__(self, fd: int, start: int, punch: bool, hasher: _Hasher | None) -> None:
-        self._fd = fd
-        self._pos = start
-        self._punch = punch and os.fstat(fd).st_size > start
-        self.hasher = hasher
-        self.data_bytes = 0
-        self.hole_bytes = 0
-
-    def write(self, item: StreamItem) -> None:
-        if isinstance(item, Hole):
-            if self._punch and not _punch_hole(self._fd, self._pos, item.length):
-                self._write_zeroes(item.length)
-            self._pos += item.length
-            self.hole_bytes += item.length
-            if self.hasher:
-                self.hasher.hole(item.length)
-            return
-        view = memoryview(item)
-        while view:
-            written = os.pwrite(self._fd, view, self._pos)
-            self._pos += written
-            view = view[written:]
-        self.data_bytes += len(item)
-        if self.hasher:
-            self.hasher.data(item)
-
-    def _write_zeroes(self, length: int) -> None:
-        pos = self._pos
-        while length > 0:
-            step = min(length, MAX_CHUNK)
-            pos += os.pwrite(self._fd, _ZERO_CHUNK[:step], pos)
-            length -= step
-
-    @property
-    def end(self) -> int:
-        """The file offset after the last byte (or hole) written."""
-        return self._pos
-
-    def close(self) -> None:
-        """Extend the file over a trailing hole (seeking past it wrote nothing)."""
-        if os.fstat(self._fd).st_size < self._pos:
-            os.ftruncate(self._fd, self._pos)
 
 
 class _FileSink(anyio.abc.ByteSendStream):

@@ -78,12 +78,14 @@ class WorkQueue(Generic[T]):
         limit: int,
         split: Callable[[T, int], T] | None = None,
         on_would_block: Callable[[], None] | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._loop = loop
         self._process = process
         self._weight = weight
         self._split = split
         self._on_would_block = on_would_block
+        self._on_error = on_error
         self._limit = limit
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
@@ -120,6 +122,17 @@ class WorkQueue(Generic[T]):
                 await waiter
             finally:
                 self._room_waiter = None
+
+    def put_nowait(self, item: T) -> bool:
+        """Queue ``item`` from the loop whatever the limit (the caller bounds its items).
+
+        False if the queue failed or stopped.
+        """
+        with self._lock:
+            if self.error is not None or self._stopped:
+                return False
+            self._append_locked(item)
+            return True
 
     def put_blocking(self, item: T) -> bool:
         """Queue ``item`` from a worker thread; False if the queue failed or stopped."""
@@ -160,6 +173,7 @@ class WorkQueue(Generic[T]):
             self._process = _released
             self._split = None
             self._on_would_block = None
+            self._on_error = None
 
     def stop(self) -> None:
         """Drop everything queued; the item being processed completes."""
@@ -202,6 +216,8 @@ class WorkQueue(Generic[T]):
                     self._room.notify_all()
                     self._wake_room_locked()
                     self._wake_idle_locked()
+                    if self._on_error is not None:
+                        self._call_in_loop(self._on_error, error)
                 return
             with self._lock:
                 if consumed == WOULD_BLOCK:

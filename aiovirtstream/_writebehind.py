@@ -1,0 +1,279 @@
+"""Write-behind for downloads: received data goes to disk in a worker thread.
+
+:class:`WriteBehind` is the :class:`~aiovirtstream.ReceiveSink` of a
+download. The stream's pump receives into fixed slots of 256 KiB on the
+loop's thread; full slots are handed, a batch at a time, to a worker thread
+that ``pwrite``s them and gives the slots back. The slots bound the memory
+(``limit``); while none is free the pump pauses and the connection's socket
+is not served, so the daemon waits instead of libvirt's unbounded client
+queue growing.
+
+Why these sizes (measured on the development machine: ext4, Linux 6.18 in
+a VM whose freed memory goes back to the host, so a page the kernel has not
+used lately costs a fault on the host when touched again):
+
+* Writes go out in pieces of 32 KiB. The kernel gives a write page-cache
+  folios as large as the write and its alignment allow; folios of up to
+  32 KiB come from per-CPU lists of recently freed pages, larger ones from
+  the global free lists. A 1 GiB download whose worker wrote whole 256 KiB
+  slots spent 1.1-1.3 s of CPU, most of it copying into those fresh folios;
+  in 32 KiB pieces 0.62-0.68 s (libvirt-python's ``recvAll`` writes
+  262,120-byte pieces at unaligned offsets, which get small folios too).
+* A batch of 8 slots per hand-off wakes the worker once per 2 MiB instead
+  of once per packet.
+"""
+
+from __future__ import annotations
+
+__all__ = ["FileWriter", "WriteBehind", "SLOT_SIZE", "punch_hole"]
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ._exceptions import TransferError
+from ._native import Buffer
+from ._stream import MAX_CHUNK, Hole
+from ._workqueue import WorkQueue
+
+#: The size of each receive slot, and so of each write.
+SLOT_SIZE = 256 * 1024
+#: Slots handed to the worker at once.
+BATCH = 8
+
+#: The size of each ``pwrite``: see the module's docstring.
+WRITE_PIECE = 32 * 1024
+
+_ZERO_CHUNK = bytes(MAX_CHUNK)
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc: Any = None
+
+
+class Hasher(Protocol):
+    def data(self, data: Buffer | bytes) -> None: ...
+    def hole(self, length: int) -> None: ...
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate ``[offset, offset+length)`` of ``fd``; False if the file system can't."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+    if _libc.fallocate(fd, mode, offset, length) == 0:
+        return True
+    if ctypes.get_errno() in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
+class FileWriter:
+    """Writes downloaded data and holes at increasing offsets (worker thread)."""
+
+    def __init__(self, fd: int, start: int, punch: bool, hasher: Hasher | None) -> None:
+        self._fd = fd
+        self._pos = start
+        self._punch = punch and os.fstat(fd).st_size > start
+        self.hasher = hasher
+        self.data_bytes = 0
+        self.hole_bytes = 0
+
+    def write(self, item: Buffer | bytes | Hole) -> None:
+        if isinstance(item, Hole):
+            self.hole(item.length)
+            return
+        view = memoryview(item)
+        size = view.nbytes
+        while view:
+            written = os.pwrite(self._fd, view[:WRITE_PIECE], self._pos)
+            self._pos += written
+            view = view[written:]
+        self.data_bytes += size
+        if self.hasher:
+            self.hasher.data(item)
+
+    def hole(self, length: int) -> None:
+        if self._punch and not punch_hole(self._fd, self._pos, length):
+            self._write_zeroes(length)
+        self._pos += length
+        self.hole_bytes += length
+        if self.hasher:
+            self.hasher.hole(length)
+
+    def _write_zeroes(self, length: int) -> None:
+        pos = self._pos
+        while length > 0:
+            step = min(length, MAX_CHUNK)
+            pos += os.pwrite(self._fd, _ZERO_CHUNK[:step], pos)
+            length -= step
+
+    @property
+    def end(self) -> int:
+        """The file offset after the last byte (or hole) written."""
+        return self._pos
+
+    def close(self) -> None:
+        """Extend the file over a trailing hole (seeking past it wrote nothing)."""
+        if os.fstat(self._fd).st_size < self._pos:
+            os.ftruncate(self._fd, self._pos)
+
+
+_Item = tuple[bytearray, int] | Hole  # a slot and how much of it is data
+
+
+class WriteBehind:
+    """The receive sink of a download: slots filled on the loop, written by a worker.
+
+    ``pause`` and ``resume`` are called on the loop when the sink runs out
+    of slots and when the worker gave some back; ``resume`` must restart
+    the pump (:meth:`AsyncStream.resume_pump`).
+    """
+
+    def __init__(
+        self,
+        writer: FileWriter,
+        *,
+        limit: int,
+        pause: Callable[[], None],
+        resume: Callable[[], None],
+        name: str,
+    ) -> None:
+        self.writer = writer
+        self._loop = asyncio.get_running_loop()
+        self._name = name
+        self._pause = pause
+        self._resume = resume
+        self._max_slots = max(limit // SLOT_SIZE, 2 * BATCH)
+        self._slots_made = 0
+        self._lock = threading.Lock()
+        self._free: list[bytearray] = []
+        self._waiting = False  # out of slots: the worker wakes the loop when it frees some
+        self._slot: bytearray | None = None
+        self._fill = 0
+        self._batch: list[_Item] = []
+        self._queue: WorkQueue[list[_Item]] = WorkQueue(
+            self._loop, self._write_batch, len, limit=1 << 62, on_error=self._failed
+        )
+        #: Bytes received into slots (the writer's counts say what is on disk).
+        self.received_bytes = 0
+
+    # -- the ReceiveSink side (loop thread)
+
+    def buffer(self) -> tuple[bytearray, int, int] | None:
+        self._raise_error()
+        slot = self._slot
+        if slot is not None:
+            return slot, self._fill, SLOT_SIZE - self._fill
+        slot = self._take_slot()
+        if slot is None:
+            return None
+        self._slot, self._fill = slot, 0
+        return slot, 0, SLOT_SIZE
+
+    def received(self, nbytes: int) -> None:
+        self._fill += nbytes
+        self.received_bytes += nbytes
+        if self._fill >= SLOT_SIZE:
+            self._push_slot()
+
+    def hole(self, length: int) -> None:
+        self._push_slot()
+        self._batch.append(Hole(length))
+        if len(self._batch) >= BATCH:
+            self._flush()
+
+    def _take_slot(self) -> bytearray | None:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            if self._slots_made < self._max_slots:
+                self._slots_made += 1
+                return bytearray(SLOT_SIZE)
+        # Out of slots: the worker has to give some back first.
+        self._flush()
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            self._waiting = True
+        self._pause()
+        return None
+
+    def _push_slot(self) -> None:
+        slot, self._slot = self._slot, None
+        if slot is None:
+            return
+        if self._fill:
+            self._batch.append((slot, self._fill))
+        else:
+            with self._lock:
+                self._free.append(slot)
+        if len(self._batch) >= BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._batch:
+            batch, self._batch = self._batch, []
+            self._queue.put_nowait(batch)
+
+    # -- the worker
+
+    def _write_batch(self, batch: list[_Item]) -> None:
+        writer = self.writer
+        done: list[bytearray] = []
+        try:
+            for item in batch:
+                if isinstance(item, Hole):
+                    writer.hole(item.length)
+                else:
+                    slot, size = item
+                    writer.write(memoryview(slot)[:size])
+                    done.append(slot)
+        finally:
+            with self._lock:
+                self._free.extend(done)
+                wake = self._waiting and bool(self._free)
+                if wake:
+                    self._waiting = False
+            if wake:
+                self._call_in_loop(self._resume)
+
+    def _call_in_loop(self, callback: Callable[[], None]) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback)
+        except RuntimeError:
+            pass  # the loop closed: nobody waits any more
+
+    def _failed(self, error: BaseException) -> None:
+        # Wake a pump waiting for slots: its next buffer() raises the error.
+        with self._lock:
+            waiting, self._waiting = self._waiting, False
+        if waiting:
+            self._resume()
+
+    def _raise_error(self) -> None:
+        error = self._queue.error
+        if error is not None:
+            raise TransferError(f"cannot write {self._name!r}: {error}") from error
+
+    # -- the end
+
+    async def close(self) -> None:
+        """Write what is left, wait for the worker; raises :class:`TransferError` on failure."""
+        self._push_slot()
+        self._flush()
+        await self._queue.join()
+        self._raise_error()
+
+    async def abandon(self) -> None:
+        """Drop what is not written yet and wait for the write under way."""
+        self._slot = None
+        self._batch = []
+        self._queue.stop()
+        await self._queue.join()
