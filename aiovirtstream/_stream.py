@@ -524,6 +524,11 @@ class AsyncStream(anyio.abc.ByteStream):
                 result = receiver.recv_into(buffer, offset, room, stop_at_hole)
                 if result > 0:
                     sink.received(result)
+                    if result < room:
+                        # libvirt's recv copies from every queued packet until
+                        # it has room bytes: a short one emptied the queue (or
+                        # stopped at a hole, whose packet re-arms the event).
+                        return
                 elif result == -2:
                     return
                 elif result == 0:
