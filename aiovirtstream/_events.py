@@ -151,8 +151,8 @@ class EventImplStats:
     loop_bound: bool
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    return asyncio._get_running_loop()
+# The C function itself: called several times per packet.
+_running_loop: Callable[[], asyncio.AbstractEventLoop | None] = asyncio._get_running_loop
 
 
 class EventImpl:

@@ -530,6 +530,11 @@ class AsyncStream(anyio.abc.ByteStream):
                         # stopped at a hole, whose packet re-arms the event).
                         return
                 elif result == -2:
+                    # libvirt leaves the stream's 0 ms timer enabled when a
+                    # recv finds the queue empty (that path skips its timer
+                    # update; seen after holes: thousands of empty firings per
+                    # sparse download). Re-stating our events re-evaluates it.
+                    libvirtmod.virStreamEventUpdateCallback(self.virstream._o, self._subscribed)
                     return
                 elif result == 0:
                     self._eof = True

@@ -866,6 +866,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             if args.only:
                 groups = [g for g in groups if g.workload == args.only]
+            if args.profile_dir:
+                Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
             bench = Bench(sb.uri, pool.name, sb.pid, work, args.verbose)
             for round_no in range(-warmup, rounds):
                 record = round_no >= 0
