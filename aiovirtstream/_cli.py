@@ -269,7 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     transfer_args(down, "write")
     down.add_argument("--overwrite", action="store_true", help="replace an existing file")
     down.add_argument(
-        "--parallel", type=int, default=1, help="streams over ranges of the volume (>= 64 MiB each)"
+        "--parallel",
+        type=int,
+        default=None,
+        help="streams over ranges of the volume, >= 64 MiB each "
+        "(default: 2 from 256 MiB to move, else 1)",
     )
     down.set_defaults(run=_cmd_transfer)
 

@@ -274,7 +274,7 @@ def _ours_child(args: argparse.Namespace) -> dict[str, Any]:
             vol = await aiovirtstream.lookup_volume(conn, args.vol, pool=args.pool)
             if args.op == "download":
                 result = await aiovirtstream.download(
-                    vol, args.file, sparse=args.sparse, overwrite=True
+                    vol, args.file, sparse=args.sparse, overwrite=True, parallel=args.parallel
                 )
             else:
                 result = await aiovirtstream.upload(vol, args.file, sparse=args.sparse)
@@ -474,8 +474,17 @@ class TransferFailed(Exception):
 
 
 class Bench:
-    def __init__(self, uri: str, pool: str, daemon_pid: int, work: Path, verbose: bool) -> None:
+    def __init__(
+        self,
+        uri: str,
+        pool: str,
+        daemon_pid: int,
+        work: Path,
+        verbose: bool,
+        parallel: int | None = None,
+    ) -> None:
         self.uri = uri
+        self.parallel = parallel
         self.pool = pool
         self.daemon_pid = daemon_pid
         self.work = work
@@ -499,6 +508,8 @@ class Bench:
         argv = [sys.executable, "-m", "benchmarks.transfer", "--child", contender]
         argv += ["--op", group.op, "--uri", self.uri, "--pool", self.pool, "--vol", group.vol]
         argv += ["--file", str(target)] + (["--sparse"] if group.sparse else [])
+        if contender == "ours" and self.parallel is not None:
+            argv += ["--parallel", str(self.parallel)]
         return argv + (["--profile", profile] if profile else [])
 
     def run_one(
@@ -773,6 +784,14 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--only", choices=["dense", "sparse"], help="run one workload")
     parser.add_argument("--json", metavar="PATH", help="also write every run's figures here")
     parser.add_argument("--profile-dir", metavar="DIR", help="cProfile aiovirtstream's runs here")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=None,
+        metavar="N",
+        help="aiovirtstream's downloads use N streams (download(parallel=N)); "
+        "default: the library's choice by size",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="print every run")
     # The child processes (internal).
     parser.add_argument("--child", choices=["ours", "blocking"], help=argparse.SUPPRESS)
@@ -868,7 +887,7 @@ def main(argv: list[str] | None = None) -> int:
                 groups = [g for g in groups if g.workload == args.only]
             if args.profile_dir:
                 Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
-            bench = Bench(sb.uri, pool.name, sb.pid, work, args.verbose)
+            bench = Bench(sb.uri, pool.name, sb.pid, work, args.verbose, args.parallel)
             for round_no in range(-warmup, rounds):
                 record = round_no >= 0
                 shift = round_no % len(CONTENDERS)
@@ -906,6 +925,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"python {sys.version.split()[0]}, libvirt-python {_dist_version('libvirt-python')}, "
         f"libvirt {_libvirt_version()}, {os.cpu_count()} CPUs; caches warm; "
+        f"aiovirtstream downloads with parallel={args.parallel or 'auto'}; "
         f"{time.perf_counter() - started:.0f} s in all"
     )
     print(text)

@@ -243,7 +243,10 @@ async def test_cancelled_write_breaks_write_side_and_connection_survives(
     assert await download_all(vol, MiB) == data
     await impl.wait_frees()
     after = impl.stats()
-    assert (after.watches, after.timers) == (baseline.watches, baseline.timers)
+    # At most what was there before (an earlier test's connection may have
+    # finished closing meanwhile), never more: nothing of this test leaked.
+    assert after.watches <= baseline.watches, (after, baseline)
+    assert after.timers <= baseline.timers, (after, baseline)
 
 
 async def test_unclosed_stream_warns_and_releases_its_callback(make_volume: MakeVolume) -> None:

@@ -414,3 +414,32 @@ async def test_failed_write_removes_the_temporary_file(
     monkeypatch.undo()
     result = await avs.download(vol, tmp_path / "out")  # the connection carries on
     assert result.data_bytes == size
+
+
+async def test_parallel_by_default_only_for_large_downloads(
+    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    size = transfer_module.AUTO_PARALLEL_MIN
+    vol = await make_volume("auto-parallel.img", size)  # allocation 0: all hole
+    opened: list[int] = []
+    real_open = transfer_module.open_volume_download
+
+    async def spy(vol: libvirt.virStorageVol, **kwargs: int) -> avs.AsyncStream:
+        opened.append(kwargs["length"])
+        return await real_open(vol, **kwargs)
+
+    monkeypatch.setattr(transfer_module, "open_volume_download", spy)
+    # 256 MiB to move (zeroes, not sparse): two streams.
+    result = await avs.download(vol, tmp_path / "dense", sparse=False)
+    assert len(opened) == 2 and sum(opened) == size and result.data_bytes == size
+    # Sparse: only the allocation moves, nothing here: one stream.
+    opened.clear()
+    await avs.download(vol, tmp_path / "sparse", sparse=True)
+    assert len(opened) == 1
+    # Smaller, a checksum, or parallel=1: one stream.
+    for kwargs in ({"length": size - 1}, {"checksum": True}, {"parallel": 1}):
+        opened.clear()
+        await avs.download(vol, tmp_path / "one", sparse=False, overwrite=True, **kwargs)
+        assert len(opened) == 1, kwargs
+    with pytest.raises(ValueError, match="parallel"):
+        await avs.download(vol, tmp_path / "bad", parallel=0)
