@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="streams over ranges of the volume, >= 64 MiB each "
-        "(default: 2 from 256 MiB to move, else 1)",
+        "(default: 2 for 256 MiB or more, else 1)",
     )
     down.set_defaults(run=_cmd_transfer)
 

@@ -68,10 +68,10 @@ WRITE_BEHIND = 16 * 1024 * 1024
 READ_AHEAD = 32 * MAX_CHUNK
 #: ``parallel`` splits a download only into ranges at least this large.
 PARALLEL_MIN_PART = 64 * 1024 * 1024
-#: ``parallel=None`` downloads over :data:`AUTO_PARALLEL` streams when at least
-#: this much is to be moved (the range, or for a sparse download the volume's
-#: allocation): two streams finished 1 GiB 1.2-1.3x faster than one, and
-#: libvirtd spent a third less CPU (docs/benchmarks.md).
+#: ``parallel=None`` downloads over :data:`AUTO_PARALLEL` streams ranges at
+#: least this large: two streams finished a dense 1 GiB 1.2-1.3x faster than
+#: one, with a third less CPU in libvirtd, and a 2 GiB sparse volume holding
+#: 56 MiB about 1.2x faster (docs/benchmarks.md).
 AUTO_PARALLEL_MIN = 256 * 1024 * 1024
 AUTO_PARALLEL = 2
 MiB = 1024 * 1024
@@ -601,8 +601,8 @@ async def download(
     stream (holes are sent as zeroes). With ``sparse`` the volume's holes
     stay holes in the destination. ``parallel=N`` splits a download into a
     path or a file into N ranges (of at least 64 MiB) over N streams; the
-    default, ``None``, uses two streams when 256 MiB or more are to be moved
-    and one otherwise. With ``checksum``, which needs the content in order,
+    default, ``None``, uses two streams for ranges of 256 MiB or more and one
+    otherwise. With ``checksum``, which needs the content in order,
     one stream is used. On
     any failure or cancellation the streams are aborted, the temporary file
     removed and the error raised.
@@ -714,8 +714,8 @@ async def _download_fd(
     options: _Options,
     name: str,
 ) -> TransferResult:
-    total, allocation = await _download_size(vol, options)
-    parts = _split_range(options.offset, total, _streams_for(options, total, allocation))
+    total = await _download_size(vol, options)
+    parts = _split_range(options.offset, total, _streams_for(options, total))
     hasher = options.hasher()
     writers = [
         FileWriter(fd, start + part_offset - options.offset, punch, hasher)
@@ -743,14 +743,13 @@ async def _download_fd(
     return options.result(data, holes, hasher)
 
 
-def _streams_for(options: _Options, total: int, allocation: int) -> int:
+def _streams_for(options: _Options, total: int) -> int:
     """How many streams a download into a file uses."""
     if options.checksum:
         return 1  # the hash needs the content in order
     if options.parallel is not None:
         return options.parallel
-    moved = min(total, allocation) if options.sparse else total
-    return AUTO_PARALLEL if moved >= AUTO_PARALLEL_MIN else 1
+    return AUTO_PARALLEL if total >= AUTO_PARALLEL_MIN else 1
 
 
 def _split_range(offset: int, total: int, parallel: int) -> list[tuple[int, int]]:
@@ -827,13 +826,12 @@ class _SocketBackpressure:
             self._impl.resume_reading(self._socket)
 
 
-async def _download_size(vol: libvirt.virStorageVol, options: _Options) -> tuple[int, int]:
-    """(bytes to download, the volume's allocation)."""
-    capacity, allocation = await _volume_info(vol)
+async def _download_size(vol: libvirt.virStorageVol, options: _Options) -> int:
+    capacity, _ = await _volume_info(vol)
     if options.offset > capacity:
         raise TransferError(f"offset {options.offset} is past the volume's end ({capacity} bytes)")
     room = capacity - options.offset
-    return (min(options.length, room) if options.length else room), allocation
+    return min(options.length, room) if options.length else room
 
 
 def _check_complete(received: int, expected: int) -> None:
@@ -863,7 +861,7 @@ class _FileSink(anyio.abc.ByteSendStream):
 async def _download_stream(
     vol: libvirt.virStorageVol, dest: anyio.abc.ByteSendStream, options: _Options
 ) -> TransferResult:
-    total, _ = await _download_size(vol, options)
+    total = await _download_size(vol, options)
     hasher = options.hasher()
     data_bytes = hole_bytes = 0
     stream = await open_volume_download(

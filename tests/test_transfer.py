@@ -429,13 +429,13 @@ async def test_parallel_by_default_only_for_large_downloads(
         return await real_open(vol, **kwargs)
 
     monkeypatch.setattr(transfer_module, "open_volume_download", spy)
-    # 256 MiB to move (zeroes, not sparse): two streams.
+    # 256 MiB: two streams, dense or sparse.
     result = await avs.download(vol, tmp_path / "dense", sparse=False)
     assert len(opened) == 2 and sum(opened) == size and result.data_bytes == size
-    # Sparse: only the allocation moves, nothing here: one stream.
     opened.clear()
-    await avs.download(vol, tmp_path / "sparse", sparse=True)
-    assert len(opened) == 1
+    result = await avs.download(vol, tmp_path / "sparse", sparse=True)
+    assert len(opened) == 2 and result.hole_bytes == size
+    assert os.stat(tmp_path / "sparse").st_size == size
     # Smaller, a checksum, or parallel=1: one stream.
     for kwargs in ({"length": size - 1}, {"checksum": True}, {"parallel": 1}):
         opened.clear()
