@@ -8,7 +8,7 @@ from ._events import EventImplStats, bind_event_loop, get_event_impl, register_e
 from ._exceptions import *  # noqa: F403
 from ._exceptions import __all__ as _exceptions_all
 from ._extents import Extent, file_extents
-from ._stream import AsyncStream, Hole, StreamItem, open_stream
+from ._stream import AsyncStream, Hole, ReceiveSink, StreamItem, open_stream
 from ._transfer import (
     DestinationIsDirectoryError,
     SourceNotFoundError,
@@ -30,6 +30,7 @@ __all__ = [
     "AsyncStream",
     "Hole",
     "StreamItem",
+    "ReceiveSink",
     "open_stream",
     "open_volume_upload",
     "open_volume_download",
