@@ -336,6 +336,17 @@ async def test_iterable_longer_than_the_room_is_refused(
         await avs.upload(vol, _iter_once(b"x" * (MiB + 1)))
 
 
+async def random_volume(
+    make_volume: MakeVolume, tmp_path: Path, name: str, size: int
+) -> tuple[libvirt.virStorageVol, Path]:
+    """A volume holding ``size`` random bytes, and the file they came from."""
+    source = tmp_path / f"{name}.src"
+    source.write_bytes(os.urandom(size))
+    vol = await make_volume(name, size)
+    await avs.upload(vol, source)
+    return vol, source
+
+
 async def test_download_holds_the_daemon_back_while_the_disk_is_behind(
     make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -345,10 +356,7 @@ async def test_download_holds_the_daemon_back_while_the_disk_is_behind(
     import aiovirtstream._writebehind as writebehind
 
     size = 96 * MiB
-    source = tmp_path / "src"
-    source.write_bytes(os.urandom(size))
-    vol = await make_volume("slow-disk.img", size)
-    await avs.upload(vol, source)
+    vol, source = await random_volume(make_volume, tmp_path, "slow-disk.img", size)
     disk_free = threading.Event()
     real_write = writebehind.FileWriter.write
     sinks: list[writebehind.WriteBehind] = []
@@ -392,10 +400,7 @@ async def test_failed_write_removes_the_temporary_file(
     import aiovirtstream._writebehind as writebehind
 
     size = 16 * MiB
-    source = tmp_path / "src"
-    source.write_bytes(os.urandom(size))
-    vol = await make_volume("full-disk.img", size)
-    await avs.upload(vol, source)
+    vol, _ = await random_volume(make_volume, tmp_path, "full-disk.img", size)
     real_write = writebehind.FileWriter.write
     written = [0]
 
