@@ -460,7 +460,7 @@ class AsyncStream(anyio.abc.ByteStream):
         packet. Returns at end of stream; raises what :meth:`read` would, or
         what the sink raised. While the sink has no room the stream is not
         read (libvirt keeps queueing what the daemon sends: pause the
-        connection too, see :meth:`aiovirtstream.EventImpl.pause_reading`).
+        connection too, with ``get_event_impl().pause_reading(socket)``).
         Cancelled, it stops at once; what was received stays received.
         """
         self._start_reading(stop_at_hole)
@@ -552,7 +552,7 @@ class AsyncStream(anyio.abc.ByteStream):
             broken = self._mark_broken(error)
             broken.__cause__ = error
             pump.done.set_exception(broken)
-        except BaseException as error:  # noqa: BLE001 - the sink's, raised by pump()
+        except Exception as error:  # the sink's: pump() raises it
             pump.done.set_exception(error)
 
     async def receive(self, max_bytes: int = DEFAULT_READ_SIZE) -> bytes:
