@@ -53,10 +53,10 @@ class _Libvirt:
         self.recv = lib.virStreamRecv
         self.recv.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
         self.recv.restype = ctypes.c_int
-        get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
-        get_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-        get_pointer.restype = ctypes.c_void_p
-        self.get_pointer = get_pointer
+        # A prototype of our own: setting argtypes on ctypes.pythonapi's
+        # function would change it for every other user in the process.
+        prototype = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)
+        self.get_pointer = prototype(("PyCapsule_GetPointer", ctypes.pythonapi))
 
 
 _lib: _Libvirt | None = None

@@ -223,3 +223,19 @@ async def test_libvirt_errors_from_native_recv_are_typed(make_volume: MakeVolume
     assert caught.value.get_error_code() != 0
     with pytest.raises(ValueError, match="outside the buffer"):
         receiver.recv_into(bytearray(10), 5, 10, False)
+
+
+def test_receiver_falls_back_to_the_binding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A libvirt-python that keeps its pointer differently gets the binding's recv."""
+    import aiovirtstream._native as native
+
+    conn = libvirt.open("test:///default")
+    try:
+        stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
+        assert native.receiver_for(stream).native
+        monkeypatch.setattr(native, "_CAPSULE_NAME", b"somethingElse")
+        fallback = native.receiver_for(stream)
+        assert not fallback.native and type(fallback) is native.Receiver
+        assert not native.receiver_for(stream, native=False).native
+    finally:
+        conn.close()
