@@ -348,14 +348,29 @@ def _source_size(fd: int, name: str) -> tuple[int, bool]:
     return -1, False  # a pipe or socket: read until EOF
 
 
+def _open_and_size(
+    source: str | os.PathLike[str] | IO[bytes],
+) -> tuple[int, int, bool, str, int, bool]:
+    """:func:`_open_source` and :func:`_source_size` in one worker-thread hop."""
+    fd, position, owned, name = _open_source(source)
+    try:
+        size, seekable = _source_size(fd, name)
+    except BaseException:
+        if owned:
+            os.close(fd)
+        raise
+    return fd, position, owned, name, size, seekable
+
+
 async def _upload_file(
     vol: libvirt.virStorageVol,
     source: str | os.PathLike[str] | IO[bytes],
     options: _Options,
 ) -> TransferResult:
-    fd, position, owned, name = await anyio.to_thread.run_sync(_open_source, source)
+    fd, position, owned, name, size, seekable = await anyio.to_thread.run_sync(
+        _open_and_size, source
+    )
     try:
-        size, seekable = await anyio.to_thread.run_sync(_source_size, fd, name)
         if not seekable:
             if owned:
                 return await _upload_iterable(vol, _iter_fd(fd), options)
@@ -790,7 +805,9 @@ async def _download_range(
     try:
         async with stream:
             await stream.pump(sink, stop_at_hole=options.sparse)
-            await sink.close()
+            sink.flush()
+        # The stream finished while the last writes went on: they overlap.
+        await sink.close()
     except BaseException:
         with anyio.CancelScope(shield=True):
             await sink.abandon()

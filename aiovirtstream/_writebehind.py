@@ -217,6 +217,11 @@ class WriteBehind:
         if len(self._batch) >= BATCH:
             self._flush()
 
+    def flush(self) -> None:
+        """Hand everything received so far to the worker (the stream has ended)."""
+        self._push_slot()
+        self._flush()
+
     def _flush(self) -> None:
         if self._batch:
             batch, self._batch = self._batch, []
@@ -266,8 +271,7 @@ class WriteBehind:
 
     async def close(self) -> None:
         """Write what is left, wait for the worker; raises :class:`TransferError` on failure."""
-        self._push_slot()
-        self._flush()
+        self.flush()
         await self._queue.join()
         self._raise_error()
 
