@@ -239,3 +239,30 @@ def test_receiver_falls_back_to_the_binding(monkeypatch: pytest.MonkeyPatch) -> 
         assert not native.receiver_for(stream, native=False).native
     finally:
         conn.close()
+
+
+async def test_read_into_and_pump_on_a_local_fd_stream(receive_path: str) -> None:
+    """test:/// streams are local fds: events come from fd watches, -2 from EAGAIN."""
+    conn = await avs.connect("test:///default")
+    try:
+        dom = conn.lookupByName("test")
+        images = []
+        for use_pump in (False, True):
+            stream = await avs.open_stream(
+                conn, lambda st: dom.screenshot(st, 0), description="screenshot"
+            )
+            async with stream:
+                if use_pump:
+                    sink = ListSink(room=1000)
+                    await stream.pump(sink)
+                    images.append(bytes(sink.data))
+                else:
+                    out, buffer = bytearray(), bytearray(777)
+                    while got := await stream.read_into(buffer):
+                        assert isinstance(got, int)
+                        out += buffer[:got]
+                    images.append(bytes(out))
+        assert images[0] == images[1]
+        assert images[0].startswith(b"\x89PNG\r\n\x1a\n") and len(images[0]) > 100
+    finally:
+        await avs.aclose_connection(conn)
