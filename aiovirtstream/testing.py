@@ -38,6 +38,7 @@ __all__ = [
     "guest_requirements_problem",
 ]
 
+import asyncio
 import contextlib
 import functools
 import inspect
@@ -55,11 +56,11 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Literal
+from typing import IO, Literal, TypeVar
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape
 
@@ -70,8 +71,27 @@ import libvirt
 from . import _testguest
 from ._exceptions import SandboxError, map_libvirt_errors
 from ._testguest import GuestPackageMissingError
+from ._workqueue import run_in_worker, wait_through_cancellation
 
 SandboxMode = Literal["storage", "full"]
+
+_T = TypeVar("_T")
+
+
+async def _to_the_end(func: Callable[[], _T]) -> _T:
+    """Run ``func`` in a worker thread; a cancellation waits for it to return first.
+
+    anyio's shielded ``to_thread.run_sync`` does not hold back asyncio's own
+    ``task.cancel()``: the thread went on spawning libvirtd while the
+    cancelled start cleaned up, and that daemon outlived the sandbox.
+    """
+    future = run_in_worker(func)
+    if await wait_through_cancellation(future):
+        if not future.cancelled():
+            future.exception()  # retrieved: the cancellation is what is raised
+        raise asyncio.CancelledError()
+    return future.result()
+
 
 _LOG_TAIL_LINES = 40
 _POLL_INTERVAL = 0.05
@@ -232,7 +252,12 @@ def _processes_using(folder: str, uid: int) -> list[int]:
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
-            if os.stat(f"/proc/{entry}").st_uid != uid:
+            # The real uid from status, not the owner of /proc/PID: a process
+            # that has just changed its uids is not dumpable, and its /proc
+            # entries belong to root until it calls exec.
+            with open(f"/proc/{entry}/status", "rb") as status:
+                uids = [line.split()[1] for line in status if line.startswith(b"Uid:")]
+            if uids != [str(uid).encode()]:
                 continue
             for name in ("cmdline", "environ"):
                 with contextlib.suppress(PermissionError):
@@ -344,6 +369,11 @@ class _Daemon:
                     with contextlib.suppress(ProcessLookupError):
                         proc.kill()
                     proc.wait()
+                # What libvirtd forked and did not reap (a helper stopped
+                # between fork and exec, seen when a start was cancelled) is
+                # in its process group: libvirtd leads a session of its own.
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
             root, self.root = self.root, None
             if root is not None:
                 _reap(str(root), self.uid)
@@ -513,10 +543,10 @@ class Sandbox:
         """:meth:`start` without blocking the event loop; cleans up when cancelled."""
         self._claim()
         try:
-            await anyio.to_thread.run_sync(self._begin)
+            await _to_the_end(self._begin)
             deadline = time.monotonic() + self.start_timeout
             while True:
-                if await anyio.to_thread.run_sync(self._check_ready, deadline):
+                if await _to_the_end(functools.partial(self._check_ready, deadline)):
                     break
                 await anyio.sleep(_POLL_INTERVAL)
         except BaseException:
@@ -530,7 +560,7 @@ class Sandbox:
     async def astop(self) -> None:
         """:meth:`stop` in a worker thread, shielded from cancellation."""
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._finalizer)
+            await _to_the_end(self._finalizer)
 
     def __enter__(self) -> Sandbox:
         self.start()
@@ -939,11 +969,11 @@ class Sandbox:
     ) -> GuestInfo:
         """:meth:`start_test_guest` in a worker thread."""
         start = functools.partial(self.start_test_guest, name, ready_timeout=ready_timeout)
-        return await anyio.to_thread.run_sync(start)
+        return await _to_the_end(start)
 
     async def astop_test_guest(self, guest: GuestInfo | str, *, wait: bool = True) -> None:
         """:meth:`stop_test_guest` in a worker thread."""
-        await anyio.to_thread.run_sync(functools.partial(self.stop_test_guest, guest, wait=wait))
+        await _to_the_end(functools.partial(self.stop_test_guest, guest, wait=wait))
 
 
 class _GuestNotReadyError(Exception):
