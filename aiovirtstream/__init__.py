@@ -11,6 +11,7 @@ from ._extents import Extent, file_extents
 from ._stream import AsyncStream, Hole, ReceiveSink, StreamItem, open_stream
 from ._transfer import (
     DestinationIsDirectoryError,
+    ProgressTarget,
     SourceNotFoundError,
     TransferProgress,
     TransferResult,
@@ -44,6 +45,7 @@ __all__ = [
     "download",
     "TransferResult",
     "TransferProgress",
+    "ProgressTarget",
     "SourceNotFoundError",
     "DestinationIsDirectoryError",
     "Extent",

@@ -20,6 +20,7 @@ __all__ = [
     "TransferResult",
     "TransferProgress",
     "ProgressCallback",
+    "ProgressTarget",
     "UploadSource",
     "DownloadDestination",
 ]
@@ -33,7 +34,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterable, Callable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, cast
@@ -41,6 +42,7 @@ from typing import IO, cast
 import anyio.abc
 import anyio.to_thread
 import libvirt
+from anyio.streams.memory import MemoryObjectSendStream
 
 from ._connect import connection_socket
 from ._events import get_event_impl
@@ -94,6 +96,9 @@ class TransferProgress:
 
 
 ProgressCallback = Callable[[TransferProgress], object]
+#: Where progress goes: a callback, or the send side of an anyio object
+#: stream (``anyio.create_memory_object_stream``) to ``async for`` over.
+ProgressTarget = ProgressCallback | MemoryObjectSendStream[TransferProgress]
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +139,7 @@ class _Options:
     sparse: bool
     offset: int
     length: int
-    progress: ProgressCallback | None
+    progress: ProgressTarget | None
     progress_interval: float
     checksum: bool
     detect_zeroes: bool = False
@@ -175,42 +180,84 @@ class _Hasher:
 
 
 class _ProgressReporter:
-    """Calls ``callback`` on the loop every ``interval`` seconds and once at the end."""
+    """Reports progress on the loop every ``interval`` seconds and once at the end.
+
+    To a callback: called each time. To an object stream: the periodic
+    snapshots are sent only if there is room (a slow reader sees fewer, and
+    never holds the transfer up) and the final one waits for room;
+    :func:`upload` and :func:`download` close the stream when they return or
+    raise, so ``async for`` over its receiving side ends too.
+    """
 
     def __init__(
         self,
-        callback: ProgressCallback | None,
+        target: ProgressTarget | None,
         counts: Callable[[], tuple[int, int]],
         total: int | None,
         interval: float,
     ) -> None:
-        self._callback = callback
+        self._target = target
+        self._stream = target if isinstance(target, MemoryObjectSendStream) else None
         self._counts = counts
         self._total = total
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
 
+    def _snapshot(self) -> TransferProgress:
+        data, holes = self._counts()
+        return TransferProgress(data, holes, self._total)
+
     def report(self) -> None:
-        if self._callback is not None:
-            data, holes = self._counts()
+        target = self._target
+        if target is None:
+            return
+        if self._stream is not None:
             try:
-                self._callback(TransferProgress(data, holes, self._total))
-            except Exception:  # a progress display must not break the transfer
-                logger.exception("the progress callback failed")
+                self._stream.send_nowait(self._snapshot())
+            except anyio.WouldBlock:
+                pass  # the reader is behind: it gets a later snapshot
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self._target = None  # nobody listens any more
+            return
+        try:
+            target(self._snapshot())  # type: ignore[operator]
+        except Exception:  # a progress display must not break the transfer
+            logger.exception("the progress callback failed")
+
+    async def final(self) -> None:
+        """The last report, once the transfer is complete."""
+        if self._stream is not None and self._target is not None:
+            try:
+                await self._stream.send(self._snapshot())
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self._target = None
+        else:
+            self.report()
 
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
             self.report()
 
-    def __enter__(self) -> _ProgressReporter:
-        if self._callback is not None:
+    async def __aenter__(self) -> _ProgressReporter:
+        if self._target is not None:
             self._task = asyncio.get_running_loop().create_task(self._run())
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         if self._task is not None:
             self._task.cancel()
+
+
+@contextlib.asynccontextmanager
+async def _closing(progress: ProgressTarget | None) -> AsyncIterator[None]:
+    """Close a progress stream when the transfer ends, however it ends."""
+    try:
+        yield
+    finally:
+        if isinstance(progress, MemoryObjectSendStream):
+            with anyio.CancelScope(shield=True):
+                await progress.aclose()
 
 
 async def _volume_info(vol: libvirt.virStorageVol) -> tuple[int, int]:
@@ -270,7 +317,7 @@ async def upload(
     detect_zeroes: bool = False,
     offset: int = 0,
     length: int = 0,
-    progress: ProgressCallback | None = None,
+    progress: ProgressTarget | None = None,
     progress_interval: float = 0.1,
     checksum: bool = False,
 ) -> TransferResult:
@@ -287,23 +334,27 @@ async def upload(
     overflows; the upload is then aborted). Holes are sent as holes only into
     a volume that holds no data yet (libvirt would keep a volume's old data
     inside them); into one that does, they are sent as zeroes. ``progress``
-    is called on the loop every ``progress_interval`` seconds and once at
-    the end. On any failure or cancellation the stream is aborted and the
-    error raised.
+    (a callback, or the send side of an anyio memory object stream, closed
+    when the transfer ends) gets a :class:`TransferProgress` on the loop
+    every ``progress_interval`` seconds and once at the end. On any failure
+    or cancellation the stream is aborted and the error raised.
     """
-    if offset < 0 or length < 0:
-        raise ValueError("offset and length must be >= 0")
-    options = _Options(sparse, offset, length, progress, progress_interval, checksum, detect_zeroes)
-    if isinstance(source, (str, os.PathLike)):
-        return await _upload_file(vol, source, options)
-    if _has_fileno(source):
-        return await _upload_file(vol, cast(IO[bytes], source), options)
-    if isinstance(source, AsyncIterable):
-        return await _upload_iterable(vol, source, options)
-    raise TypeError(
-        f"cannot upload from {type(source).__name__}: pass a path, a binary file, "
-        "or an async iterable of bytes"
-    )
+    async with _closing(progress):
+        if offset < 0 or length < 0:
+            raise ValueError("offset and length must be >= 0")
+        options = _Options(
+            sparse, offset, length, progress, progress_interval, checksum, detect_zeroes
+        )
+        if isinstance(source, (str, os.PathLike)):
+            return await _upload_file(vol, source, options)
+        if _has_fileno(source):
+            return await _upload_file(vol, cast(IO[bytes], source), options)
+        if isinstance(source, AsyncIterable):
+            return await _upload_iterable(vol, source, options)
+        raise TypeError(
+            f"cannot upload from {type(source).__name__}: pass a path, a binary file, "
+            "or an async iterable of bytes"
+        )
 
 
 def _has_fileno(obj: object) -> bool:
@@ -393,11 +444,11 @@ async def _upload_file(
             hasher=hasher,
         )
         counts = lambda: (stream.bytes_sent, stream.hole_bytes_sent)  # noqa: E731
-        with options.reporter(counts, amount) as reporter:
+        async with options.reporter(counts, amount) as reporter:
             async with stream:
                 await _run_reader(reader, stream)
                 await _restore_size(stream, plan, amount)
-            reporter.report()
+            await reporter.final()
         return options.result(stream.bytes_sent, amount - stream.bytes_sent, hasher)
     finally:
         if owned:
@@ -559,7 +610,7 @@ async def _upload_iterable(
     hasher = options.hasher()
     position = 0
     counts = lambda: (stream.bytes_sent, stream.hole_bytes_sent)  # noqa: E731
-    with options.reporter(counts, length or None) as reporter:
+    async with options.reporter(counts, length or None) as reporter:
         async with stream:
             async for chunk in source:
                 if not chunk:
@@ -587,7 +638,7 @@ async def _upload_iterable(
                 if length and position >= length:
                     break
             await _restore_size(stream, plan, position)
-        reporter.report()
+        await reporter.final()
     return options.result(stream.bytes_sent, position - stream.bytes_sent, hasher)
 
 
@@ -602,7 +653,7 @@ async def download(
     offset: int = 0,
     length: int = 0,
     overwrite: bool = False,
-    progress: ProgressCallback | None = None,
+    progress: ProgressTarget | None = None,
     progress_interval: float = 0.1,
     checksum: bool = False,
     parallel: int | None = None,
@@ -617,28 +668,29 @@ async def download(
     stay holes in the destination. ``parallel=N`` splits a download into a
     path or a file into N ranges (of at least 64 MiB) over N streams; the
     default, ``None``, uses two streams for ranges of 256 MiB or more and one
-    otherwise. With ``checksum``, which needs the content in order,
-    one stream is used. On
-    any failure or cancellation the streams are aborted, the temporary file
-    removed and the error raised.
+    otherwise. With ``checksum``, which needs the content in order, one
+    stream is used. ``progress`` works as in :func:`upload`. On any failure
+    or cancellation the streams are aborted, the temporary file removed and
+    the error raised.
     """
-    if offset < 0 or length < 0:
-        raise ValueError("offset and length must be >= 0")
-    if parallel is not None and parallel < 1:
-        raise ValueError("parallel must be >= 1 (or None: chosen by size)")
-    options = _Options(
-        sparse, offset, length, progress, progress_interval, checksum, parallel=parallel
-    )
-    if isinstance(dest, (str, os.PathLike)):
-        return await _download_path(vol, Path(dest), overwrite, options)
-    if _has_fileno(dest):
-        return await _download_file(vol, cast(IO[bytes], dest), options)
-    if isinstance(dest, anyio.abc.ByteSendStream):
-        return await _download_stream(vol, dest, options)
-    raise TypeError(
-        f"cannot download into {type(dest).__name__}: pass a path, a binary file "
-        "or an anyio byte stream"
-    )
+    async with _closing(progress):
+        if offset < 0 or length < 0:
+            raise ValueError("offset and length must be >= 0")
+        if parallel is not None and parallel < 1:
+            raise ValueError("parallel must be >= 1 (or None: chosen by size)")
+        options = _Options(
+            sparse, offset, length, progress, progress_interval, checksum, parallel=parallel
+        )
+        if isinstance(dest, (str, os.PathLike)):
+            return await _download_path(vol, Path(dest), overwrite, options)
+        if _has_fileno(dest):
+            return await _download_file(vol, cast(IO[bytes], dest), options)
+        if isinstance(dest, anyio.abc.ByteSendStream):
+            return await _download_stream(vol, dest, options)
+        raise TypeError(
+            f"cannot download into {type(dest).__name__}: pass a path, a binary file "
+            "or an anyio byte stream"
+        )
 
 
 def _check_destination(dest: Path, overwrite: bool) -> None:
@@ -740,7 +792,7 @@ async def _download_fd(
     def counts() -> tuple[int, int]:
         return sum(w.data_bytes for w in writers), sum(w.hole_bytes for w in writers)
 
-    with options.reporter(counts, total) as reporter:
+    async with options.reporter(counts, total) as reporter:
         if len(parts) == 1:
             await _download_range(vol, writers[0], options.offset, options.length, options, name)
         else:
@@ -752,7 +804,7 @@ async def _download_fd(
                         _download_range, vol, writer, part_offset, part_length, options, name
                     )
         await run_in_worker(max(writers, key=lambda w: w.end).close)
-        reporter.report()
+        await reporter.final()
     data, holes = counts()
     _check_complete(data + holes, total)
     return options.result(data, holes, hasher)
@@ -884,7 +936,7 @@ async def _download_stream(
     stream = await open_volume_download(
         vol, offset=options.offset, length=options.length, sparse=options.sparse
     )
-    with options.reporter(lambda: (data_bytes, hole_bytes), total) as reporter:
+    async with options.reporter(lambda: (data_bytes, hole_bytes), total) as reporter:
         async with stream:
             items = stream.iter_items() if options.sparse else stream.iter_data()
             async for item in items:
@@ -902,6 +954,6 @@ async def _download_stream(
                     data_bytes += len(item)
                     if hasher:
                         await anyio.to_thread.run_sync(hasher.data, item)
-        reporter.report()
+        await reporter.final()
     _check_complete(data_bytes + hole_bytes, total)
     return options.result(data_bytes, hole_bytes, hasher)
