@@ -219,8 +219,10 @@ class _ProgressReporter:
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self._target = None  # nobody listens any more
             return
+        if not callable(target):
+            return
         try:
-            target(self._snapshot())  # type: ignore[operator]
+            target(self._snapshot())
         except Exception:  # a progress display must not break the transfer
             logger.exception("the progress callback failed")
 
