@@ -41,7 +41,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Protocol, overload
+from typing import Any, Literal, Protocol, TypeVar, overload
 
 import anyio
 import anyio.abc
@@ -63,6 +63,7 @@ from ._native import Buffer, Receiver, receiver_for
 from ._workqueue import WorkQueue, run_in_worker, wait_through_cancellation
 
 logger = logging.getLogger(__name__)
+_R = TypeVar("_R")
 
 #: libvirt's legacy payload maximum: larger sends are split by libvirt anyway.
 MAX_CHUNK = 262_120
@@ -356,28 +357,36 @@ class AsyncStream(anyio.abc.ByteStream):
             return b""
         st = self.virstream
         flags = libvirt.VIR_STREAM_RECV_STOP_AT_HOLE if stop_at_hole else 0
+        result = await self._receive(
+            lambda: st.recvFlags(max_bytes, flags) if flags else st.recv(max_bytes)
+        )
+        if result == b"":
+            self._eof = True
+        return result
+
+    async def _receive(self, attempt: Callable[[], _R]) -> _R | Hole:
+        """Call ``attempt`` (a recv) until it gives data, a hole or the end.
+
+        -2 waits for READABLE, -3 is turned into a :class:`Hole` (zero-length
+        ones are skipped); libvirt's errors break the stream.
+        """
         while True:
             try:
-                result = st.recvFlags(max_bytes, flags) if flags else st.recv(max_bytes)
+                result = attempt()
+                if result == -3:
+                    length = self._get_receiver().recv_hole()
+                    if length:
+                        return Hole(length)
+                    continue
             except libvirt.libvirtError as error:
                 raise self._mark_broken(error) from error
-            if isinstance(result, bytes):
-                if not result:
-                    self._eof = True
-                return result
             if result == -2:
                 await self._wait_readable()
                 self._check_open("read")
                 continue
-            if result == -3:
-                try:
-                    length = st.recvHole(0)
-                except libvirt.libvirtError as error:
-                    raise self._mark_broken(error) from error
-                if length:
-                    return Hole(length)
-                continue
-            raise self._mark_broken(RuntimeError(f"virStreamRecv returned {result!r}"))
+            if isinstance(result, int) and result < 0:
+                raise self._mark_broken(RuntimeError(f"virStreamRecv returned {result}"))
+            return result
 
     async def recv_hole(self) -> int:
         """Length of the hole at the current position of a sparse stream; 0 if data is next.
@@ -429,25 +438,10 @@ class AsyncStream(anyio.abc.ByteStream):
             if self._eof:
                 return 0
             receiver = self._get_receiver()
-            while True:
-                try:
-                    result = receiver.recv_into(buffer, 0, size, stop_at_hole)
-                    if result == -3:
-                        length = receiver.recv_hole()
-                        if not length:
-                            continue
-                        return Hole(length)
-                except libvirt.libvirtError as error:
-                    raise self._mark_broken(error) from error
-                if result == -2:
-                    await self._wait_readable()
-                    self._check_open("read")
-                    continue
-                if result < 0:
-                    raise self._mark_broken(RuntimeError(f"virStreamRecv returned {result}"))
-                if result == 0:
-                    self._eof = True
-                return result
+            result = await self._receive(lambda: receiver.recv_into(buffer, 0, size, stop_at_hole))
+            if result == 0:
+                self._eof = True
+            return result
         finally:
             self._reading = False
 
