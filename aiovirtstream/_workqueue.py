@@ -10,7 +10,13 @@ and ends when the queue is empty, so no thread is started per transfer.
 
 from __future__ import annotations
 
-__all__ = ["WorkQueue", "WOULD_BLOCK", "run_in_worker", "wait_through_cancellation"]
+__all__ = [
+    "WorkQueue",
+    "WOULD_BLOCK",
+    "run_in_worker",
+    "run_to_the_end",
+    "wait_through_cancellation",
+]
 
 import asyncio
 import threading
@@ -50,6 +56,21 @@ async def wait_through_cancellation(future: asyncio.Future[T]) -> bool:
         except BaseException:  # noqa: BLE001 - the future's own; the caller reads it
             break
     return cancelled
+
+
+async def run_to_the_end(func: Callable[[], T]) -> T:
+    """:func:`run_in_worker`, and a cancellation waits for ``func`` to return first.
+
+    anyio's shielded ``to_thread.run_sync`` does not hold back asyncio's own
+    ``task.cancel()``: a cancelled ``Sandbox`` start cleaned up while its
+    thread went on spawning libvirtd, and that daemon outlived the sandbox.
+    """
+    future = run_in_worker(func)
+    if await wait_through_cancellation(future):
+        if not future.cancelled():
+            future.exception()  # retrieved: the cancellation is what is raised
+        raise asyncio.CancelledError()
+    return future.result()
 
 
 def _released(_item: object) -> int:

@@ -38,7 +38,6 @@ __all__ = [
     "guest_requirements_problem",
 ]
 
-import asyncio
 import contextlib
 import functools
 import inspect
@@ -56,11 +55,11 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Literal, TypeVar
+from typing import IO, Literal
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape
 
@@ -71,27 +70,9 @@ import libvirt
 from . import _testguest
 from ._exceptions import SandboxError, map_libvirt_errors
 from ._testguest import GuestPackageMissingError
-from ._workqueue import run_in_worker, wait_through_cancellation
+from ._workqueue import run_to_the_end
 
 SandboxMode = Literal["storage", "full"]
-
-_T = TypeVar("_T")
-
-
-async def _to_the_end(func: Callable[[], _T]) -> _T:
-    """Run ``func`` in a worker thread; a cancellation waits for it to return first.
-
-    anyio's shielded ``to_thread.run_sync`` does not hold back asyncio's own
-    ``task.cancel()``: the thread went on spawning libvirtd while the
-    cancelled start cleaned up, and that daemon outlived the sandbox.
-    """
-    future = run_in_worker(func)
-    if await wait_through_cancellation(future):
-        if not future.cancelled():
-            future.exception()  # retrieved: the cancellation is what is raised
-        raise asyncio.CancelledError()
-    return future.result()
-
 
 _LOG_TAIL_LINES = 40
 _POLL_INTERVAL = 0.05
@@ -543,10 +524,10 @@ class Sandbox:
         """:meth:`start` without blocking the event loop; cleans up when cancelled."""
         self._claim()
         try:
-            await _to_the_end(self._begin)
+            await run_to_the_end(self._begin)
             deadline = time.monotonic() + self.start_timeout
             while True:
-                if await _to_the_end(functools.partial(self._check_ready, deadline)):
+                if await run_to_the_end(functools.partial(self._check_ready, deadline)):
                     break
                 await anyio.sleep(_POLL_INTERVAL)
         except BaseException:
@@ -560,7 +541,7 @@ class Sandbox:
     async def astop(self) -> None:
         """:meth:`stop` in a worker thread, shielded from cancellation."""
         with anyio.CancelScope(shield=True):
-            await _to_the_end(self._finalizer)
+            await run_to_the_end(self._finalizer)
 
     def __enter__(self) -> Sandbox:
         self.start()
@@ -969,11 +950,11 @@ class Sandbox:
     ) -> GuestInfo:
         """:meth:`start_test_guest` in a worker thread."""
         start = functools.partial(self.start_test_guest, name, ready_timeout=ready_timeout)
-        return await _to_the_end(start)
+        return await run_to_the_end(start)
 
     async def astop_test_guest(self, guest: GuestInfo | str, *, wait: bool = True) -> None:
         """:meth:`stop_test_guest` in a worker thread."""
-        await _to_the_end(functools.partial(self.stop_test_guest, guest, wait=wait))
+        await run_to_the_end(functools.partial(self.stop_test_guest, guest, wait=wait))
 
 
 class _GuestNotReadyError(Exception):
