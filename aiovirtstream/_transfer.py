@@ -57,7 +57,7 @@ from ._native import Buffer
 from ._stream import MAX_CHUNK, AsyncStream, Hole, StreamItem
 from ._volume import open_volume_download, open_volume_upload
 from ._workqueue import run_in_worker
-from ._writebehind import FileWriter, WriteBehind
+from ._writebehind import ZERO_CHUNK, FileWriter, WriteBehind
 
 UploadSource = (
     str | os.PathLike[str] | IO[bytes] | AsyncIterable[bytes] | anyio.abc.ByteReceiveStream
@@ -77,7 +77,6 @@ PARALLEL_MIN_PART = 64 * 1024 * 1024
 AUTO_PARALLEL_MIN = 256 * 1024 * 1024
 AUTO_PARALLEL = 2
 MiB = 1024 * 1024
-_ZERO_CHUNK = bytes(MAX_CHUNK)
 logger = logging.getLogger(__name__)
 _HASH_ZEROES = bytes(1024 * 1024)
 
@@ -550,7 +549,7 @@ class _FileReader:
             return self._put(Hole(length))
         while length > 0:
             step = min(length, MAX_CHUNK)
-            if not self._put(_ZERO_CHUNK[:step]):
+            if not self._put(ZERO_CHUNK[:step]):
                 return False
             length -= step
         return True
@@ -946,7 +945,7 @@ async def _download_stream(
                     remaining = item.length
                     while remaining > 0:
                         step = min(remaining, MAX_CHUNK)
-                        await dest.send(_ZERO_CHUNK[:step])
+                        await dest.send(ZERO_CHUNK[:step])
                         remaining -= step
                     hole_bytes += item.length
                     if hasher:

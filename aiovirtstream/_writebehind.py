@@ -25,7 +25,7 @@ used lately costs a fault on the host when touched again):
 
 from __future__ import annotations
 
-__all__ = ["FileWriter", "WriteBehind", "SLOT_SIZE", "punch_hole"]
+__all__ = ["FileWriter", "WriteBehind", "SLOT_SIZE", "ZERO_CHUNK", "punch_hole"]
 
 import asyncio
 import ctypes
@@ -49,7 +49,8 @@ BATCH = 8
 #: The size of each ``pwrite``: see the module's docstring.
 WRITE_PIECE = 32 * 1024
 
-_ZERO_CHUNK = bytes(MAX_CHUNK)
+#: Zeroes to write for a hole, a slice at a time (shared with uploads).
+ZERO_CHUNK = bytes(MAX_CHUNK)
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc: Any = None
@@ -85,10 +86,7 @@ class FileWriter:
         self.data_bytes = 0
         self.hole_bytes = 0
 
-    def write(self, item: Buffer | bytes | Hole) -> None:
-        if isinstance(item, Hole):
-            self.hole(item.length)
-            return
+    def write(self, item: Buffer | bytes) -> None:
         view = memoryview(item)
         size = view.nbytes
         while view:
@@ -111,7 +109,7 @@ class FileWriter:
         pos = self._pos
         while length > 0:
             step = min(length, MAX_CHUNK)
-            pos += os.pwrite(self._fd, _ZERO_CHUNK[:step], pos)
+            pos += os.pwrite(self._fd, ZERO_CHUNK[:step], pos)
             length -= step
 
     @property
