@@ -57,7 +57,7 @@ from ._native import Buffer
 from ._stream import MAX_CHUNK, AsyncStream, Hole, StreamItem
 from ._volume import open_volume_download, open_volume_upload
 from ._workqueue import run_in_worker
-from ._writebehind import ZERO_CHUNK, FileWriter, WriteBehind
+from ._writebehind import ZERO_CHUNK, FileWriter, WriteBehind, WriteWorker
 
 UploadSource = (
     str | os.PathLike[str] | IO[bytes] | AsyncIterable[bytes] | anyio.abc.ByteReceiveStream
@@ -790,19 +790,30 @@ async def _download_fd(
         for part_offset, _ in parts
     ]
 
+    worker = WriteWorker()  # one writer thread per file (see WriteWorker)
+
     def counts() -> tuple[int, int]:
         return sum(w.data_bytes for w in writers), sum(w.hole_bytes for w in writers)
 
     async with options.reporter(counts, total) as reporter:
         if len(parts) == 1:
-            await _download_range(vol, writers[0], options.offset, options.length, options, name)
+            await _download_range(
+                vol, writers[0], worker, options.offset, options.length, options, name
+            )
         else:
             # Several streams over ranges of one volume: the daemon keeps one
             # packet in flight per stream, so ranges overlap on its side.
             async with anyio.create_task_group() as group:
                 for writer, (part_offset, part_length) in zip(writers, parts, strict=True):
                     group.start_soon(
-                        _download_range, vol, writer, part_offset, part_length, options, name
+                        _download_range,
+                        vol,
+                        writer,
+                        worker,
+                        part_offset,
+                        part_length,
+                        options,
+                        name,
                     )
         await run_in_worker(max(writers, key=lambda w: w.end).close)
         await reporter.final()
@@ -831,12 +842,13 @@ def _split_range(offset: int, total: int, parallel: int) -> list[tuple[int, int]
 async def _download_range(
     vol: libvirt.virStorageVol,
     writer: FileWriter,
+    worker: WriteWorker,
     offset: int,
     length: int,
     options: _Options,
     name: str,
 ) -> None:
-    """One stream's worth of a download, written behind by a worker thread.
+    """One stream's worth of a download, written behind by the file's worker thread.
 
     The stream's pump receives on the loop, from inside the stream's events,
     into the write-behind's slots (no coroutine wakes per packet); a worker
@@ -854,6 +866,7 @@ async def _download_range(
         pause=backpressure.pause,
         resume=backpressure.resume,
         name=name,
+        worker=worker,
     )
     try:
         async with stream:
