@@ -32,18 +32,21 @@ from __future__ import annotations
 __all__ = ["FileWriter", "WriteBehind", "WriteWorker", "SLOT_SIZE", "ZERO_CHUNK", "punch_hole"]
 
 import asyncio
+import concurrent.futures
 import ctypes
 import ctypes.util
 import errno
 import os
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from ._exceptions import TransferError
 from ._native import Buffer
 from ._stream import MAX_CHUNK, Hole
-from ._workqueue import WorkQueue
+from ._workqueue import WorkQueue, wait_through_cancellation
+
+T = TypeVar("T")
 
 #: The size of each receive slot, and so of each write.
 SLOT_SIZE = 256 * 1024
@@ -129,15 +132,19 @@ class FileWriter:
 
 _Item = tuple[bytearray, int] | Hole  # a slot and how much of it is data
 _Batch = tuple["WriteBehind", list[_Item]]
+_Job = Callable[[], None]  # WriteWorker.run_after_writes
 
 
-def _write_batch(batch: _Batch) -> None:
+def _write_batch(batch: _Batch | _Job) -> None:
+    if callable(batch):
+        batch()
+        return
     sink, items = batch
     sink._write_batch(items)
 
 
-def _batch_weight(batch: _Batch) -> int:
-    return len(batch[1])
+def _batch_weight(batch: _Batch | _Job) -> int:
+    return 1 if callable(batch) else len(batch[1])
 
 
 class WriteWorker:
@@ -148,8 +155,9 @@ class WriteWorker:
     write the same file).
     """
 
-    def __init__(self) -> None:
-        self._queue: WorkQueue[_Batch] = WorkQueue(
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._queue: WorkQueue[_Batch | _Job] = WorkQueue(
             asyncio.get_running_loop(),
             _write_batch,
             _batch_weight,
@@ -173,6 +181,37 @@ class WriteWorker:
     async def join(self) -> None:
         """Wait until everything queued so far is written (or the worker failed)."""
         await self._queue.join()
+
+    def raise_error(self) -> None:
+        """Raise :class:`TransferError` if a write failed."""
+        error = self._queue.error
+        if error is not None:
+            raise TransferError(f"cannot write {self._name!r}: {error}") from error
+
+    async def run_after_writes(self, func: Callable[[], T]) -> T:
+        """Run ``func`` in the worker once everything queued so far is written.
+
+        For the last steps of a download (truncate, close, rename), which
+        would otherwise cost a thread hop each. Raises what ``func`` raised,
+        or :class:`TransferError` if a write failed first (``func`` then does
+        not run). Cancelled, it waits for ``func`` to return, then raises.
+        """
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def job() -> None:
+            try:
+                done.set_result(func())
+            except BaseException as error:  # noqa: BLE001 - handed to the loop
+                done.set_exception(error)
+
+        self._queue.put_nowait(job)
+        cancelled = await wait_through_cancellation(asyncio.ensure_future(self._queue.join()))
+        if cancelled:
+            raise asyncio.CancelledError()
+        self.raise_error()
+        if not done.done():
+            raise TransferError(f"the writes of {self._name!r} were abandoned")
+        return done.result()
 
     def _failed(self, error: BaseException) -> None:
         for sink in self._sinks:
@@ -200,7 +239,6 @@ class WriteBehind:
     ) -> None:
         self.writer = writer
         self._loop = asyncio.get_running_loop()
-        self._name = name
         self._pause = pause
         self._resume = resume
         self._max_slots = max(limit // SLOT_SIZE, 2 * BATCH)
@@ -212,7 +250,7 @@ class WriteBehind:
         self._fill = 0
         self._batch: list[_Item] = []
         self._abandoned = False
-        self._worker = worker if worker is not None else WriteWorker()
+        self._worker = worker if worker is not None else WriteWorker(name)
         self._worker.attach(self)
         #: Bytes received into slots (the writer's counts say what is on disk).
         self.received_bytes = 0
@@ -318,9 +356,7 @@ class WriteBehind:
             self._resume()
 
     def _raise_error(self) -> None:
-        error = self._worker.error
-        if error is not None:
-            raise TransferError(f"cannot write {self._name!r}: {error}") from error
+        self._worker.raise_error()
 
     # -- the end
 

@@ -421,6 +421,30 @@ async def test_failed_write_removes_the_temporary_file(
     assert result.data_bytes == size
 
 
+async def test_destination_that_appears_during_the_download_is_kept(
+    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rename, run in the writer thread after the last write, refuses to clobber."""
+    import aiovirtstream._writebehind as writebehind
+
+    vol, _ = await random_volume(make_volume, tmp_path, "appearing.img", 4 * MiB)
+    dest = tmp_path / "out"
+    real_write = writebehind.FileWriter.write
+
+    def write_then_appear(self: writebehind.FileWriter, item: object) -> None:
+        real_write(self, item)  # type: ignore[arg-type]
+        if not dest.exists():
+            dest.write_bytes(b"someone else's")
+
+    monkeypatch.setattr(writebehind.FileWriter, "write", write_then_appear)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(avs.DestinationExistsError, match="appeared during the download"):
+        await avs.download(vol, dest)
+    assert dest.read_bytes() == b"someone else's"
+    assert not list(tmp_path.glob(".*.part"))
+    assert len(os.listdir("/proc/self/fd")) <= fds_before  # the temporary file's fd closed
+
+
 async def test_parallel_by_default_only_for_large_downloads(
     make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
