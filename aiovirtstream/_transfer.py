@@ -278,9 +278,14 @@ class _UploadPlan:
 
 
 async def _plan_upload(
-    vol: libvirt.virStorageVol, options: _Options, amount: int | None, name: str
+    vol: libvirt.virStorageVol,
+    options: _Options,
+    amount: int | None,
+    name: str,
+    sizes: tuple[int, int] | None = None,
 ) -> _UploadPlan:
-    capacity, allocation = await _volume_info(vol)
+    """Check the room and choose how holes go; ``sizes`` = (capacity, allocation) if known."""
+    capacity, allocation = sizes if sizes is not None else await _volume_info(vol)
     if options.offset > capacity:
         raise SourceTooLargeError(
             f"offset {options.offset} is past the end of the volume ({capacity} bytes)"
@@ -401,17 +406,23 @@ def _source_size(fd: int, name: str) -> tuple[int, bool]:
 
 
 def _open_and_size(
-    source: str | os.PathLike[str] | IO[bytes],
-) -> tuple[int, int, bool, str, int, bool]:
-    """:func:`_open_source` and :func:`_source_size` in one worker-thread hop."""
+    source: str | os.PathLike[str] | IO[bytes], vol: libvirt.virStorageVol
+) -> tuple[int, int, bool, str, int, bool, tuple[int, int] | None]:
+    """:func:`_open_source`, :func:`_source_size` and, for a file, the volume's
+    (capacity, allocation), in one worker-thread hop."""
     fd, position, owned, name = _open_source(source)
     try:
         size, seekable = _source_size(fd, name)
+        sizes = None
+        if seekable:
+            with map_libvirt_errors(context="cannot read the volume's size"):
+                info = vol.info()
+            sizes = int(info[1]), int(info[2])
     except BaseException:
         if owned:
             os.close(fd)
         raise
-    return fd, position, owned, name, size, seekable
+    return fd, position, owned, name, size, seekable, sizes
 
 
 async def _upload_file(
@@ -419,8 +430,8 @@ async def _upload_file(
     source: str | os.PathLike[str] | IO[bytes],
     options: _Options,
 ) -> TransferResult:
-    fd, position, owned, name, size, seekable = await anyio.to_thread.run_sync(
-        _open_and_size, source
+    fd, position, owned, name, size, seekable, sizes = await anyio.to_thread.run_sync(
+        _open_and_size, source, vol
     )
     try:
         if not seekable:
@@ -429,7 +440,7 @@ async def _upload_file(
             return await _upload_iterable(vol, _iter_file(cast(IO[bytes], source)), options)
         available = max(size - position, 0)
         amount = min(options.length, available) if options.length else available
-        plan = await _plan_upload(vol, options, amount, repr(name))
+        plan = await _plan_upload(vol, options, amount, repr(name), sizes)
         stream = await open_volume_upload(
             vol, offset=options.offset, length=plan.stream_length, sparse=plan.holes
         )
