@@ -507,6 +507,7 @@ class AsyncStream(anyio.abc.ByteStream):
             pump.done.set_exception(self._closed_error("read"))
             return
         sink, receiver, stop_at_hole = pump.sink, pump.receiver, pump.stop_at_hole
+        after_data = False  # the last call of this step received data
         try:
             for _ in range(_PUMP_BURST):
                 target = sink.buffer()
@@ -523,12 +524,16 @@ class AsyncStream(anyio.abc.ByteStream):
                         # it has room bytes: a short one emptied the queue (or
                         # stopped at a hole, whose packet re-arms the event).
                         return
+                    after_data = True
                 elif result == -2:
                     # libvirt leaves the stream's 0 ms timer enabled when a
                     # recv finds the queue empty (that path skips its timer
                     # update; seen after holes: thousands of empty firings per
                     # sparse download). Re-stating our events re-evaluates it.
-                    libvirtmod.virStreamEventUpdateCallback(self.virstream._o, self._subscribed)
+                    # Not needed right after a recv that got data: that one
+                    # updated the timer (once per 24-byte packet of a download).
+                    if not after_data:
+                        libvirtmod.virStreamEventUpdateCallback(self.virstream._o, self._subscribed)
                     return
                 elif result == 0:
                     self._eof = True
@@ -539,6 +544,7 @@ class AsyncStream(anyio.abc.ByteStream):
                     length = receiver.recv_hole()
                     if length:
                         sink.hole(length)
+                    after_data = False
                 else:
                     raise self._mark_broken(RuntimeError(f"virStreamRecv returned {result}"))
             # Burst used up: libvirt's 0 ms timer fires again next iteration.
