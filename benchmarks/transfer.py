@@ -435,6 +435,22 @@ def _daemon_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
 
 
+def _cpu_times() -> tuple[float, float]:
+    """(all CPU time, steal time) of the machine so far, in seconds, from /proc/stat.
+
+    Steal is time the hypervisor ran something else while this VM wanted
+    to run: a busy host makes every figure of the run vary more.
+    """
+    try:
+        with open("/proc/stat") as stat_file:
+            fields = [int(x) for x in stat_file.readline().split()[1:]]
+    except (OSError, ValueError):
+        return float("nan"), float("nan")
+    ticks = os.sysconf("SC_CLK_TCK")
+    steal = fields[7] if len(fields) > 7 else 0
+    return sum(fields[:8]) / ticks, steal / ticks
+
+
 # ============================================================== the parent
 
 
@@ -851,6 +867,7 @@ def main(argv: list[str] | None = None) -> int:
     from aiovirtstream.testing import Sandbox
 
     started = time.perf_counter()
+    cpu_times0 = _cpu_times()
     work = Path(tempfile.mkdtemp(prefix="aiovirtstream-bench-"))
     try:
         with Sandbox() as sb:
@@ -944,10 +961,16 @@ def main(argv: list[str] | None = None) -> int:
         f"python {sys.version.split()[0]}, libvirt-python {_dist_version('libvirt-python')}, "
         f"libvirt {_libvirt_version()}, {os.cpu_count()} CPUs; caches warm; "
         f"aiovirtstream downloads with parallel={args.parallel or 'auto'}; "
-        f"{time.perf_counter() - started:.0f} s in all"
+        f"{time.perf_counter() - started:.0f} s in all; "
+        f"{_steal_percent(cpu_times0, _cpu_times()):.1f} % of the CPU time stolen by the host"
     )
     print(text)
     return 0 if all(t.passed for t in targets) else 1
+
+
+def _steal_percent(before: tuple[float, float], after: tuple[float, float]) -> float:
+    total = after[0] - before[0]
+    return 100 * (after[1] - before[1]) / total if total > 0 else float("nan")
 
 
 def _dist_version(name: str) -> str:
