@@ -832,7 +832,25 @@ async def _download_fd(
     ]
 
     worker = WriteWorker(name)  # one writer thread per file (see WriteWorker)
+    try:
+        data, holes = await _download_parts(
+            vol, writers, worker, parts, total, options, name, complete_file
+        )
+    finally:
+        worker.close()
+    return options.result(data, holes, hasher)
 
+
+async def _download_parts(
+    vol: libvirt.virStorageVol,
+    writers: list[FileWriter],
+    worker: WriteWorker,
+    parts: list[tuple[int, int]],
+    total: int,
+    options: _Options,
+    name: str,
+    complete_file: Callable[[], None] | None,
+) -> tuple[int, int]:
     def counts() -> tuple[int, int]:
         return sum(w.data_bytes for w in writers), sum(w.hole_bytes for w in writers)
 
@@ -868,7 +886,7 @@ async def _download_fd(
 
         data, holes = await worker.run_after_writes(complete)
         await reporter.final()
-    return options.result(data, holes, hasher)
+    return data, holes
 
 
 def _streams_for(options: _Options, total: int) -> int:

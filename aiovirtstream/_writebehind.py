@@ -12,23 +12,21 @@ Why these sizes (measured on the development machine: ext4, Linux 6.18 in
 a VM whose freed memory goes back to the host, so a page the kernel has not
 used lately costs a fault on the host when touched again):
 
-* Writes go out in pieces of 128 KiB, from one worker per download. With a
+* Writes go out in pieces of 128 KiB, from one worker per download
+  (:class:`WriteWorker`, shared by the download's streams). With a
   worker per stream (two for a 1 GiB download), the threads writing one
   file took turns at its inode lock, and ext4's waiter spins for it
   (``rwsem_spin_on_owner``, 6 % of CPU samples, perf): whole 256 KiB slots
   then spent 1.1-1.3 s of CPU per GiB, 32 KiB pieces 0.62-0.68 s. With one
-  writer, larger pieces cost less: over 24 downloads of 1 GiB each, 0.67-0.87 s
-  of CPU in 128 KiB pieces against 0.81-0.90 s in 32 KiB ones, in the same
-  time; a 2 GiB sparse one took 72 ms instead of 83. (Whole slots saved no
-  more CPU, and took up to 20 % longer in wall time: a write's page-cache
+  writer, larger pieces cost less CPU: in two runs of 24 downloads of 1 GiB
+  each (medians), 0.67 and 0.87 s in 128 KiB pieces against 0.81 and
+  0.90 s in 32 KiB ones, in the same time in one run and 16 % more in the
+  other; a 2 GiB sparse download took 72 ms instead of 83. Whole slots
+  saved no more CPU and took up to 20 % longer: a write's page-cache
   folios are as large as the write allows, and large ones come from free
-  memory that this VM has given back to its host.)
+  memory that this VM has given back to its host.
 * A batch of 8 slots per hand-off wakes the worker once per 2 MiB instead
   of once per packet.
-* One worker writes for all the streams of a download (:class:`WriteWorker`):
-  with a worker per stream, the two threads writing one file took turns at
-  its inode lock, and ext4's waiter spins for it (``rwsem_spin_on_owner``:
-  6 % of a two-stream 1 GiB download's CPU samples, perf).
 """
 
 from __future__ import annotations
@@ -170,11 +168,6 @@ class WriteWorker:
         )
         self._sinks: list[WriteBehind] = []
 
-    @property
-    def error(self) -> BaseException | None:
-        """The write that failed, if one did."""
-        return self._queue.error
-
     def attach(self, sink: WriteBehind) -> None:
         self._sinks.append(sink)
 
@@ -216,6 +209,12 @@ class WriteWorker:
         if not done.done():
             raise TransferError(f"the writes of {self._name!r} were abandoned")
         return done.result()
+
+    def close(self) -> None:
+        """Forget the write-behinds once the download is over, so that their
+        slots go with them rather than with the next garbage collection."""
+        self._sinks.clear()
+        self._queue.release()
 
     def _failed(self, error: BaseException) -> None:
         for sink in self._sinks:

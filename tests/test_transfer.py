@@ -445,6 +445,34 @@ async def test_destination_that_appears_during_the_download_is_kept(
     assert len(os.listdir("/proc/self/fd")) <= fds_before  # the temporary file's fd closed
 
 
+async def test_write_behind_slots_are_freed_with_the_download(
+    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No reference cycle keeps a download's slots (up to 16 MiB a stream) alive."""
+    import gc
+    import weakref
+
+    import aiovirtstream._writebehind as writebehind
+
+    vol, _ = await random_volume(make_volume, tmp_path, "slots.img", 4 * MiB)
+    sinks: list[weakref.ref[writebehind.WriteBehind]] = []
+    real_init = writebehind.WriteBehind.__init__
+
+    def spy_init(self: writebehind.WriteBehind, *args: object, **kwargs: object) -> None:
+        real_init(self, *args, **kwargs)  # type: ignore[arg-type]
+        sinks.append(weakref.ref(self))
+
+    monkeypatch.setattr(writebehind.WriteBehind, "__init__", spy_init)
+    gc.collect()
+    gc.disable()
+    try:
+        await avs.download(vol, tmp_path / "out", parallel=1)
+        await asyncio.sleep(0)
+        assert sinks and all(ref() is None for ref in sinks)
+    finally:
+        gc.enable()
+
+
 async def test_parallel_by_default_only_for_large_downloads(
     make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
