@@ -781,7 +781,7 @@ async def _download_path(
 
     try:
         return await _download_fd(
-            vol, fd, 0, False, options, str(dest), capacity=capacity, complete_file=put_in_place
+            vol, fd, 0, 0, options, str(dest), capacity=capacity, complete_file=put_in_place
         )
     except BaseException:
         with anyio.CancelScope(shield=True):
@@ -789,22 +789,30 @@ async def _download_path(
         raise
 
 
+def _inspect_destination(dest: IO[bytes]) -> tuple[int, int]:
+    """Flush an open destination; its (position, size), position -1 if it is
+    not a seekable regular file (worker thread: this is file I/O)."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        dest.flush()
+    try:
+        position = dest.tell()
+    except (OSError, ValueError):
+        return -1, 0
+    info = os.fstat(dest.fileno())
+    return (position, info.st_size) if stat.S_ISREG(info.st_mode) else (-1, 0)
+
+
 async def _download_file(
     vol: libvirt.virStorageVol, dest: IO[bytes], options: _Options
 ) -> TransferResult:
     fd = dest.fileno()
-    with contextlib.suppress(AttributeError, OSError, ValueError):
-        await anyio.to_thread.run_sync(dest.flush)
-    try:
-        position = dest.tell()
-    except (OSError, ValueError):
-        position = -1
-    if position < 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
+    position, size = await anyio.to_thread.run_sync(_inspect_destination, dest)
+    if position < 0:
         # Not seekable (a pipe): write in order, holes as zeroes.
         return await _download_stream(vol, _FileSink(dest), options)
     name = getattr(dest, "name", f"fd {fd}")
-    result = await _download_fd(vol, fd, position, True, options, name)
-    dest.seek(position + result.total_bytes)
+    result = await _download_fd(vol, fd, position, size, options, name)
+    await anyio.to_thread.run_sync(dest.seek, position + result.total_bytes)
     return result
 
 
@@ -812,24 +820,28 @@ async def _download_fd(
     vol: libvirt.virStorageVol,
     fd: int,
     start: int,
-    punch: bool,
+    size: int,
     options: _Options,
     name: str,
     *,
     capacity: int | None = None,
     complete_file: Callable[[], None] | None = None,
 ) -> TransferResult:
-    """Download into ``fd`` from ``start``; ``complete_file`` runs in the writer
-    thread after the last write, once the download is known to be complete."""
+    """Download into ``fd`` (``size`` bytes long now) from ``start``.
+
+    Holes are punched where the file held data. ``complete_file`` runs in
+    the writer thread after the last write, once the download is known to
+    be complete.
+    """
     if capacity is None:
         capacity, _ = await _volume_info(vol)
     total = _download_size(capacity, options)
     parts = _split_range(options.offset, total, _streams_for(options, total))
     hasher = options.hasher()
-    writers = [
-        FileWriter(fd, start + part_offset - options.offset, punch, hasher)
-        for part_offset, _ in parts
-    ]
+    writers = []
+    for part_offset, _ in parts:
+        part_start = start + part_offset - options.offset
+        writers.append(FileWriter(fd, part_start, size > part_start, hasher))
 
     worker = WriteWorker(name)  # one writer thread per file (see WriteWorker)
     try:

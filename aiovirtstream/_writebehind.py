@@ -88,9 +88,10 @@ class FileWriter:
     """Writes downloaded data and holes at increasing offsets (worker thread)."""
 
     def __init__(self, fd: int, start: int, punch: bool, hasher: Hasher | None) -> None:
+        """``punch``: the file may hold data from ``start`` on, so holes are punched."""
         self._fd = fd
         self._pos = start
-        self._punch = punch and os.fstat(fd).st_size > start
+        self._punch = punch
         self.hasher = hasher
         self.data_bytes = 0
         self.hole_bytes = 0
