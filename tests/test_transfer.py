@@ -445,6 +445,41 @@ async def test_destination_that_appears_during_the_download_is_kept(
     assert len(os.listdir("/proc/self/fd")) <= fds_before  # the temporary file's fd closed
 
 
+async def test_cancelled_while_the_download_is_put_in_place(
+    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancellation during the last step (in the writer thread) waits for it.
+
+    The destination is then complete (that step renames only a complete
+    download), the temporary file is gone, and the cancellation is raised.
+    """
+    import threading
+
+    import aiovirtstream._writebehind as writebehind
+
+    vol, source = await random_volume(make_volume, tmp_path, "last-step.img", 4 * MiB)
+    dest = tmp_path / "out"
+    entered, release = threading.Event(), threading.Event()
+    real_close = writebehind.FileWriter.close
+
+    def held_close(self: writebehind.FileWriter) -> None:
+        entered.set()
+        release.wait(10)
+        real_close(self)
+
+    monkeypatch.setattr(writebehind.FileWriter, "close", held_close)
+    task = asyncio.create_task(avs.download(vol, dest))
+    assert await asyncio.to_thread(entered.wait, 10)
+    task.cancel()
+    await asyncio.sleep(0.05)
+    assert not task.done()  # waits for the writer thread's last step
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert dest.read_bytes() == source.read_bytes()
+    assert not list(tmp_path.glob(".*.part"))
+
+
 async def test_write_behind_slots_are_freed_with_the_download(
     make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
