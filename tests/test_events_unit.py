@@ -166,7 +166,12 @@ async def test_reentrant_callbacks(impl: EventImpl, rec: Recorder) -> None:
     def one_shot(timer: int, opaque: Any) -> None:
         seen.append("fired")
         impl.remove_timeout(timer)
-        impl.add_timeout(0, lambda t, o: (seen.append("second"), impl.remove_timeout(t)), "2nd")
+
+        def second(timer: int, opaque: Any) -> None:
+            seen.append("second")
+            impl.remove_timeout(timer)
+
+        impl.add_timeout(0, second, "2nd")
 
     impl.add_timeout(0, one_shot, "1st")
     await spin(5)

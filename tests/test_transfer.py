@@ -269,11 +269,13 @@ async def test_parallel_download_over_ranges(
     dest = tmp_path / "out"
     seen: list[avs.TransferProgress] = []
     opened: list[tuple[int, int]] = []
-    real_open = transfer_module.open_volume_download
+    real_open = avs.open_volume_download
 
-    async def spy(vol: libvirt.virStorageVol, **kwargs: int) -> avs.AsyncStream:
-        opened.append((kwargs["offset"], kwargs["length"]))
-        return await real_open(vol, **kwargs)
+    async def spy(
+        vol: libvirt.virStorageVol, *, offset: int, length: int, sparse: bool
+    ) -> avs.AsyncStream:
+        opened.append((offset, length))
+        return await real_open(vol, offset=offset, length=length, sparse=sparse)
 
     monkeypatch.setattr(transfer_module, "open_volume_download", spy)
     result = await avs.download(vol, dest, parallel=3, progress=seen.append)
@@ -375,7 +377,12 @@ async def test_download_holds_the_daemon_back_while_the_disk_is_behind(
     paused = []
     impl = avs.get_event_impl()
     real_pause = impl.pause_reading
-    monkeypatch.setattr(impl, "pause_reading", lambda fd: (paused.append(fd), real_pause(fd)))
+
+    def spy_pause(fd: int) -> None:
+        paused.append(fd)
+        real_pause(fd)
+
+    monkeypatch.setattr(impl, "pause_reading", spy_pause)
     task = asyncio.create_task(avs.download(vol, tmp_path / "out", sparse=False))
     try:
         while not paused:
@@ -514,11 +521,13 @@ async def test_parallel_by_default_only_for_large_downloads(
     size = transfer_module.AUTO_PARALLEL_MIN
     vol = await make_volume("auto-parallel.img", size)  # allocation 0: all hole
     opened: list[int] = []
-    real_open = transfer_module.open_volume_download
+    real_open = avs.open_volume_download
 
-    async def spy(vol: libvirt.virStorageVol, **kwargs: int) -> avs.AsyncStream:
-        opened.append(kwargs["length"])
-        return await real_open(vol, **kwargs)
+    async def spy(
+        vol: libvirt.virStorageVol, *, offset: int, length: int, sparse: bool
+    ) -> avs.AsyncStream:
+        opened.append(length)
+        return await real_open(vol, offset=offset, length=length, sparse=sparse)
 
     monkeypatch.setattr(transfer_module, "open_volume_download", spy)
     # 256 MiB: two streams, dense or sparse.
