@@ -261,11 +261,16 @@ async def _closing(progress: ProgressTarget | None) -> AsyncIterator[None]:
                 await progress.aclose()
 
 
+def _volume_sizes(vol: libvirt.virStorageVol) -> tuple[int, int]:
+    """(capacity, allocation) of ``vol``: a round trip, so in a worker thread."""
+    with map_libvirt_errors(context="cannot read the volume's size"):
+        info = vol.info()
+    return int(info[1]), int(info[2])
+
+
 async def _volume_info(vol: libvirt.virStorageVol) -> tuple[int, int]:
     """(capacity, allocation) of ``vol``, asked off the loop."""
-    with map_libvirt_errors(context="cannot read the volume's size"):
-        info = await anyio.to_thread.run_sync(vol.info)
-    return int(info[1]), int(info[2])
+    return await anyio.to_thread.run_sync(_volume_sizes, vol)
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,11 +418,7 @@ def _open_and_size(
     fd, position, owned, name = _open_source(source)
     try:
         size, seekable = _source_size(fd, name)
-        sizes = None
-        if seekable:
-            with map_libvirt_errors(context="cannot read the volume's size"):
-                info = vol.info()
-            sizes = int(info[1]), int(info[2])
+        sizes = _volume_sizes(vol) if seekable else None
     except BaseException:
         if owned:
             os.close(fd)
@@ -756,8 +757,7 @@ def _prepare_download(
     """The temporary file and the volume's capacity, in one worker-thread hop."""
     fd, temp = _make_temporary(dest, overwrite)
     try:
-        with map_libvirt_errors(context="cannot read the volume's size"):
-            capacity = int(vol.info()[1])
+        capacity, _ = _volume_sizes(vol)
     except BaseException:
         _discard(fd, temp)
         raise
