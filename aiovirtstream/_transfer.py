@@ -846,7 +846,7 @@ async def _download_fd(
     worker = WriteWorker(name)  # one writer thread per file (see WriteWorker)
     try:
         data, holes = await _download_parts(
-            vol, writers, worker, parts, total, options, name, complete_file
+            vol, writers, worker, parts, total, options, complete_file
         )
     finally:
         worker.close()
@@ -860,7 +860,6 @@ async def _download_parts(
     parts: list[tuple[int, int]],
     total: int,
     options: _Options,
-    name: str,
     complete_file: Callable[[], None] | None,
 ) -> tuple[int, int]:
     def counts() -> tuple[int, int]:
@@ -868,23 +867,14 @@ async def _download_parts(
 
     async with options.reporter(counts, total) as reporter:
         if len(parts) == 1:
-            await _download_range(
-                vol, writers[0], worker, options.offset, options.length, options, name
-            )
+            await _download_range(vol, writers[0], worker, options.offset, options.length, options)
         else:
             # Several streams over ranges of one volume: the daemon keeps one
             # packet in flight per stream, so ranges overlap on its side.
             async with anyio.create_task_group() as group:
                 for writer, (part_offset, part_length) in zip(writers, parts, strict=True):
                     group.start_soon(
-                        _download_range,
-                        vol,
-                        writer,
-                        worker,
-                        part_offset,
-                        part_length,
-                        options,
-                        name,
+                        _download_range, vol, writer, worker, part_offset, part_length, options
                     )
         last = max(writers, key=lambda w: w.end)
 
@@ -925,7 +915,6 @@ async def _download_range(
     offset: int,
     length: int,
     options: _Options,
-    name: str,
 ) -> None:
     """One stream's worth of a download, written behind by the file's worker thread.
 
@@ -944,7 +933,6 @@ async def _download_range(
         limit=WRITE_BEHIND,
         pause=backpressure.pause,
         resume=backpressure.resume,
-        name=name,
         worker=worker,
     )
     try:

@@ -228,7 +228,8 @@ class WriteBehind:
     ``pause`` and ``resume`` are called on the loop when the sink runs out
     of slots and when the worker gave some back; ``resume`` must restart
     the pump (:meth:`AsyncStream.resume_pump`). The streams of one download
-    share a ``worker``; without one the write-behind makes its own.
+    share a ``worker``, which also tells when everything is written
+    (:meth:`WriteWorker.run_after_writes`).
     """
 
     def __init__(
@@ -238,8 +239,7 @@ class WriteBehind:
         limit: int,
         pause: Callable[[], None],
         resume: Callable[[], None],
-        name: str,
-        worker: WriteWorker | None = None,
+        worker: WriteWorker,
     ) -> None:
         self.writer = writer
         self._loop = asyncio.get_running_loop()
@@ -254,15 +254,15 @@ class WriteBehind:
         self._fill = 0
         self._batch: list[_Item] = []
         self._abandoned = False
-        self._worker = worker if worker is not None else WriteWorker(name)
-        self._worker.attach(self)
+        self._worker = worker
+        worker.attach(self)
         #: Bytes received into slots (the writer's counts say what is on disk).
         self.received_bytes = 0
 
     # -- the ReceiveSink side (loop thread)
 
     def buffer(self) -> tuple[bytearray, int, int] | None:
-        self._raise_error()
+        self._worker.raise_error()
         slot = self._slot
         if slot is not None:
             return slot, self._fill, SLOT_SIZE - self._fill
@@ -359,16 +359,7 @@ class WriteBehind:
         if waiting:
             self._resume()
 
-    def _raise_error(self) -> None:
-        self._worker.raise_error()
-
     # -- the end
-
-    async def close(self) -> None:
-        """Write what is left, wait for the worker; raises :class:`TransferError` on failure."""
-        self.flush()
-        await self._worker.join()
-        self._raise_error()
 
     async def abandon(self) -> None:
         """Drop what is not written yet and wait for the write under way."""
