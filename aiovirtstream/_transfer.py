@@ -434,6 +434,7 @@ async def _upload_file(
     fd, position, owned, name, size, seekable, sizes = await anyio.to_thread.run_sync(
         _open_and_size, source, vol
     )
+    reader: _FileReader | None = None
     try:
         if not seekable:
             if owned:
@@ -455,6 +456,7 @@ async def _upload_file(
             holes=plan.holes,
             detect_zeroes=options.detect_zeroes,
             hasher=hasher,
+            close_fd=owned,
         )
         counts = lambda: (stream.bytes_sent, stream.hole_bytes_sent)  # noqa: E731
         async with options.reporter(counts, amount) as reporter:
@@ -464,8 +466,8 @@ async def _upload_file(
             await reporter.final()
         return options.result(stream.bytes_sent, amount - stream.bytes_sent, hasher)
     finally:
-        if owned:
-            os.close(fd)
+        if owned and not (reader is not None and reader.fd_closed):
+            os.close(fd)  # only when the reader never ran: an error before sending
 
 
 async def _restore_size(stream: AsyncStream, plan: _UploadPlan, sent: int) -> None:
@@ -505,8 +507,12 @@ class _FileReader:
         holes: bool,
         detect_zeroes: bool,
         hasher: _Hasher | None,
+        close_fd: bool = False,
     ) -> None:
         self._fd = fd
+        self._close_fd = close_fd  # close it in the worker once read (no syscall on the loop)
+        #: The worker has closed the fd (``close_fd``): the caller must not.
+        self.fd_closed = False
         self._start = start
         self._end = end
         self._queue = stream._sender
@@ -527,6 +533,14 @@ class _FileReader:
         return iter([Extent(self._start, self._end - self._start, True)])
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            if self._close_fd:
+                self.fd_closed = True
+                os.close(self._fd)
+
+    def _run(self) -> None:
         with contextlib.suppress(OSError):  # advice only
             os.posix_fadvise(
                 self._fd, self._start, self._end - self._start, os.POSIX_FADV_SEQUENTIAL

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 from collections.abc import AsyncIterator
@@ -513,6 +514,37 @@ async def test_write_behind_slots_are_freed_with_the_download(
         assert sinks and all(ref() is None for ref in sinks)
     finally:
         gc.enable()
+
+
+async def test_upload_closes_its_source_off_the_loop(
+    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The source file an upload opened is closed once, in the reading worker."""
+    import threading
+
+    vol, source = await random_volume(make_volume, tmp_path, "closing.img", 4 * MiB)
+    real_close = os.close
+    closes: list[str] = []
+
+    def spy_close(fd: int) -> None:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == str(source):
+                closes.append(threading.current_thread().name)
+        real_close(fd)
+
+    monkeypatch.setattr(os, "close", spy_close)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    await avs.upload(vol, source)
+    assert len(closes) == 1 and closes[0] != threading.main_thread().name
+    # Cancelled while it sends: the worker still closes it, once.
+    closes.clear()
+    task = asyncio.create_task(avs.upload(vol, source))
+    await asyncio.sleep(0.005)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert len(closes) == 1
+    assert len(os.listdir("/proc/self/fd")) <= fds_before
 
 
 async def test_parallel_by_default_only_for_large_downloads(
