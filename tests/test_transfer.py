@@ -536,7 +536,7 @@ async def test_upload_closes_its_source_off_the_loop(
     fds_before = len(os.listdir("/proc/self/fd"))
     await avs.upload(vol, source)
     assert len(closes) == 1 and closes[0] != threading.main_thread().name
-    # Cancelled while it sends: the worker still closes it, once.
+    # Cancelled early: still closed exactly once (by the worker if it had started).
     closes.clear()
     task = asyncio.create_task(avs.upload(vol, source))
     await asyncio.sleep(0.005)
