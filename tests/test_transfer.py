@@ -606,14 +606,17 @@ async def test_progress_as_an_async_stream_of_events(
     send, receive = anyio.create_memory_object_stream[avs.TransferProgress](1)
     late: list[avs.TransferProgress] = []
 
-    async def read_after(delay: float) -> None:
-        await anyio.sleep(delay)
+    async def read_once_the_final_snapshot_waits() -> None:
+        # Snapshots that find no room are dropped; only the final one waits
+        # for room: a waiting sender means the data has all been sent.
+        while receive.statistics().tasks_waiting_send == 0:
+            await anyio.sleep(0.005)
         async with receive:
             async for event in receive:
                 late.append(event)
 
     async with anyio.create_task_group() as group:
-        group.start_soon(read_after, 0.3)
+        group.start_soon(read_once_the_final_snapshot_waits)
         await avs.upload(vol, source, progress=send, progress_interval=0.001)
     assert late[-1].done_bytes == size and len(late) <= 2
     # A reader that went away does not break the transfer.
