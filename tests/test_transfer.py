@@ -350,15 +350,17 @@ async def random_volume(
     return vol, source
 
 
+@pytest.mark.parametrize("parallel", [1, 2])
 async def test_download_holds_the_daemon_back_while_the_disk_is_behind(
-    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, parallel: int
 ) -> None:
-    """While the write-behind is full, the socket is not served: memory stays bounded."""
+    """While the write-behind is full, the socket is not served: memory stays
+    bounded, by one budget for the whole download however many streams it has."""
     import threading
 
     import aiovirtstream._writebehind as writebehind
 
-    size = 96 * MiB
+    size = 2 * transfer_module.PARALLEL_MIN_PART  # parallel=2 splits it in two
     vol, source = await random_volume(make_volume, tmp_path, "slow-disk.img", size)
     disk_free = threading.Event()
     real_write = writebehind.FileWriter.write
@@ -384,16 +386,21 @@ async def test_download_holds_the_daemon_back_while_the_disk_is_behind(
         real_pause(fd)
 
     monkeypatch.setattr(impl, "pause_reading", spy_pause)
-    task = asyncio.create_task(avs.download(vol, tmp_path / "out", sparse=False))
+    task = asyncio.create_task(
+        avs.download(vol, tmp_path / "out", sparse=False, parallel=parallel)
+    )
     try:
         while not paused:
             await asyncio.sleep(0.01)
             assert not task.done()
         await asyncio.sleep(0.5)
-        received = sinks[0].received_bytes
+        assert len(sinks) == parallel
+        received = sum(sink.received_bytes for sink in sinks)
         assert received <= transfer_module.WRITE_BEHIND + MiB, received
         await asyncio.sleep(0.3)
-        assert sinks[0].received_bytes == received, "received more while the disk was behind"
+        assert sum(sink.received_bytes for sink in sinks) == received, (
+            "received more while the disk was behind"
+        )
     finally:
         disk_free.set()
     result = await asyncio.wait_for(task, 60)
