@@ -649,7 +649,7 @@ class Target:
     threshold: float
     strict: bool  # ">" instead of ">=" (or "<" for upper bounds)
     upper: bool = False  # the value must stay below the threshold
-    #: The same ratio within each round (the two runs minutes apart at most):
+    #: The same ratio within each round (the two runs seconds apart):
     #: how far the verdict is from the host's noise.
     per_round: tuple[float, ...] = ()
 
