@@ -134,6 +134,10 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _user_seconds() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_utime
+
+
 def _emit(result: dict[str, Any]) -> None:
     print(_RESULT_PREFIX + json.dumps(result), flush=True)
 
@@ -173,7 +177,7 @@ def _blocking_child(args: argparse.Namespace) -> dict[str, Any]:
     try:
         reset = _reset_peak_rss()
         base = _status_bytes("VmRSS")
-        cpu0, t0 = _cpu_seconds(), time.perf_counter()
+        user0, cpu0, t0 = _user_seconds(), _cpu_seconds(), time.perf_counter()
         vol = conn.storagePoolLookupByName(args.pool).storageVolLookupByName(args.vol)
         stream = conn.newStream(0)
         if args.op == "download":
@@ -222,12 +226,14 @@ def _blocking_child(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 os.close(fd)
         op_s, op_cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+        op_user = _user_seconds() - user0
         peak = _status_bytes("VmHWM")
     finally:
         conn.close()
     return {
         "op_s": op_s,
         "op_cpu_s": op_cpu,
+        "op_user_s": op_user,
         "rss_base": base,
         "rss_peak": peak,
         "hwm_reset": reset,
@@ -285,7 +291,7 @@ def _ours_child(args: argparse.Namespace) -> dict[str, Any]:
 
                 profiler = cProfile.Profile()
                 profiler.enable()
-            cpu0, t0 = _cpu_seconds(), time.perf_counter()
+            user0, cpu0, t0 = _user_seconds(), _cpu_seconds(), time.perf_counter()
             vol = await aiovirtstream.lookup_volume(conn, args.vol, pool=args.pool)
             if args.op == "download":
                 result = await aiovirtstream.download(
@@ -294,6 +300,7 @@ def _ours_child(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 result = await aiovirtstream.upload(vol, args.file, sparse=args.sparse)
             op_s, op_cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+            op_user = _user_seconds() - user0
             if profiler is not None:
                 profiler.disable()
                 profiler.dump_stats(args.profile)
@@ -306,6 +313,7 @@ def _ours_child(args: argparse.Namespace) -> dict[str, Any]:
         return {
             "op_s": op_s,
             "op_cpu_s": op_cpu,
+            "op_user_s": op_user,
             "rss_base": base,
             "rss_peak": peak,
             "hwm_reset": reset,
@@ -783,6 +791,23 @@ def report(bench: Bench, groups: list[Group], rounds: int) -> tuple[str, list[Ta
                 for (name, c), size in sorted(bench.allocations.items())
             )
         )
+
+    # User and system time: the Python an event loop adds is user time; the
+    # page cache that every download fills is system time, and follows the host.
+    split = []
+    for group in groups:
+        if group.workload != "dense":
+            continue
+        for contender in ("ours", "blocking"):
+            runs = bench.runs.get((group.name, contender), [])
+            users = [r.extra["op_user_s"] for r in runs if "op_user_s" in r.extra]
+            if users and runs:
+                user = _median(users)
+                system = _median([(r.op_cpu_s or 0) - r.extra["op_user_s"] for r in runs])
+                split.append(f"{group.name} {group.label(contender)} {user:.2f} / {system:.2f}")
+    if split:
+        lines.append("")
+        lines.append("op CPU s, user / system (medians): " + "; ".join(split))
 
     # Targets.
     targets: list[Target] = []
