@@ -1107,8 +1107,8 @@ def _python_ns_per_step(steps: int = 2_000_000) -> float:
     """Nanoseconds per step of a plain Python loop: how fast the host runs Python now.
 
     Our transfers run more Python than the C contenders do, so their ratios
-    move with it. Steal time does not show it: on the same VM, at about 3 %
-    steal both times, the loop-lag ticker cost 0.049 CPU s per second on an
+    move with it. Steal time does not show it: on VMs of one kind, at about
+    3 % steal both times, the loop-lag ticker cost 0.049 CPU s per second on an
     idle loop in one session and 0.093 in another.
     """
     best = float("inf")
