@@ -134,8 +134,10 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _user_seconds() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_utime
+def _user_and_cpu_seconds() -> tuple[float, float]:
+    """(user, user + system) of every thread of the process, from one getrusage."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime, usage.ru_utime + usage.ru_stime
 
 
 def _emit(result: dict[str, Any]) -> None:
@@ -177,7 +179,7 @@ def _blocking_child(args: argparse.Namespace) -> dict[str, Any]:
     try:
         reset = _reset_peak_rss()
         base = _status_bytes("VmRSS")
-        user0, cpu0, t0 = _user_seconds(), _cpu_seconds(), time.perf_counter()
+        (user0, cpu0), t0 = _user_and_cpu_seconds(), time.perf_counter()
         vol = conn.storagePoolLookupByName(args.pool).storageVolLookupByName(args.vol)
         stream = conn.newStream(0)
         if args.op == "download":
@@ -225,8 +227,8 @@ def _blocking_child(args: argparse.Namespace) -> dict[str, Any]:
                 stream.finish()
             finally:
                 os.close(fd)
-        op_s, op_cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
-        op_user = _user_seconds() - user0
+        op_s, (user1, cpu1) = time.perf_counter() - t0, _user_and_cpu_seconds()
+        op_cpu, op_user = cpu1 - cpu0, user1 - user0
         peak = _status_bytes("VmHWM")
     finally:
         conn.close()
@@ -291,7 +293,7 @@ def _ours_child(args: argparse.Namespace) -> dict[str, Any]:
 
                 profiler = cProfile.Profile()
                 profiler.enable()
-            user0, cpu0, t0 = _user_seconds(), _cpu_seconds(), time.perf_counter()
+            (user0, cpu0), t0 = _user_and_cpu_seconds(), time.perf_counter()
             vol = await aiovirtstream.lookup_volume(conn, args.vol, pool=args.pool)
             if args.op == "download":
                 result = await aiovirtstream.download(
@@ -299,8 +301,8 @@ def _ours_child(args: argparse.Namespace) -> dict[str, Any]:
                 )
             else:
                 result = await aiovirtstream.upload(vol, args.file, sparse=args.sparse)
-            op_s, op_cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
-            op_user = _user_seconds() - user0
+            op_s, (user1, cpu1) = time.perf_counter() - t0, _user_and_cpu_seconds()
+            op_cpu, op_user = cpu1 - cpu0, user1 - user0
             if profiler is not None:
                 profiler.disable()
                 profiler.dump_stats(args.profile)
@@ -801,7 +803,7 @@ def report(bench: Bench, groups: list[Group], rounds: int) -> tuple[str, list[Ta
         for contender in ("ours", "blocking"):
             runs = bench.runs.get((group.name, contender), [])
             users = [r.extra["op_user_s"] for r in runs if "op_user_s" in r.extra]
-            if users and runs:
+            if users:
                 user = _median(users)
                 system = _median([(r.op_cpu_s or 0) - r.extra["op_user_s"] for r in runs])
                 split.append(f"{group.name} {group.label(contender)} {user:.2f} / {system:.2f}")
