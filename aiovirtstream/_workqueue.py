@@ -34,9 +34,29 @@ WOULD_BLOCK = -2
 _executor = ThreadPoolExecutor(max_workers=256, thread_name_prefix="aiovirtstream-io")
 
 
+class _CallOnce(Generic[T]):
+    """``func``, forgotten as soon as it returned (before its future is resolved)."""
+
+    __slots__ = ("_func",)
+
+    def __init__(self, func: Callable[[], T]) -> None:
+        self._func: Callable[[], T] | None = func
+
+    def __call__(self) -> T:
+        func, self._func = self._func, None
+        assert func is not None, "called twice"
+        return func()
+
+
 def run_in_worker(func: Callable[[], T]) -> asyncio.Future[T]:
-    """Run ``func`` on the shared I/O executor (threads are reused across transfers)."""
-    return asyncio.wrap_future(_executor.submit(func))
+    """Run ``func`` on the shared I/O executor (threads are reused across transfers).
+
+    The executor's thread keeps its work item, hence ``func``, until some
+    time after the future was resolved; a ``virstream.finish`` bound method
+    held there kept the stream, and so the connection, open after
+    ``aclose_connection`` on a loaded machine. ``func`` is dropped first.
+    """
+    return asyncio.wrap_future(_executor.submit(_CallOnce(func)))
 
 
 async def wait_through_cancellation(future: asyncio.Future[T]) -> bool:

@@ -8,6 +8,7 @@ under uvloop and next to blocking calls made from worker threads.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures.thread
 import contextlib
 import gc
 import hashlib
@@ -18,6 +19,7 @@ import sys
 import textwrap
 import time
 import warnings
+from typing import Any
 
 import libvirt
 import pytest
@@ -225,11 +227,36 @@ def test_closing_the_connection_releases_it_without_gc(
     its virStream, hence the connection, open until the cyclic GC runs.
     """
     libvirt_sandbox.create_volume(libvirt_pool, "nogc", MiB)
+    assert_connection_released(libvirt_sandbox, libvirt_pool, "nogc")
+
+
+def test_a_lingering_worker_thread_does_not_keep_the_connection_open(
+    libvirt_sandbox: Sandbox, libvirt_pool: PoolInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An executor thread holds its work item for a while after resolving its future.
+
+    On a loaded CI machine the thread that ran ``virstream.finish`` was
+    preempted in that window, and its reference kept the stream, hence the
+    connection, open after aclose_connection. Widened here to 50 ms.
+    """
+    run = concurrent.futures.thread._WorkItem.run
+
+    def run_then_linger(item: Any) -> None:
+        run(item)
+        time.sleep(0.05)
+
+    monkeypatch.setattr(concurrent.futures.thread._WorkItem, "run", run_then_linger)
+    libvirt_sandbox.create_volume(libvirt_pool, "linger", MiB)
+    assert_connection_released(libvirt_sandbox, libvirt_pool, "linger")
+
+
+def assert_connection_released(sandbox: Sandbox, pool: PoolInfo, volume: str) -> None:
+    """A round trip, aclose_connection, and nothing of it is left (with the GC off)."""
     baseline = settled_stats()
 
     async def main() -> None:
-        conn = await avs.connect(libvirt_sandbox.uri)
-        await round_trip(conn, libvirt_pool.name, "nogc", os.urandom(300 * KiB))
+        conn = await avs.connect(sandbox.uri)
+        await round_trip(conn, pool.name, volume, os.urandom(300 * KiB))
         await avs.aclose_connection(conn)
 
     gc.disable()
