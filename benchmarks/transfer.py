@@ -134,10 +134,22 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _user_and_cpu_seconds() -> tuple[float, float]:
-    """(user, user + system) of every thread of the process, from one getrusage."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime, usage.ru_utime + usage.ru_stime
+def _usage() -> resource.struct_rusage:
+    return resource.getrusage(resource.RUSAGE_SELF)  # every thread of the process
+
+
+def _usage_delta(before: resource.struct_rusage) -> dict[str, Any]:
+    """The operation's CPU (user, total) and its faults and context switches."""
+    after = _usage()
+    return {
+        "op_cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+        "op_user_s": after.ru_utime - before.ru_utime,
+        # Page faults and context switches show where the system time goes:
+        # a fault per new page, a switch per thread hand-off or wait.
+        "op_minflt": after.ru_minflt - before.ru_minflt,
+        "op_nvcsw": after.ru_nvcsw - before.ru_nvcsw,
+        "op_nivcsw": after.ru_nivcsw - before.ru_nivcsw,
+    }
 
 
 def _emit(result: dict[str, Any]) -> None:
@@ -179,7 +191,7 @@ def _blocking_child(args: argparse.Namespace) -> dict[str, Any]:
     try:
         reset = _reset_peak_rss()
         base = _status_bytes("VmRSS")
-        (user0, cpu0), t0 = _user_and_cpu_seconds(), time.perf_counter()
+        usage0, t0 = _usage(), time.perf_counter()
         vol = conn.storagePoolLookupByName(args.pool).storageVolLookupByName(args.vol)
         stream = conn.newStream(0)
         if args.op == "download":
@@ -227,15 +239,13 @@ def _blocking_child(args: argparse.Namespace) -> dict[str, Any]:
                 stream.finish()
             finally:
                 os.close(fd)
-        op_s, (user1, cpu1) = time.perf_counter() - t0, _user_and_cpu_seconds()
-        op_cpu, op_user = cpu1 - cpu0, user1 - user0
+        op_s, usage = time.perf_counter() - t0, _usage_delta(usage0)
         peak = _status_bytes("VmHWM")
     finally:
         conn.close()
     return {
         "op_s": op_s,
-        "op_cpu_s": op_cpu,
-        "op_user_s": op_user,
+        **usage,
         "rss_base": base,
         "rss_peak": peak,
         "hwm_reset": reset,
@@ -293,7 +303,7 @@ def _ours_child(args: argparse.Namespace) -> dict[str, Any]:
 
                 profiler = cProfile.Profile()
                 profiler.enable()
-            (user0, cpu0), t0 = _user_and_cpu_seconds(), time.perf_counter()
+            usage0, t0 = _usage(), time.perf_counter()
             vol = await aiovirtstream.lookup_volume(conn, args.vol, pool=args.pool)
             if args.op == "download":
                 result = await aiovirtstream.download(
@@ -301,8 +311,7 @@ def _ours_child(args: argparse.Namespace) -> dict[str, Any]:
                 )
             else:
                 result = await aiovirtstream.upload(vol, args.file, sparse=args.sparse)
-            op_s, (user1, cpu1) = time.perf_counter() - t0, _user_and_cpu_seconds()
-            op_cpu, op_user = cpu1 - cpu0, user1 - user0
+            op_s, usage = time.perf_counter() - t0, _usage_delta(usage0)
             if profiler is not None:
                 profiler.disable()
                 profiler.dump_stats(args.profile)
@@ -314,8 +323,7 @@ def _ours_child(args: argparse.Namespace) -> dict[str, Any]:
             await aiovirtstream.aclose_connection(conn)
         return {
             "op_s": op_s,
-            "op_cpu_s": op_cpu,
-            "op_user_s": op_user,
+            **usage,
             "rss_base": base,
             "rss_peak": peak,
             "hwm_reset": reset,
@@ -810,6 +818,24 @@ def report(bench: Bench, groups: list[Group], rounds: int) -> tuple[str, list[Ta
     if split:
         lines.append("")
         lines.append("op CPU s, user / system (medians): " + "; ".join(split))
+    counts = []
+    for group in groups:
+        for contender in ("ours", "blocking"):
+            runs = [
+                r for r in bench.runs.get((group.name, contender), []) if "op_minflt" in r.extra
+            ]
+            if runs:
+                faults, voluntary, involuntary = (
+                    _median([r.extra[key] for r in runs])
+                    for key in ("op_minflt", "op_nvcsw", "op_nivcsw")
+                )
+                counts.append(
+                    f"  {group.name:<16} {group.label(contender):<15} {faults:>9.0f} "
+                    f"{voluntary:>9.0f} {involuntary:>9.0f}"
+                )
+    if counts:
+        lines.append("op page faults, voluntary / involuntary context switches (medians):")
+        lines.extend(counts)
 
     # Targets.
     targets: list[Target] = []
