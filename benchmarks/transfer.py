@@ -129,13 +129,13 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of the process
-    return usage.ru_utime + usage.ru_stime
-
-
 def _usage() -> resource.struct_rusage:
     return resource.getrusage(resource.RUSAGE_SELF)  # every thread of the process
+
+
+def _cpu_seconds() -> float:
+    usage = _usage()
+    return usage.ru_utime + usage.ru_stime
 
 
 def _usage_delta(before: resource.struct_rusage) -> dict[str, Any]:
