@@ -61,6 +61,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import operator
 import os
 import random
 import re
@@ -71,7 +72,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -694,14 +695,18 @@ class Target:
 
 
 def _per_round(
-    bench: Bench, group: str, numerator: str, denominator: str, field_name: str
+    bench: Bench,
+    group: str,
+    numerator: str,
+    denominator: str,
+    figure: Callable[[Run], float | None],
 ) -> tuple[float, ...]:
-    """``numerator``'s figure over ``denominator``'s, round by round."""
+    """``numerator``'s ``figure`` over ``denominator``'s, round by round."""
     tops = bench.runs.get((group, numerator), [])
     bottoms = bench.runs.get((group, denominator), [])
     ratios = []
     for top, bottom in zip(tops, bottoms, strict=False):
-        a, b = getattr(top, field_name), getattr(bottom, field_name)
+        a, b = figure(top), figure(bottom)
         if a is not None and b:
             ratios.append(a / b)
     return tuple(ratios)
@@ -720,7 +725,7 @@ def _whole_cpu(run: Run) -> float | None:
 
 
 def _whole_cpu_line(bench: Bench, group: Group) -> str:
-    """'  dense-download  ours 3.44 / blocking 3.13 = 1.10x (rounds ...)', or ''."""
+    """'  dense download   aiovirtstream 3.44 / recvAll 3.13 = 1.10x (rounds ...)', or ''."""
     per_gib = group.size / GiB
     figures = {}
     for contender in ("ours", "blocking"):
@@ -729,15 +734,7 @@ def _whole_cpu_line(bench: Bench, group: Group) -> str:
         if not values:
             return ""
         figures[contender] = _median(values) / per_gib
-    rounds = [
-        a / b
-        for a, b in zip(
-            map(_whole_cpu, bench.runs[(group.name, "ours")]),
-            map(_whole_cpu, bench.runs[(group.name, "blocking")]),
-            strict=False,
-        )
-        if a is not None and b
-    ]
+    rounds = _per_round(bench, group.name, "ours", "blocking", _whole_cpu)
     spread = f" (rounds {min(rounds):.2f}-{max(rounds):.2f})" if rounds else ""
     return (
         f"  {group.name:<16} {group.label('ours')} {figures['ours']:.2f} / "
@@ -889,7 +886,7 @@ def report(bench: Bench, groups: list[Group], rounds: int) -> tuple[str, list[Ta
     def speed(group: str, other: str, label: str, threshold: float, strict: bool) -> None:
         value = medians[(group, other)] / medians[(group, "ours")]
         sign = ">" if strict else ">="
-        rounds = _per_round(bench, group, other, "ours", "op_s")
+        rounds = _per_round(bench, group, other, "ours", operator.attrgetter("op_s"))
         targets.append(
             Target(
                 group,
@@ -931,7 +928,9 @@ def report(bench: Bench, groups: list[Group], rounds: int) -> tuple[str, list[Ta
                 1.1,
                 False,
                 True,
-                per_round=_per_round(bench, group.name, "ours", "blocking", "op_cpu_s"),
+                per_round=_per_round(
+                    bench, group.name, "ours", "blocking", operator.attrgetter("op_cpu_s")
+                ),
             )
         )
     for group in groups:
