@@ -57,7 +57,7 @@ from ._native import Buffer
 from ._stream import MAX_CHUNK, AsyncStream, Hole, StreamItem
 from ._volume import open_volume_download, open_volume_upload
 from ._workqueue import run_in_worker
-from ._writebehind import ZERO_CHUNK, FileWriter, WriteBehind, WriteWorker
+from ._writebehind import ZERO_CHUNK, FileWriter, WriteBehind, WriteWorker, open_direct
 
 UploadSource = (
     str | os.PathLike[str] | IO[bytes] | AsyncIterable[bytes] | anyio.abc.ByteReceiveStream
@@ -688,6 +688,7 @@ async def download(
     progress_interval: float = 0.1,
     checksum: bool = False,
     parallel: int | None = None,
+    direct_io: bool = True,
 ) -> TransferResult:
     """Download ``vol`` from ``offset`` (``length`` 0: to its end) into ``dest``.
 
@@ -700,9 +701,13 @@ async def download(
     path or a file into N ranges (of at least 64 MiB) over N streams; the
     default, ``None``, uses two streams for ranges of 256 MiB or more and one
     otherwise. With ``checksum``, which needs the content in order, one
-    stream is used. ``progress`` works as in :func:`upload`. On any failure
-    or cancellation the streams are aborted, the temporary file removed and
-    the error raised.
+    stream is used. ``direct_io`` (paths only) writes the temporary file
+    with ``O_DIRECT`` where its file system allows: the data goes to the
+    disk without being copied into the page cache, which costs less CPU and
+    does not evict the host's cache with the image; ``False`` writes through
+    the page cache, as ``virsh vol-download`` does. ``progress`` works as in
+    :func:`upload`. On any failure or cancellation the streams are aborted,
+    the temporary file removed and the error raised.
     """
     async with _closing(progress):
         if offset < 0 or length < 0:
@@ -713,7 +718,7 @@ async def download(
             sparse, offset, length, progress, progress_interval, checksum, parallel=parallel
         )
         if isinstance(dest, (str, os.PathLike)):
-            return await _download_path(vol, Path(dest), overwrite, options)
+            return await _download_path(vol, Path(dest), overwrite, options, direct_io)
         if _has_fileno(dest):
             return await _download_file(vol, cast(IO[bytes], dest), options)
         if isinstance(dest, anyio.abc.ByteSendStream):
@@ -763,47 +768,66 @@ def _put_in_place(temp: Path, dest: Path, overwrite: bool) -> None:
     temp.unlink()
 
 
-def _discard(fd: int, temp: Path) -> None:
-    if fd >= 0:
-        os.close(fd)
+def _close_all(fds: tuple[int, ...]) -> None:
+    for fd in fds:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _discard(fds: tuple[int, ...], temp: Path) -> None:
+    _close_all(fds)
     temp.unlink(missing_ok=True)
 
 
 def _prepare_download(
-    vol: libvirt.virStorageVol, dest: Path, overwrite: bool
-) -> tuple[int, Path, int]:
-    """The temporary file and the volume's capacity, in one worker-thread hop."""
+    vol: libvirt.virStorageVol, dest: Path, overwrite: bool, direct_io: bool
+) -> tuple[int, int, Path, int]:
+    """The temporary file (and its direct descriptor, or -1) and the volume's
+    capacity, in one worker-thread hop."""
     fd, temp = _make_temporary(dest, overwrite)
+    direct_fd = -1
     try:
+        if direct_io:
+            direct_fd = open_direct(temp)
         capacity, _ = _volume_sizes(vol)
     except BaseException:
-        _discard(fd, temp)
+        _discard((fd, direct_fd), temp)
         raise
-    return fd, temp, capacity
+    return fd, direct_fd, temp, capacity
 
 
 async def _download_path(
-    vol: libvirt.virStorageVol, dest: Path, overwrite: bool, options: _Options
+    vol: libvirt.virStorageVol, dest: Path, overwrite: bool, options: _Options, direct_io: bool
 ) -> TransferResult:
     # Each thread hop costs 0.1-0.3 ms here (a wake-up of an idle vCPU): the
     # set-up is one hop, and closing and renaming run in the writer thread
     # right after the last write.
-    fd, temp, capacity = await anyio.to_thread.run_sync(_prepare_download, vol, dest, overwrite)
+    fd, direct_fd, temp, capacity = await anyio.to_thread.run_sync(
+        _prepare_download, vol, dest, overwrite, direct_io
+    )
     closed = False
 
     def put_in_place() -> None:
         nonlocal closed
-        os.close(fd)
+        _close_all((fd, direct_fd))
         closed = True
         _put_in_place(temp, dest, overwrite)
 
     try:
         return await _download_fd(
-            vol, fd, 0, 0, options, str(dest), capacity=capacity, complete_file=put_in_place
+            vol,
+            fd,
+            0,
+            0,
+            options,
+            str(dest),
+            capacity=capacity,
+            complete_file=put_in_place,
+            direct_fd=direct_fd,
         )
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(_discard, -1 if closed else fd, temp)
+            await anyio.to_thread.run_sync(_discard, () if closed else (fd, direct_fd), temp)
         raise
 
 
@@ -844,12 +868,13 @@ async def _download_fd(
     *,
     capacity: int | None = None,
     complete_file: Callable[[], None] | None = None,
+    direct_fd: int = -1,
 ) -> TransferResult:
     """Download into ``fd`` (``size`` bytes long now) from ``start``.
 
     Holes are punched where the file held data. ``complete_file`` runs in
     the writer thread after the last write, once the download is known to
-    be complete.
+    be complete. ``direct_fd``: the file opened by :func:`open_direct`.
     """
     if capacity is None:
         capacity, _ = await _volume_info(vol)
@@ -859,7 +884,7 @@ async def _download_fd(
     writers = []
     for part_offset, _ in parts:
         part_start = start + part_offset - options.offset
-        writers.append(FileWriter(fd, part_start, size > part_start, hasher))
+        writers.append(FileWriter(fd, part_start, size > part_start, hasher, direct_fd))
 
     worker = WriteWorker(name)  # one writer thread per file (see WriteWorker)
     try:

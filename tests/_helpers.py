@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import libvirt
 
@@ -39,3 +41,25 @@ def daemon_stopped(sandbox: Sandbox) -> Iterator[None]:
         yield
     finally:
         os.kill(sandbox.pid, signal.SIGCONT)
+
+
+def require_direct_io(folder: Path) -> None:
+    """tmpfs accepts O_DIRECT (Linux 6.6+) but still caches: direct I/O tests need a disk."""
+    kind = subprocess.run(
+        ["stat", "-f", "-c", "%T", str(folder)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert kind != "tmpfs", (
+        f"{folder} is on tmpfs, where O_DIRECT cannot be told from the page cache: "
+        "run pytest with --basetemp=<a folder on a disk file system>"
+    )
+
+
+def page_cache_bytes(path: Path) -> int:
+    """How much of ``path`` is in the page cache (util-linux's fincore)."""
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout.strip())

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _helpers import page_cache_bytes
+
 from aiovirtstream.testing import PoolInfo, Sandbox
 
 MiB = 1024 * 1024
@@ -45,10 +47,15 @@ def test_upload_and_download_commands(
     args = ("download", "-c", uri, "--pool", libvirt_pool.name, "cli.img", str(dest), "-q")
     down = run_cli(*args, "--length", str(6 * MiB + 4))
     assert down.returncode == 0, down.stderr
+    assert page_cache_bytes(dest) <= 64 * 1024  # O_DIRECT: only the last, partial block
     assert dest.read_bytes() == source.read_bytes()
     again = run_cli(*args)
     assert again.returncode == 1
     assert "overwrite" in again.stderr and "Traceback" not in again.stderr
+    cached = run_cli(*args, "--overwrite", "--page-cache")
+    assert cached.returncode == 0, cached.stderr
+    assert page_cache_bytes(dest) >= MiB  # its data; with O_DIRECT (the default) ~0
+    assert dest.read_bytes()[: 6 * MiB + 4] == source.read_bytes()
 
 
 def test_clear_error_for_a_missing_volume(libvirt_sandbox: Sandbox, libvirt_pool: PoolInfo) -> None:

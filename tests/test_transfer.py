@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 from collections.abc import AsyncIterator
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
+from _helpers import page_cache_bytes, require_direct_io
 from conftest import MakeVolume
 
 import aiovirtstream as avs
@@ -57,8 +59,11 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
+@pytest.mark.parametrize("direct_io", [True, False], ids=["direct", "page-cache"])
 @pytest.mark.parametrize("name", LAYOUTS)
-async def test_round_trip_layouts(make_volume: MakeVolume, tmp_path: Path, name: str) -> None:
+async def test_round_trip_layouts(
+    make_volume: MakeVolume, tmp_path: Path, name: str, direct_io: bool
+) -> None:
     layout = LAYOUTS[name]
     source = tmp_path / "source.img"
     content = write_layout(source, layout)
@@ -73,7 +78,7 @@ async def test_round_trip_layouts(make_volume: MakeVolume, tmp_path: Path, name:
     assert vol_info[2] <= allocated(source) + BLOCK, "the volume lost its holes"
 
     dest = tmp_path / "back.img"
-    got = await avs.download(vol, dest, checksum=True)
+    got = await avs.download(vol, dest, checksum=True, direct_io=direct_io)
     assert got.sha256 == sent.sha256
     assert dest.read_bytes() == content
     assert os.path.getsize(dest) == size
@@ -367,9 +372,9 @@ async def test_download_holds_the_daemon_back_while_the_disk_is_behind(
     sinks: list[writebehind.WriteBehind] = []
     real_init = writebehind.WriteBehind.__init__
 
-    def slow_write(self: writebehind.FileWriter, item: object) -> None:
+    def slow_write(self: writebehind.FileWriter, item: object, **kwargs: bool) -> None:
         disk_free.wait(30)
-        real_write(self, item)  # type: ignore[arg-type]
+        real_write(self, item, **kwargs)  # type: ignore[arg-type]
 
     def spy_init(self: writebehind.WriteBehind, *args: object, **kwargs: object) -> None:
         real_init(self, *args, **kwargs)  # type: ignore[arg-type]
@@ -386,9 +391,7 @@ async def test_download_holds_the_daemon_back_while_the_disk_is_behind(
         real_pause(fd)
 
     monkeypatch.setattr(impl, "pause_reading", spy_pause)
-    task = asyncio.create_task(
-        avs.download(vol, tmp_path / "out", sparse=False, parallel=parallel)
-    )
+    task = asyncio.create_task(avs.download(vol, tmp_path / "out", sparse=False, parallel=parallel))
     try:
         while not paused:
             await asyncio.sleep(0.01)
@@ -419,11 +422,11 @@ async def test_failed_write_removes_the_temporary_file(
     real_write = writebehind.FileWriter.write
     written = [0]
 
-    def filling_write(self: writebehind.FileWriter, item: object) -> None:
+    def filling_write(self: writebehind.FileWriter, item: object, **kwargs: bool) -> None:
         written[0] += 1
         if written[0] > 10:
             raise OSError(28, "No space left on device")
-        real_write(self, item)  # type: ignore[arg-type]
+        real_write(self, item, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(writebehind.FileWriter, "write", filling_write)
     with pytest.raises(avs.TransferError, match="No space left"):
@@ -446,8 +449,8 @@ async def test_destination_that_appears_during_the_download_is_kept(
     dest = tmp_path / "out"
     real_write = writebehind.FileWriter.write
 
-    def write_then_appear(self: writebehind.FileWriter, item: object) -> None:
-        real_write(self, item)  # type: ignore[arg-type]
+    def write_then_appear(self: writebehind.FileWriter, item: object, **kwargs: bool) -> None:
+        real_write(self, item, **kwargs)  # type: ignore[arg-type]
         if not dest.exists():
             dest.write_bytes(b"someone else's")
 
@@ -521,6 +524,45 @@ async def test_write_behind_slots_are_freed_with_the_download(
         assert sinks and all(ref() is None for ref in sinks)
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("direct_io", [True, False])
+async def test_direct_io_keeps_the_download_out_of_the_page_cache(
+    make_volume: MakeVolume, tmp_path: Path, direct_io: bool
+) -> None:
+    """By default a download's data goes to the disk, not into the page cache."""
+    require_direct_io(tmp_path)
+    vol, source = await random_volume(make_volume, tmp_path, "direct.img", 16 * MiB + 5000)
+    dest = tmp_path / "out"
+    for parallel in (1, 2):
+        await avs.download(vol, dest, direct_io=direct_io, parallel=parallel, overwrite=True)
+        cached = page_cache_bytes(dest)
+        assert dest.read_bytes() == source.read_bytes()
+        if direct_io:
+            assert cached <= 4 * BLOCK, f"{cached} bytes went through the page cache"
+        else:
+            assert cached >= 16 * MiB
+
+
+async def test_download_without_direct_io_on_the_file_system(
+    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where O_DIRECT is refused the download goes through the page cache, whole."""
+    vol, source = await random_volume(make_volume, tmp_path, "nodirect.img", 4 * MiB)
+    real_open = os.open
+
+    def no_direct(name: str, flags: int, *args: int) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    dest = tmp_path / "out"
+    result = await avs.download(vol, dest)
+    monkeypatch.undo()
+    assert result.data_bytes == 4 * MiB
+    assert page_cache_bytes(dest) >= 4 * MiB
+    assert dest.read_bytes() == source.read_bytes()
 
 
 async def test_upload_closes_its_source_off_the_loop(
