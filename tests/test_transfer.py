@@ -528,10 +528,11 @@ async def test_write_behind_slots_are_freed_with_the_download(
 
 @pytest.mark.parametrize("direct_io", [True, False])
 async def test_direct_io_keeps_the_download_out_of_the_page_cache(
-    make_volume: MakeVolume, tmp_path: Path, direct_io: bool
+    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct_io: bool
 ) -> None:
     """By default a download's data goes to the disk, not into the page cache."""
     require_direct_io(tmp_path)
+    monkeypatch.setattr(transfer_module, "PARALLEL_MIN_PART", 4 * MiB)  # 2 streams of 16 MiB
     vol, source = await random_volume(make_volume, tmp_path, "direct.img", 16 * MiB + 5000)
     dest = tmp_path / "out"
     for parallel in (1, 2):
