@@ -7,8 +7,9 @@ import contextlib
 import errno
 import hashlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import pytest
@@ -355,6 +356,27 @@ async def random_volume(
     return vol, source
 
 
+def around_writes(
+    monkeypatch: pytest.MonkeyPatch,
+    before: Callable[[], object] | None = None,
+    after: Callable[[], object] | None = None,
+) -> None:
+    """Run ``before`` / ``after`` around every write of a download (worker thread)."""
+    import aiovirtstream._writebehind as writebehind
+
+    for name in ("write", "write_blocks"):  # a slot at a time; full slots in a row
+        real = getattr(writebehind.FileWriter, name)
+
+        def wrapped(*args: Any, _real: Any = real, **kwargs: Any) -> None:
+            if before is not None:
+                before()
+            _real(*args, **kwargs)
+            if after is not None:
+                after()
+
+        monkeypatch.setattr(writebehind.FileWriter, name, wrapped)
+
+
 @pytest.mark.parametrize("parallel", [1, 2])
 async def test_download_holds_the_daemon_back_while_the_disk_is_behind(
     make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, parallel: int
@@ -368,19 +390,14 @@ async def test_download_holds_the_daemon_back_while_the_disk_is_behind(
     size = 2 * transfer_module.PARALLEL_MIN_PART  # parallel=2 splits it in two
     vol, source = await random_volume(make_volume, tmp_path, "slow-disk.img", size)
     disk_free = threading.Event()
-    real_write = writebehind.FileWriter.write
     sinks: list[writebehind.WriteBehind] = []
     real_init = writebehind.WriteBehind.__init__
-
-    def slow_write(self: writebehind.FileWriter, item: object, **kwargs: bool) -> None:
-        disk_free.wait(30)
-        real_write(self, item, **kwargs)  # type: ignore[arg-type]
 
     def spy_init(self: writebehind.WriteBehind, *args: object, **kwargs: object) -> None:
         real_init(self, *args, **kwargs)  # type: ignore[arg-type]
         sinks.append(self)
 
-    monkeypatch.setattr(writebehind.FileWriter, "write", slow_write)
+    around_writes(monkeypatch, before=lambda: disk_free.wait(30))
     monkeypatch.setattr(writebehind.WriteBehind, "__init__", spy_init)
     paused = []
     impl = avs.get_event_impl()
@@ -415,20 +432,16 @@ async def test_download_holds_the_daemon_back_while_the_disk_is_behind(
 async def test_failed_write_removes_the_temporary_file(
     make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import aiovirtstream._writebehind as writebehind
-
     size = 16 * MiB
     vol, _ = await random_volume(make_volume, tmp_path, "full-disk.img", size)
-    real_write = writebehind.FileWriter.write
     written = [0]
 
-    def filling_write(self: writebehind.FileWriter, item: object, **kwargs: bool) -> None:
+    def fill_up() -> None:
         written[0] += 1
-        if written[0] > 10:
+        if written[0] > 3:
             raise OSError(28, "No space left on device")
-        real_write(self, item, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(writebehind.FileWriter, "write", filling_write)
+    around_writes(monkeypatch, before=fill_up)
     with pytest.raises(avs.TransferError, match="No space left"):
         await avs.download(vol, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -443,18 +456,14 @@ async def test_destination_that_appears_during_the_download_is_kept(
     make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The rename, run in the writer thread after the last write, refuses to clobber."""
-    import aiovirtstream._writebehind as writebehind
-
     vol, _ = await random_volume(make_volume, tmp_path, "appearing.img", 4 * MiB)
     dest = tmp_path / "out"
-    real_write = writebehind.FileWriter.write
 
-    def write_then_appear(self: writebehind.FileWriter, item: object, **kwargs: bool) -> None:
-        real_write(self, item, **kwargs)  # type: ignore[arg-type]
+    def appear() -> None:
         if not dest.exists():
             dest.write_bytes(b"someone else's")
 
-    monkeypatch.setattr(writebehind.FileWriter, "write", write_then_appear)
+    around_writes(monkeypatch, after=appear)
     fds_before = len(os.listdir("/proc/self/fd"))
     with pytest.raises(avs.DestinationExistsError, match="appeared during the download"):
         await avs.download(vol, dest)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -36,16 +37,52 @@ def files(tmp_path: Path) -> Iterator[tuple[Path, int, int]]:
 
 @pytest.fixture
 def direct_writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
-    """Every pwrite as (fd, length, offset)."""
+    """Every pwrite and pwritev as (fd, length, offset)."""
     calls: list[tuple[int, int, int]] = []
-    real = os.pwrite
+    real, real_v = os.pwrite, os.pwritev
 
     def spy(fd: int, data: memoryview, offset: int) -> int:
         calls.append((fd, memoryview(data).nbytes, offset))
         return real(fd, data, offset)
 
+    def spy_v(fd: int, views: list[memoryview], offset: int) -> int:
+        calls.append((fd, sum(memoryview(v).nbytes for v in views), offset))
+        return real_v(fd, views, offset)
+
     monkeypatch.setattr(os, "pwrite", spy)
+    monkeypatch.setattr(os, "pwritev", spy_v)
     return calls
+
+
+class Collect:
+    """A hasher that keeps what it is given, in order."""
+
+    def __init__(self) -> None:
+        self.content = bytearray()
+
+    def data(self, data: object) -> None:
+        self.content += memoryview(data)  # type: ignore[arg-type]
+
+    def hole(self, length: int) -> None:
+        self.content += bytes(length)
+
+
+def feeder(sink: WriteBehind, expected: bytearray) -> Callable[[bytes], None]:
+    """Puts data into ``sink`` the way the pump does (100,000 bytes at most a call)."""
+
+    def feed(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            target = sink.buffer()
+            assert target is not None
+            buffer, offset, room = target
+            take = min(room, len(view), 100_000)
+            memoryview(buffer)[offset : offset + take] = view[:take]
+            sink.received(take)
+            view = view[take:]
+        expected.extend(data)
+
+    return feed
 
 
 async def test_slots_line_up_with_blocks_after_odd_holes(
@@ -59,18 +96,7 @@ async def test_slots_line_up_with_blocks_after_odd_holes(
         writer, limit=16 * SLOT_SIZE, pause=lambda: None, resume=lambda: None, worker=worker
     )
     expected = bytearray()
-
-    def feed(data: bytes, piece: int = 100_000) -> None:
-        view = memoryview(data)
-        while view:
-            target = sink.buffer()
-            assert target is not None
-            buffer, offset, room = target
-            take = min(room, len(view), piece)
-            memoryview(buffer)[offset : offset + take] = view[:take]
-            sink.received(take)
-            view = view[take:]
-        expected.extend(data)
+    feed = feeder(sink, expected)
 
     def hole(length: int) -> None:
         sink.hole(length)
@@ -127,3 +153,48 @@ def test_open_direct_refused_is_minus_one(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.undo()
     with pytest.raises(FileNotFoundError):
         open_direct(tmp_path / "missing")  # other errors are not swallowed
+
+
+async def test_full_slots_go_out_in_one_direct_write_a_batch(
+    files: tuple[Path, int, int], direct_writes: list[tuple[int, int, int]]
+) -> None:
+    """A dense run of full slots is one pwritev per batch, not a write per slot."""
+    path, fd, direct_fd = files
+    hasher = Collect()
+    writer = FileWriter(fd, 0, False, hasher, direct_fd)
+    worker = WriteWorker(str(path))
+    sink = WriteBehind(
+        writer, limit=32 * SLOT_SIZE, pause=lambda: None, resume=lambda: None, worker=worker
+    )
+    expected = bytearray()
+    feeder(sink, expected)(os.urandom(16 * SLOT_SIZE + 10))
+    sink.flush()
+    await worker.run_after_writes(writer.close)
+    worker.close()
+    assert path.read_bytes() == bytes(expected) == bytes(hasher.content)
+    direct = [length for f, length, _ in direct_writes if f == direct_fd]
+    assert direct == [8 * SLOT_SIZE, 8 * SLOT_SIZE]  # two batches of 8 full slots
+    assert writer.data_bytes == 16 * SLOT_SIZE + 10
+
+
+def test_a_short_direct_write_is_completed_in_order(
+    files: tuple[Path, int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pwritev may write less than asked: the rest follows, hashed in order."""
+    path, fd, direct_fd = files
+    hasher = Collect()
+    writer = FileWriter(fd, 0, False, hasher, direct_fd)
+    real_pwritev = os.pwritev
+
+    def short(fd: int, views: list[memoryview], offset: int) -> int:
+        return real_pwritev(fd, [views[0], views[1][: SLOT_SIZE // 2]], offset)
+
+    monkeypatch.setattr(os, "pwritev", short)
+    slots = [memoryview(mmap.mmap(-1, SLOT_SIZE)) for _ in range(3)]
+    for slot in slots:
+        slot[:] = os.urandom(SLOT_SIZE)
+    writer.write_blocks(slots)
+    content = b"".join(bytes(slot) for slot in slots)
+    assert path.read_bytes() == content == bytes(hasher.content)
+    assert writer.data_bytes == writer.end == 3 * SLOT_SIZE
+    assert writer.direct
