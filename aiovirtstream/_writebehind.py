@@ -37,7 +37,10 @@ host's guests use. Direct writes must start and end on block boundaries in
 the file and in memory, so the slots are page-aligned ``mmap`` memory, each
 slot begins at the offset its first byte has within a block, and the
 unaligned head and tail of a slot (after an odd-sized hole, at the end of
-the file) go through the page cache.
+the file) go through the page cache. Full slots in a row go out in one
+``pwritev`` a batch: a direct write returns only when the device has the
+data (``dd oflag=direct`` here: 1.1 GB/s in 256 KiB writes, 1.7 GB/s in
+1 MiB ones).
 """
 
 from __future__ import annotations
