@@ -87,6 +87,8 @@ WRITE_PIECE = 128 * 1024
 #: 4096 covers the logical block size of nearly every device (512 or 4096),
 #: and a page is what the kernel invalidates around a direct write.
 DIRECT_ALIGN = max(4096, mmap.PAGESIZE)
+#: How a file system or device says no to direct I/O (then: the page cache).
+_DIRECT_REFUSED = (errno.EINVAL, errno.EOPNOTSUPP)
 
 #: Zeroes to write for a hole, a slice at a time (shared with uploads).
 ZERO_CHUNK = bytes(MAX_CHUNK)
@@ -126,7 +128,7 @@ def open_direct(path: str | os.PathLike[str]) -> int:
     try:
         return os.open(path, os.O_WRONLY | os.O_CLOEXEC | flag)
     except OSError as error:
-        if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+        if error.errno not in _DIRECT_REFUSED:
             raise
         logger.debug("no direct I/O on %s: %s", path, error)
         return -1
@@ -188,7 +190,7 @@ class FileWriter:
         try:
             written = os.pwritev(self._direct_fd, views, self._pos)
         except OSError as error:
-            if error.errno != errno.EINVAL:
+            if error.errno not in _DIRECT_REFUSED:
                 raise
             written = 0  # write() below meets the refusal again and falls back
         for view in views:
@@ -213,10 +215,11 @@ class FileWriter:
             try:
                 written = os.pwrite(self._direct_fd, view, self._pos)
             except OSError as error:
-                if error.errno != errno.EINVAL:
+                if error.errno not in _DIRECT_REFUSED:
                     raise
-                # The device wants a larger alignment than DIRECT_ALIGN:
-                # the rest of the download goes through the page cache.
+                # The device wants a larger alignment than DIRECT_ALIGN, or
+                # the file system takes no direct writes after all: the
+                # rest of the download goes through the page cache.
                 logger.debug("direct write refused (%s): writing through the page cache", error)
                 self._direct_fd = -1
                 self._write_cached(view)
