@@ -740,22 +740,27 @@ def _whole_cpu(run: Run) -> float | None:
     return run.op_cpu_s + run.daemon_cpu_s
 
 
-def _whole_cpu_line(bench: Bench, group: Group) -> str:
-    """'  dense download   aiovirtstream 3.44 / recvAll 3.13 = 1.10x (rounds ...)', or ''."""
+def _cpu_ratio_line(
+    bench: Bench, group: Group, contender: str, figure: Callable[[Run], float | None]
+) -> str:
+    """'  dense download   aiovirtstream 3.44 / recvAll 3.13 = 1.10x (rounds ...)', or ''.
+
+    ``figure``'s medians per GiB, ``contender``'s against the blocking helper's.
+    """
     per_gib = group.size / GiB
     figures = {}
-    for contender in ("ours", "blocking"):
-        runs = bench.runs.get((group.name, contender), [])
-        values = [v for v in map(_whole_cpu, runs) if v is not None]
+    for name in (contender, "blocking"):
+        runs = bench.runs.get((group.name, name), [])
+        values = [v for v in map(figure, runs) if v is not None]
         if not values:
             return ""
-        figures[contender] = _median(values) / per_gib
-    rounds = _per_round(bench, group.name, "ours", "blocking", _whole_cpu)
+        figures[name] = _median(values) / per_gib
+    rounds = _per_round(bench, group.name, contender, "blocking", figure)
     spread = f" (rounds {min(rounds):.2f}-{max(rounds):.2f})" if rounds else ""
     return (
-        f"  {group.name:<16} {group.label('ours')} {figures['ours']:.2f} / "
+        f"  {group.name:<16} {group.label(contender)} {figures[contender]:.2f} / "
         f"{group.label('blocking')} {figures['blocking']:.2f} = "
-        f"{figures['ours'] / figures['blocking']:.2f}x{spread}"
+        f"{figures[contender] / figures['blocking']:.2f}x{spread}"
     )
 
 
@@ -888,7 +893,7 @@ def report(bench: Bench, groups: list[Group], rounds: int) -> tuple[str, list[Ta
     if counts:
         lines.append("op page faults, voluntary / involuntary context switches (medians):")
         lines.extend(counts)
-    totals = [_whole_cpu_line(bench, group) for group in groups]
+    totals = [_cpu_ratio_line(bench, group, "ours", _whole_cpu) for group in groups]
     if any(totals):
         lines.append(
             "CPU of the whole transfer, the child's operation + libvirtd's (medians, "
@@ -897,20 +902,10 @@ def report(bench: Bench, groups: list[Group], rounds: int) -> tuple[str, list[Ta
         lines.extend(line for line in totals if line)
     cached_lines = []
     for group in groups:
-        ours_pc = op_cpu.get((group.name, PAGE_CACHE), float("nan"))
-        if ours_pc != ours_pc:
-            continue
-        theirs = op_cpu[(group.name, "blocking")]
-        pc_rounds = _per_round(
-            bench, group.name, PAGE_CACHE, "blocking", operator.attrgetter("op_cpu_s")
-        )
-        spread = f" (rounds {min(pc_rounds):.2f}-{max(pc_rounds):.2f})" if pc_rounds else ""
-        per_gib = group.size / GiB
-        cached_lines.append(
-            f"  {group.name:<16} {ours_pc / per_gib:.2f} / {group.label('blocking')} "
-            f"{theirs / per_gib:.2f} = {ours_pc / theirs:.2f}x{spread}; speed "
-            f"{medians[(group.name, 'blocking')] / medians[(group.name, PAGE_CACHE)]:.2f}x"
-        )
+        line = _cpu_ratio_line(bench, group, PAGE_CACHE, operator.attrgetter("op_cpu_s"))
+        if line:
+            speed_ratio = medians[(group.name, "blocking")] / medians[(group.name, PAGE_CACHE)]
+            cached_lines.append(f"{line}; speed {speed_ratio:.2f}x")
     if cached_lines:
         lines.append(
             "aiovirtstream pc (download(direct_io=False): the page cache, as the others "
