@@ -171,7 +171,7 @@ class FileWriter:
             head = min(size, -self._pos % DIRECT_ALIGN)
             middle = (size - head) // DIRECT_ALIGN * DIRECT_ALIGN
             self._write_cached(view[:head])
-            self._write_direct(view[head : head + middle])
+            self._write_direct([view[head : head + middle]] if middle else [])
             self._write_cached(view[head + middle :])
         else:
             self._write_cached(view)
@@ -183,26 +183,15 @@ class FileWriter:
         """Write ``views`` one after the other, each a whole number of blocks
         at a block-aligned address: one ``pwritev`` when direct, not one
         write per slot (each direct write waits for the device)."""
-        if self._direct_fd < 0 or self._pos % DIRECT_ALIGN or len(views) < 2:
+        if self._pos % DIRECT_ALIGN:  # the file and the memory do not line up
             for view in views:
-                self.write(view, aligned=True)
+                self.write(view)
             return
-        try:
-            written = os.pwritev(self._direct_fd, views, self._pos)
-        except OSError as error:
-            if error.errno not in _DIRECT_REFUSED:
-                raise
-            written = 0  # write() below meets the refusal again and falls back
+        self._write_direct(views)
         for view in views:
-            done = min(written, view.nbytes)
-            written -= done
-            if done:
-                self._pos += done
-                self.data_bytes += done
-                if self.hasher:
-                    self.hasher.data(view[:done])
-            if done < view.nbytes:  # short: the rest one view at a time
-                self.write(view[done:], aligned=True)
+            self.data_bytes += view.nbytes
+            if self.hasher:
+                self.hasher.data(view)
 
     def _write_cached(self, view: memoryview) -> None:
         while view:
@@ -210,10 +199,12 @@ class FileWriter:
             self._pos += written
             view = view[written:]
 
-    def _write_direct(self, view: memoryview) -> None:
-        while view:
+    def _write_direct(self, views: list[memoryview]) -> None:
+        """Write block-aligned ``views`` directly; what cannot be, through the page cache."""
+        views = list(views)  # what is left to write
+        while views and self._direct_fd >= 0:
             try:
-                written = os.pwrite(self._direct_fd, view, self._pos)
+                written = os.pwritev(self._direct_fd, views, self._pos)
             except OSError as error:
                 if error.errno not in _DIRECT_REFUSED:
                     raise
@@ -222,13 +213,16 @@ class FileWriter:
                 # rest of the download goes through the page cache.
                 logger.debug("direct write refused (%s): writing through the page cache", error)
                 self._direct_fd = -1
-                self._write_cached(view)
-                return
+                break
             self._pos += written
-            view = view[written:]
-            if written % DIRECT_ALIGN:  # short and unaligned (disk full): no more direct
-                self._write_cached(view)
-                return
+            while views and written >= views[0].nbytes:
+                written -= views.pop(0).nbytes
+            if written:
+                views[0] = views[0][written:]
+                if written % DIRECT_ALIGN:  # short and unaligned (disk full)
+                    break
+        for view in views:
+            self._write_cached(view)
 
     def hole(self, length: int) -> None:
         if self._punch and not punch_hole(self._fd, self._pos, length):
