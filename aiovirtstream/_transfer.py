@@ -147,6 +147,7 @@ class _Options:
     checksum: bool
     detect_zeroes: bool = False
     parallel: int | None = 1
+    direct_io: bool = False
     started: float = field(default_factory=time.perf_counter)
 
     def hasher(self) -> _Hasher | None:
@@ -715,10 +716,17 @@ async def download(
         if parallel is not None and parallel < 1:
             raise ValueError("parallel must be >= 1 (or None: chosen by size)")
         options = _Options(
-            sparse, offset, length, progress, progress_interval, checksum, parallel=parallel
+            sparse,
+            offset,
+            length,
+            progress,
+            progress_interval,
+            checksum,
+            parallel=parallel,
+            direct_io=direct_io,
         )
         if isinstance(dest, (str, os.PathLike)):
-            return await _download_path(vol, Path(dest), overwrite, options, direct_io)
+            return await _download_path(vol, Path(dest), overwrite, options)
         if _has_fileno(dest):
             return await _download_file(vol, cast(IO[bytes], dest), options)
         if isinstance(dest, anyio.abc.ByteSendStream):
@@ -797,13 +805,13 @@ def _prepare_download(
 
 
 async def _download_path(
-    vol: libvirt.virStorageVol, dest: Path, overwrite: bool, options: _Options, direct_io: bool
+    vol: libvirt.virStorageVol, dest: Path, overwrite: bool, options: _Options
 ) -> TransferResult:
     # Each thread hop costs 0.1-0.3 ms here (a wake-up of an idle vCPU): the
     # set-up is one hop, and closing and renaming run in the writer thread
     # right after the last write.
     fd, direct_fd, temp, capacity = await anyio.to_thread.run_sync(
-        _prepare_download, vol, dest, overwrite, direct_io
+        _prepare_download, vol, dest, overwrite, options.direct_io
     )
     closed = False
 
