@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
+import pytest
 
 import aiovirtstream as avs
 from aiovirtstream.testing import Sandbox
@@ -63,3 +65,15 @@ def page_cache_bytes(path: Path) -> int:
         check=True,
     )
     return int(out.stdout.strip())
+
+
+def refuse_direct_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``os.open`` fail with EINVAL for O_DIRECT, as a file system without it does."""
+    real_open = os.open
+
+    def no_direct(name: str, flags: int, *args: int) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct)

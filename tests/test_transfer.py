@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import hashlib
 import os
 from collections.abc import AsyncIterator, Callable
@@ -13,7 +12,7 @@ from typing import Any
 
 import libvirt
 import pytest
-from _helpers import page_cache_bytes, require_direct_io
+from _helpers import page_cache_bytes, refuse_direct_open, require_direct_io
 from conftest import MakeVolume
 
 import aiovirtstream as avs
@@ -559,14 +558,7 @@ async def test_download_without_direct_io_on_the_file_system(
 ) -> None:
     """Where O_DIRECT is refused the download goes through the page cache, whole."""
     vol, source = await random_volume(make_volume, tmp_path, "nodirect.img", 4 * MiB)
-    real_open = os.open
-
-    def no_direct(name: str, flags: int, *args: int) -> int:
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(name, flags, *args)
-
-    monkeypatch.setattr(os, "open", no_direct)
+    refuse_direct_open(monkeypatch)
     dest = tmp_path / "out"
     result = await avs.download(vol, dest)
     monkeypatch.undo()

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from _helpers import require_direct_io
+from _helpers import refuse_direct_open, require_direct_io
 
 from aiovirtstream._writebehind import (
     DIRECT_ALIGN,
@@ -141,14 +141,7 @@ def test_open_direct_refused_is_minus_one(tmp_path: Path, monkeypatch: pytest.Mo
     """A file system without O_DIRECT (EINVAL on open) means page-cache writes, not an error."""
     path = tmp_path / "f"
     path.touch()
-    real_open = os.open
-
-    def no_direct(name: str, flags: int, *args: int) -> int:
-        if flags & os.O_DIRECT:
-            raise OSError(22, "Invalid argument")
-        return real_open(name, flags, *args)
-
-    monkeypatch.setattr(os, "open", no_direct)
+    refuse_direct_open(monkeypatch)
     assert open_direct(path) == -1
     monkeypatch.undo()
     with pytest.raises(FileNotFoundError):
