@@ -21,7 +21,12 @@ round after round on the same volumes and files, times:
 * **blocking**: libvirt-python's ``recvAll`` / ``sendAll`` /
   ``sparseRecvAll`` / ``sparseSendAll`` on a plain ``libvirt.open``
   connection in a child process (``--child blocking``) that never imports
-  aiovirtstream, with SEEK_DATA/SEEK_HOLE handlers written like virsh's.
+  aiovirtstream, with SEEK_DATA/SEEK_HOLE handlers written like virsh's;
+* **virsh with a ticker elsewhere** (``--child probe``): virsh again, while
+  a Python process like the ticker runs' (asyncio, connected with
+  ``aiovirtstream.connect``, moving nothing) runs the same ticker. Its lag
+  is what this machine gives any event loop while a transfer loads it, the
+  floor that aiovirtstream's own loop lag is to be read against.
 
 How every contender is timed (the same way for all): each run is a fresh
 child process that starts, connects, and then times *the operation* itself:
@@ -80,7 +85,7 @@ from typing import Any
 MiB = 1 << 20
 GiB = 1 << 30
 REPO = Path(__file__).resolve().parents[1]
-CONTENDERS = ("ours", "virsh", "blocking", "ticker")
+CONTENDERS = ("ours", "virsh", "blocking", "ticker", "probe")
 #: Downloads also run ours through the page cache (download(direct_io=False)),
 #: the way the other contenders write.
 PAGE_CACHE = "cached"
@@ -265,16 +270,65 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def _ours_child(args: argparse.Namespace) -> dict[str, Any]:
+async def _ticker(lags: list[float], stop: Any, stamps: list[float] | None = None) -> None:
+    """Sleep TICK at a time until ``stop`` (an asyncio.Event) is set; record each lag
+    (and in ``stamps`` when each tick came)."""
     import asyncio
 
-    async def ticker(lags: list[float], stop: asyncio.Event) -> None:
-        prev = time.perf_counter()
-        while not stop.is_set():
-            await asyncio.sleep(TICK)
-            now = time.perf_counter()
-            lags.append(now - prev - TICK)
-            prev = now
+    prev = time.perf_counter()
+    while not stop.is_set():
+        await asyncio.sleep(TICK)
+        now = time.perf_counter()
+        lags.append(now - prev - TICK)
+        if stamps is not None:
+            stamps.append(now)
+        prev = now
+
+
+def _virsh_argv(
+    uri: str, pool: str, op: str, vol: str, target: Path | str, sparse: bool
+) -> list[str]:
+    command = "vol-download" if op == "download" else "vol-upload"
+    argv = ["virsh", "-t", "-q", "-c", uri, command, "--pool", pool, vol, str(target)]
+    return argv + (["--sparse"] if sparse else [])
+
+
+def _probe_child(args: argparse.Namespace) -> dict[str, Any]:
+    """virsh moves the data while this process, idle otherwise, runs the ticker."""
+    import asyncio
+
+    async def run() -> dict[str, Any]:
+        import aiovirtstream
+
+        conn = await aiovirtstream.connect(args.uri)
+        try:
+            lags: list[float] = []
+            stamps: list[float] = []
+            stop = asyncio.Event()
+            argv = _virsh_argv(args.uri, args.pool, args.op, args.vol, args.file, args.sparse)
+            # Forked before the ticker starts: the fork is this loop's own work.
+            virsh = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
+            task = asyncio.create_task(_ticker(lags, stop, stamps))
+            out, _ = await virsh.communicate()
+            exited = time.perf_counter()
+            stop.set()
+            await task
+        finally:
+            await aiovirtstream.aclose_connection(conn)
+        times = _VIRSH_TIME.findall(out.decode())
+        if virsh.returncode != 0 or not times:
+            raise SystemExit(f"virsh failed ({virsh.returncode}): {out.decode()}")
+        op_s = float(times[-1]) / 1000
+        # Only the ticks of virsh's operation (its last op_s seconds), not
+        # of its start-up and connect, which load the machine less.
+        during = [lag for lag, at in zip(lags, stamps, strict=True) if at >= exited - op_s]
+        return {"op_s": op_s, "op_cpu_s": None, "lags": [round(lag, 6) for lag in during]}
+
+    return asyncio.run(run())
+
+
+def _ours_child(args: argparse.Namespace) -> dict[str, Any]:
+    import asyncio
 
     async def run() -> dict[str, Any]:
         import aiovirtstream
@@ -288,7 +342,7 @@ def _ours_child(args: argparse.Namespace) -> dict[str, Any]:
             # up to 0.5 ms slower, measured).
             stop_idle = asyncio.Event()
             cpu_idle0 = _cpu_seconds()
-            idle_task = asyncio.create_task(ticker(idle, stop_idle))
+            idle_task = asyncio.create_task(_ticker(idle, stop_idle))
             await asyncio.sleep(0.25)
             stop_idle.set()
             await idle_task
@@ -299,7 +353,7 @@ def _ours_child(args: argparse.Namespace) -> dict[str, Any]:
             stop = asyncio.Event()
             reset = _reset_peak_rss()
             base = _status_bytes("VmRSS")
-            task = asyncio.create_task(ticker(lags, stop)) if args.ticker else None
+            task = asyncio.create_task(_ticker(lags, stop)) if args.ticker else None
             await asyncio.sleep(0)
             profiler = None
             if args.profile:
@@ -347,7 +401,7 @@ def _ours_child(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _child_main(args: argparse.Namespace) -> int:
-    run = _ours_child if args.child == "ours" else _blocking_child
+    run = {"ours": _ours_child, "blocking": _blocking_child, "probe": _probe_child}[args.child]
     _emit(run(args))
     return 0
 
@@ -517,6 +571,8 @@ class Group:
             return "aiovirtstream pc"
         if contender == "ticker":
             return "aiovirtstream+t"
+        if contender == "probe":
+            return "virsh, t apart"
         if contender == "virsh":
             return "virsh --sparse" if self.sparse else "virsh"
         helper = {"download": "RecvAll", "upload": "SendAll"}[self.op]
@@ -570,10 +626,7 @@ class Bench:
 
     def argv(self, group: Group, contender: str, target: Path, profile: str | None) -> list[str]:
         if contender == "virsh":
-            command = "vol-download" if group.op == "download" else "vol-upload"
-            argv = ["virsh", "-t", "-q", "-c", self.uri, command, "--pool", self.pool]
-            argv += [group.vol, str(target)]
-            return argv + (["--sparse"] if group.sparse else [])
+            return _virsh_argv(self.uri, self.pool, group.op, group.vol, target, group.sparse)
         child = "ours" if contender in ("ticker", PAGE_CACHE) else contender
         argv = [sys.executable, "-m", "benchmarks.transfer", "--child", child]
         argv += ["--op", group.op, "--uri", self.uri, "--pool", self.pool, "--vol", group.vol]
@@ -644,7 +697,8 @@ class Bench:
                 raise TransferFailed(f"{what}: no result line:\n{stderr}{stdout}")
             data = json.loads(lines[-1][len(_RESULT_PREFIX) :])
             run.op_s, run.op_cpu_s = data.pop("op_s"), data.pop("op_cpu_s")
-            run.rss_above = data["rss_peak"] - data["rss_base"]
+            if "rss_peak" in data:
+                run.rss_above = data["rss_peak"] - data["rss_base"]
             run.lags = data.pop("lags", [])
             run.extra = data
             if "data_bytes" in data and data["data_bytes"] + data["hole_bytes"] != group.size:
@@ -764,6 +818,14 @@ def _cpu_ratio_line(
     )
 
 
+def _lag_text(lags: list[float], note: str) -> str:
+    """'p50 0.136 ms  p99 1.944 ms  max 28.743 ms  (6737 ticks; note)'."""
+    return (
+        f"p50 {_percentile(lags, 50) * 1000:6.3f} ms  p99 {_percentile(lags, 99) * 1000:6.3f} ms  "
+        f"max {max(lags or [0]) * 1000:7.3f} ms  ({len(lags)} ticks; {note})"
+    )
+
+
 def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -823,7 +885,9 @@ def report(bench: Bench, groups: list[Group], rounds: int) -> tuple[str, list[Ta
     lines.append("")
     lines.append(
         "aiovirtstream loop lag (the 'aiovirtstream+t' runs: a 1 ms ticker during the "
-        "transfer; lag = gap - 1 ms):"
+        "transfer; lag = gap - 1 ms), and below it the same ticker in a process that "
+        "moves nothing while virsh does the transfer ('virsh, t apart': what this machine "
+        "gives any loop under that load):"
     )
     all_lags: list[float] = []
     lag_p99: dict[str, float] = {}
@@ -833,11 +897,10 @@ def report(bench: Bench, groups: list[Group], rounds: int) -> tuple[str, list[Ta
         all_lags += lags
         lag_p99[group.name] = _percentile(lags, 99)
         idle = _median([r.extra.get("idle_lag_p99", float("nan")) for r in runs])
-        lines.append(
-            f"  {group.name:16} p50 {_percentile(lags, 50) * 1000:6.3f} ms  "
-            f"p99 {_percentile(lags, 99) * 1000:6.3f} ms  max {max(lags or [0]) * 1000:7.3f} ms  "
-            f"({len(lags)} ticks; idle loop p99 {idle * 1000:.3f} ms)"
-        )
+        lines.append(f"  {group.name:16} {_lag_text(lags, f'idle loop p99 {idle * 1000:.3f} ms')}")
+        probe = [lag for r in bench.runs.get((group.name, "probe"), []) for lag in r.lags]
+        if probe:
+            lines.append(f"  {'':16} {_lag_text(probe, group.label('probe'))}")
     ticker_cpu = _median(
         [
             r.extra.get("ticker_cpu_per_s", float("nan"))
@@ -1022,7 +1085,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="print every run")
     # The child processes (internal).
-    parser.add_argument("--child", choices=["ours", "blocking"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["ours", "blocking", "probe"], help=argparse.SUPPRESS)
     parser.add_argument("--op", choices=["upload", "download"], help=argparse.SUPPRESS)
     parser.add_argument("--uri", help=argparse.SUPPRESS)
     parser.add_argument("--pool", help=argparse.SUPPRESS)
