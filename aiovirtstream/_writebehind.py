@@ -50,6 +50,7 @@ __all__ = [
     "WriteBehind",
     "WriteWorker",
     "SLOT_SIZE",
+    "prefill_slots",
     "ZERO_CHUNK",
     "open_direct",
     "punch_hole",
@@ -69,15 +70,14 @@ from typing import Any, Protocol, TypeVar
 
 from ._exceptions import TransferError
 from ._native import Buffer
+from ._slots import SLOT_SIZE, slot_pool
 from ._stream import MAX_CHUNK, Hole
-from ._workqueue import WorkQueue, wait_through_cancellation
+from ._workqueue import WorkQueue, run_in_worker, wait_through_cancellation
 
 T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
-#: The size of each receive slot, and so of each write.
-SLOT_SIZE = 256 * 1024
 #: Slots handed to the worker at once.
 BATCH = 8
 
@@ -329,14 +329,28 @@ class WriteWorker:
         return done.result()
 
     def close(self) -> None:
-        """Forget the write-behinds once the download is over, so that their
-        slots go with them rather than with the next garbage collection."""
+        """Forget the write-behinds once the download is over; their free slots
+        go back to the pool (unless a write is still under way: then with them)."""
+        if not self._queue.busy:
+            for sink in self._sinks:
+                sink.give_back_slots()
         self._sinks.clear()
         self._queue.release()
 
     def _failed(self, error: BaseException) -> None:
         for sink in self._sinks:
             sink._failed(error)
+
+
+def prefill_slots(streams: int, size: int) -> None:
+    """Have a worker thread fill the slot pool for a download of ``size`` bytes
+    over ``streams`` streams, while they are being opened (see :mod:`._slots`).
+
+    A stream has about two batches of slots in use at a time (measured 11-17).
+    """
+    wanted = min(streams * 2 * BATCH, -(-size // SLOT_SIZE) + streams)
+    if len(slot_pool) < wanted:
+        run_in_worker(lambda: slot_pool.prefill(wanted))
 
 
 class WriteBehind:
@@ -415,7 +429,7 @@ class WriteBehind:
                 return self._free.pop()
             if self._slots_made < self._max_slots:
                 self._slots_made += 1
-                return memoryview(mmap.mmap(-1, SLOT_SIZE))  # page-aligned
+                return slot_pool.take()
         # Out of slots: the worker has to give some back first.
         self._flush()
         with self._lock:
@@ -499,6 +513,12 @@ class WriteBehind:
             self._resume()
 
     # -- the end
+
+    def give_back_slots(self) -> None:
+        """Return the free slots to the process's pool, for the next download."""
+        with self._lock:
+            free, self._free = self._free, []
+        slot_pool.give_back(free)
 
     async def abandon(self) -> None:
         """Drop what is not written yet and wait for the write under way."""

@@ -509,7 +509,8 @@ async def test_cancelled_while_the_download_is_put_in_place(
 async def test_write_behind_slots_are_freed_with_the_download(
     make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No reference cycle keeps a download's slots (up to 16 MiB a stream) alive."""
+    """No reference cycle keeps a download's write-behinds alive (their slots go
+    back to the process's pool, which is bounded)."""
     import gc
     import weakref
 
@@ -532,6 +533,39 @@ async def test_write_behind_slots_are_freed_with_the_download(
         assert sinks and all(ref() is None for ref in sinks)
     finally:
         gc.enable()
+
+
+async def test_the_next_download_receives_into_the_slots_of_the_last(
+    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slots go back to the process's pool; reused, they hold the last download's
+    bytes, none of which may reach the next one's file (odd extents, holes)."""
+    from aiovirtstream import _slots
+
+    pool = _slots.SlotPool()
+    monkeypatch.setattr("aiovirtstream._writebehind.slot_pool", pool)
+    first, _ = await random_volume(make_volume, tmp_path, "first.img", 4 * MiB)
+    layout: Layout = [("data", 5000), ("hole", 3 * BLOCK), ("data", MiB + 1234), ("hole", MiB)]
+    source = tmp_path / "second.src"
+    content = write_layout(source, layout)
+    second = await make_volume("second.img", len(content))
+    await avs.upload(second, source)
+    await avs.download(first, tmp_path / "first.out", parallel=1)
+    kept = {id(slot) for slot in pool._free}
+    assert kept, "the download gave no slot back"
+    taken: list[int] = []
+    real_take = pool.take
+
+    def spy_take() -> memoryview:
+        slot = real_take()
+        taken.append(id(slot))
+        return slot
+
+    monkeypatch.setattr(pool, "take", spy_take)
+    result = await avs.download(second, tmp_path / "second.out", parallel=1)
+    assert taken and taken[0] in kept
+    assert (tmp_path / "second.out").read_bytes() == content
+    assert result.data_bytes <= data_size(layout) + 2 * BLOCK
 
 
 @pytest.mark.parametrize("direct_io", [True, False])

@@ -1,0 +1,165 @@
+"""The slot pool's bookkeeping (no daemon): reuse, bounds, prefill, the idle drop."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import mmap
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from _helpers import require_direct_io
+
+from aiovirtstream import _slots
+from aiovirtstream._slots import SLOT_SIZE, SlotPool
+from aiovirtstream._writebehind import FileWriter, WriteBehind, WriteWorker, open_direct
+
+
+def address(slot: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(slot))
+
+
+def test_new_slots_are_page_aligned_and_writable() -> None:
+    slot = SlotPool().take()
+    assert slot.nbytes == SLOT_SIZE
+    assert address(slot) % mmap.PAGESIZE == 0  # what O_DIRECT needs
+    slot[-1] = 7
+    assert slot[-1] == 7
+
+
+def test_the_slot_given_back_last_is_taken_first() -> None:
+    pool = SlotPool(keep=4)
+    first, second = pool.take(), pool.take()
+    pool.give_back([first, second])
+    assert len(pool) == 2
+    assert pool.take() is second
+    assert pool.take() is first
+    fresh = pool.take()  # empty: a new one
+    assert fresh is not first and fresh is not second
+
+
+def test_the_pool_keeps_at_most_its_bound() -> None:
+    pool = SlotPool(keep=3)
+    pool.give_back([pool.take() for _ in range(5)])
+    assert len(pool) == 3
+    pool.prefill(10)
+    assert len(pool) == 3
+
+
+def test_prefill_makes_slots_until_enough_are_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[memoryview] = []
+    real = _slots.new_slot
+
+    def counting() -> memoryview:
+        made.append(real())
+        return made[-1]
+
+    monkeypatch.setattr(_slots, "new_slot", counting)
+    pool = SlotPool(keep=8)
+    pool.give_back([real()])
+    pool.prefill(5)
+    assert len(pool) == 5 and len(made) == 4
+    assert all(pool.take() is slot for slot in reversed(made))  # no new one was made
+
+
+def test_prefill_stops_when_memory_runs_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_memory() -> memoryview:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(_slots, "new_slot", no_memory)
+    pool = SlotPool()
+    pool.prefill(4)  # no error: the download's own take() reports it, if it persists
+    assert len(pool) == 0
+
+
+async def test_slots_unused_for_the_idle_time_are_dropped() -> None:
+    pool = SlotPool(keep=8, idle=0.05)
+    pool.give_back([pool.take(), pool.take()])
+    await asyncio.sleep(0.15)
+    assert len(pool) == 0
+
+
+async def test_a_download_meanwhile_keeps_the_slots() -> None:
+    pool = SlotPool(keep=8, idle=0.1)
+    pool.give_back([pool.take(), pool.take()])
+    await asyncio.sleep(0.06)
+    slot = pool.take()  # the next download starts...
+    await asyncio.sleep(0.06)
+    assert len(pool) == 1  # ...so the first timer dropped nothing
+    pool.give_back([slot])
+    await asyncio.sleep(0.06)
+    assert len(pool) == 2
+    await asyncio.sleep(0.1)
+    assert len(pool) == 0  # the timer armed by the last return
+
+
+async def test_a_finished_download_gives_its_slots_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write-behind's slots go to the process's pool once every write is done."""
+    pool = SlotPool()
+    monkeypatch.setattr("aiovirtstream._writebehind.slot_pool", pool)
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    writer = FileWriter(fd, 0, False, None, -1)
+    worker = WriteWorker(str(path))
+    sink = WriteBehind(
+        writer, limit=16 * SLOT_SIZE, pause=lambda: None, resume=lambda: None, worker=worker
+    )
+    data = os.urandom(3 * SLOT_SIZE + 5)
+    for start in range(0, len(data), SLOT_SIZE):
+        target = sink.buffer()
+        assert target is not None
+        buffer, offset, room = target
+        piece = data[start : start + room]
+        memoryview(buffer)[offset : offset + len(piece)] = piece
+        sink.received(len(piece))
+    sink.flush()
+    await worker.run_after_writes(writer.close)
+    worker.close()
+    os.close(fd)
+    assert path.read_bytes() == data
+    assert len(pool) == 4  # every slot it made
+
+
+async def test_slots_stay_with_a_write_still_under_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closed while the worker writes (an abandoned download), nothing goes to the
+    pool: a slot being written must not be handed to the next download."""
+    require_direct_io(tmp_path)
+    pool = SlotPool()
+    monkeypatch.setattr("aiovirtstream._writebehind.slot_pool", pool)
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    direct_fd = open_direct(path)
+    writer = FileWriter(fd, 0, False, None, direct_fd)
+    release = threading.Event()
+    writing = threading.Event()
+    real_write_blocks = writer.write_blocks
+
+    def slow_write_blocks(views: list[memoryview]) -> None:
+        writing.set()
+        release.wait(5)
+        real_write_blocks(views)
+
+    monkeypatch.setattr(writer, "write_blocks", slow_write_blocks)
+    worker = WriteWorker(str(path))
+    sink = WriteBehind(
+        writer, limit=32 * SLOT_SIZE, pause=lambda: None, resume=lambda: None, worker=worker
+    )
+    for _ in range(10):
+        target = sink.buffer()
+        assert target is not None
+        buffer, offset, room = target
+        sink.received(room)
+    sink.flush()
+    assert await asyncio.to_thread(writing.wait, 5)
+    worker.close()
+    assert len(pool) == 0
+    release.set()
+    await worker.join()
+    os.close(fd)
+    os.close(direct_fd)
