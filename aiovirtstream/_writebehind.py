@@ -34,10 +34,11 @@ of copying them into new page-cache pages. That copy was the largest part
 of a download's CPU here (perf: ``copy_folio_from_iter_atomic``, a third to
 a half of the samples), and filling the cache with an image evicts what the
 host's guests use. Direct writes must start and end on block boundaries in
-the file and in memory, so the slots are page-aligned ``mmap`` memory, each
-slot begins at the offset its first byte has within a block, and the
-unaligned head and tail of a slot (after an odd-sized hole, at the end of
-the file) go through the page cache. Full slots in a row go out in one
+the file and in memory, so the slots are page-aligned ``mmap`` memory
+(from the process's pool, :mod:`aiovirtstream._slots`), each slot begins
+at the offset its first byte has within a block, and the unaligned head
+and tail of a slot (after an odd-sized hole, at the end of the file) go
+through the page cache. Full slots in a row go out in one
 ``pwritev`` a batch: a direct write returns only when the device has the
 data (``dd oflag=direct`` here: 1.1 GB/s in 256 KiB writes, 1.7 GB/s in
 1 MiB ones).
