@@ -7,16 +7,19 @@ of a page costs a fault on the host): 250-280 µs to fault one in on its
 first write and 75 µs to unmap it, against 5 µs to fill one again. A
 download uses 24-34 slots (two streams, 1 GiB dense or 2 GiB sparse), so
 fresh slots cost it 7-10 ms, on the loop's thread, inside libvirt's recv:
-6-8 % of a 2 GiB sparse download. So the slots come from one pool per
-process:
+6-8 % of a 2 GiB sparse download. So a finished download gives its slots
+back to one pool per process, for the next download, which keeps up to
+:data:`KEEP_SLOTS` and drops all of them once no download has used it for
+:data:`IDLE_SECONDS`.
 
-* a new slot is mapped with ``MAP_POPULATE``: the kernel faults it in
-  within the ``mmap`` call (135 µs instead of 250-280);
-* when a download starts, a worker thread fills the pool ahead
-  (:meth:`SlotPool.prefill`) while the streams are being opened;
-* when it ends, its slots go back to the pool, which keeps up to
-  :data:`KEEP_SLOTS` and drops all of them once no download has used it
-  for :data:`IDLE_SECONDS`.
+Making the slots ahead, in a worker thread while the streams open, was
+tried and left out: the loop's lag p99 during a sparse download went from
+0.8-1.3 to 2.1-2.4 ms (two sets of 15 rounds in one process, the pool
+emptied before each),
+for no gain in time that the noise let through. The worker holds the GIL
+between slots and, with ``MAP_POPULATE``, within the ``mmap`` call too (a
+thread mapping 64 slots stalled the loop for up to 6.5 ms); with the
+pages touched by ``ctypes.memset``, which releases it, the lag stayed.
 """
 
 from __future__ import annotations
@@ -35,13 +38,10 @@ KEEP_SLOTS = 64
 #: The pool lets its slots go after this long without a download.
 IDLE_SECONDS = 30.0
 
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux
-
 
 def new_slot() -> memoryview:
-    """A fresh page-aligned slot, faulted in already where the system can."""
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE
-    return memoryview(mmap.mmap(-1, SLOT_SIZE, flags=flags))
+    """A fresh page-aligned slot (its pages are faulted in on first write)."""
+    return memoryview(mmap.mmap(-1, SLOT_SIZE))
 
 
 class SlotPool:
@@ -85,20 +85,6 @@ class SlotPool:
         except RuntimeError:
             return
         self._timer = loop.call_later(self._idle, self._drop_if_unused, uses)
-
-    def prefill(self, count: int) -> None:
-        """Make slots until ``count`` (at most the pool's bound) are free (worker thread)."""
-        count = min(count, self._keep)
-        while True:
-            with self._lock:
-                if len(self._free) >= count:
-                    return
-            try:
-                slot = new_slot()
-            except OSError:
-                return  # out of memory: take() makes or fails later, in the download
-            with self._lock:
-                self._free.append(slot)
 
     def clear(self) -> None:
         """Drop every free slot."""

@@ -57,14 +57,7 @@ from ._native import Buffer
 from ._stream import MAX_CHUNK, AsyncStream, Hole, StreamItem
 from ._volume import open_volume_download, open_volume_upload
 from ._workqueue import run_in_worker
-from ._writebehind import (
-    ZERO_CHUNK,
-    FileWriter,
-    WriteBehind,
-    WriteWorker,
-    open_direct,
-    prefill_slots,
-)
+from ._writebehind import ZERO_CHUNK, FileWriter, WriteBehind, WriteWorker, open_direct
 
 UploadSource = (
     str | os.PathLike[str] | IO[bytes] | AsyncIterable[bytes] | anyio.abc.ByteReceiveStream
@@ -895,7 +888,6 @@ async def _download_fd(
         capacity, _ = await _volume_info(vol)
     total = _download_size(capacity, options)
     parts = _split_range(options.offset, total, _streams_for(options, total))
-    prefill_slots(len(parts), total)
     hasher = options.hasher()
     writers = []
     for part_offset, _ in parts:

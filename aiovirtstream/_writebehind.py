@@ -51,7 +51,6 @@ __all__ = [
     "WriteBehind",
     "WriteWorker",
     "SLOT_SIZE",
-    "prefill_slots",
     "ZERO_CHUNK",
     "open_direct",
     "punch_hole",
@@ -73,7 +72,7 @@ from ._exceptions import TransferError
 from ._native import Buffer
 from ._slots import SLOT_SIZE, slot_pool
 from ._stream import MAX_CHUNK, Hole
-from ._workqueue import WorkQueue, run_in_worker, wait_through_cancellation
+from ._workqueue import WorkQueue, wait_through_cancellation
 
 T = TypeVar("T")
 
@@ -341,17 +340,6 @@ class WriteWorker:
     def _failed(self, error: BaseException) -> None:
         for sink in self._sinks:
             sink._failed(error)
-
-
-def prefill_slots(streams: int, size: int) -> None:
-    """Have a worker thread fill the slot pool for a download of ``size`` bytes
-    over ``streams`` streams, while they are being opened (see :mod:`._slots`).
-
-    A stream has about two batches of slots in use at a time (measured 11-17).
-    """
-    wanted = min(streams * 2 * BATCH, -(-size // SLOT_SIZE) + streams)
-    if len(slot_pool) < wanted:
-        run_in_worker(lambda: slot_pool.prefill(wanted))
 
 
 class WriteBehind:

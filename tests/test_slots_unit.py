@@ -1,4 +1,4 @@
-"""The slot pool's bookkeeping (no daemon): reuse, bounds, prefill, the idle drop."""
+"""The slot pool's bookkeeping (no daemon): reuse, bounds, the idle drop, the hand-back."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from _helpers import require_direct_io
 
-from aiovirtstream import _slots
 from aiovirtstream._slots import SLOT_SIZE, SlotPool
 from aiovirtstream._writebehind import FileWriter, WriteBehind, WriteWorker, open_direct
 
@@ -44,34 +43,6 @@ def test_the_pool_keeps_at_most_its_bound() -> None:
     pool = SlotPool(keep=3)
     pool.give_back([pool.take() for _ in range(5)])
     assert len(pool) == 3
-    pool.prefill(10)
-    assert len(pool) == 3
-
-
-def test_prefill_makes_slots_until_enough_are_free(monkeypatch: pytest.MonkeyPatch) -> None:
-    made: list[memoryview] = []
-    real = _slots.new_slot
-
-    def counting() -> memoryview:
-        made.append(real())
-        return made[-1]
-
-    monkeypatch.setattr(_slots, "new_slot", counting)
-    pool = SlotPool(keep=8)
-    pool.give_back([real()])
-    pool.prefill(5)
-    assert len(pool) == 5 and len(made) == 4
-    assert all(pool.take() is slot for slot in reversed(made))  # no new one was made
-
-
-def test_prefill_stops_when_memory_runs_out(monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_memory() -> memoryview:
-        raise OSError(12, "Cannot allocate memory")
-
-    monkeypatch.setattr(_slots, "new_slot", no_memory)
-    pool = SlotPool()
-    pool.prefill(4)  # no error: the download's own take() reports it, if it persists
-    assert len(pool) == 0
 
 
 async def test_slots_unused_for_the_idle_time_are_dropped() -> None:
