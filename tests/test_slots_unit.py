@@ -53,16 +53,15 @@ async def test_slots_unused_for_the_idle_time_are_dropped() -> None:
 
 
 async def test_a_download_meanwhile_keeps_the_slots() -> None:
-    pool = SlotPool(keep=8, idle=0.1)
+    pool = SlotPool(keep=8, idle=0.5)
     pool.give_back([pool.take(), pool.take()])
-    await asyncio.sleep(0.06)
-    slot = pool.take()  # the next download starts...
-    await asyncio.sleep(0.06)
+    await asyncio.sleep(0.2)
+    slot = pool.take()  # the next download starts before the idle time is up...
+    await asyncio.sleep(0.5)
     assert len(pool) == 1  # ...so the first timer dropped nothing
     pool.give_back([slot])
-    await asyncio.sleep(0.06)
     assert len(pool) == 2
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.8)
     assert len(pool) == 0  # the timer armed by the last return
 
 
