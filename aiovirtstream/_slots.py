@@ -15,11 +15,11 @@ back to one pool per process, for the next download, which keeps up to
 Making the slots ahead, in a worker thread while the streams open, was
 tried and left out: the loop's lag p99 during a sparse download went from
 0.8-1.3 to 2.1-2.4 ms (two sets of 15 rounds in one process, the pool
-emptied before each),
-for no gain in time that the noise let through. The worker holds the GIL
-between slots and, with ``MAP_POPULATE``, within the ``mmap`` call too (a
-thread mapping 64 slots stalled the loop for up to 6.5 ms); with the
-pages touched by ``ctypes.memset``, which releases it, the lag stayed.
+emptied before each), for no gain in time that the noise let through. The
+worker holds the GIL between slots and, with ``MAP_POPULATE``, within the
+``mmap`` call too (a thread mapping 64 slots stalled the loop for up to
+6.5 ms); with the pages touched by ``ctypes.memset``, which releases it,
+the lag stayed.
 """
 
 from __future__ import annotations
@@ -85,11 +85,6 @@ class SlotPool:
         except RuntimeError:
             return
         self._timer = loop.call_later(self._idle, self._drop_if_unused, uses)
-
-    def clear(self) -> None:
-        """Drop every free slot."""
-        with self._lock:
-            self._free.clear()
 
     def _drop_if_unused(self, uses: int) -> None:
         with self._lock:

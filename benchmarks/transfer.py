@@ -116,6 +116,12 @@ with open(sys.argv[1], "w") as out:
 _VIRSH_TIME = re.compile(r"\(Time: ([0-9.]+) ms\)")
 
 
+def _virsh_seconds(output: str) -> float | None:
+    """The command's time that ``virsh -t`` printed, in seconds (None: none printed)."""
+    times = _VIRSH_TIME.findall(output)
+    return float(times[-1]) / 1000 if times else None
+
+
 # ============================================================== child helpers
 
 
@@ -315,10 +321,9 @@ def _probe_child(args: argparse.Namespace) -> dict[str, Any]:
             await task
         finally:
             await aiovirtstream.aclose_connection(conn)
-        times = _VIRSH_TIME.findall(out.decode())
-        if virsh.returncode != 0 or not times:
+        op_s = _virsh_seconds(out.decode())
+        if virsh.returncode != 0 or op_s is None:
             raise SystemExit(f"virsh failed ({virsh.returncode}): {out.decode()}")
-        op_s = float(times[-1]) / 1000
         # Only the ticks of virsh's operation (its last op_s seconds), not
         # of its start-up and connect, which load the machine less.
         during = [lag for lag, at in zip(lags, stamps, strict=True) if at >= exited - op_s]
@@ -687,10 +692,10 @@ class Bench:
             daemon_cpu_s=daemon_cpu,
         )
         if contender == "virsh":
-            times = _VIRSH_TIME.findall(stdout)
-            if not times:
+            op_s = _virsh_seconds(stdout)
+            if op_s is None:
                 raise TransferFailed(f"{what}: no '(Time: ...)' in virsh's output:\n{stdout}")
-            run.op_s = float(times[-1]) / 1000
+            run.op_s = op_s
         else:
             lines = [ln for ln in stdout.splitlines() if ln.startswith(_RESULT_PREFIX)]
             if not lines:
