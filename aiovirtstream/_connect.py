@@ -8,11 +8,11 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-import anyio.to_thread
 import libvirt
 
 from ._events import bind_event_loop
 from ._exceptions import ConnectError, map_libvirt_errors
+from ._workqueue import run_to_the_end
 
 # The socket fd of each connection opened by connect(), for backpressure
 # (EventImpl.pause_reading): libvirt does not tell, but its watch is the one
@@ -64,7 +64,8 @@ async def connect(
         return conn
 
     try:
-        conn = await anyio.to_thread.run_sync(open_blocking)
+        # On the transfers' worker threads: the first transfer finds one ready.
+        conn = await run_to_the_end(open_blocking)
     except libvirt.libvirtError as error:
         message = error.get_error_message() or str(error)
         raise ConnectError(
@@ -89,4 +90,4 @@ async def aclose_connection(conn: libvirt.virConnect) -> None:
     _sockets.pop(conn, None)  # its fd number may soon name another socket
     close: Callable[[], int] = conn.close
     with map_libvirt_errors(context="closing the connection"):
-        await anyio.to_thread.run_sync(close)
+        await run_to_the_end(close)

@@ -45,7 +45,6 @@ from typing import Any, Literal, Protocol, TypeVar, overload
 
 import anyio
 import anyio.abc
-import anyio.to_thread
 import libvirt
 import libvirtmod
 
@@ -60,7 +59,7 @@ from ._exceptions import (
     map_libvirt_errors,
 )
 from ._native import Buffer, Receiver, receiver_for
-from ._workqueue import WorkQueue, run_in_worker, wait_through_cancellation
+from ._workqueue import WorkQueue, run_in_worker, run_to_the_end, wait_through_cancellation
 
 logger = logging.getLogger(__name__)
 _R = TypeVar("_R")
@@ -801,6 +800,24 @@ async def open_stream(
     the MIME type of ``virDomainScreenshot``) is kept as
     :attr:`AsyncStream.start_result`.
     """
+    check_stream_events(conn)
+    done = run_in_worker(lambda: start_stream_blocking(conn, start, description))
+    if await wait_through_cancellation(done):
+        # The start call cannot be interrupted: it ran to its end. A stream
+        # it opened is aborted before the cancellation goes on.
+        if done.exception() is None:
+            virstream, _ = done.result()
+            await wait_through_cancellation(run_in_worker(lambda: abort_quietly(virstream)))
+        raise asyncio.CancelledError()
+    virstream, result = done.result()
+    return await adopt_stream(
+        virstream, result, sparse=sparse, description=description, write_buffer=write_buffer
+    )
+
+
+def check_stream_events(conn: libvirt.virConnect) -> None:
+    """Bind the event implementation to the running loop; raise
+    :class:`EventLoopNotRegisteredError` if ``conn`` can have no stream events."""
     registered_before = get_event_impl().registered_with_libvirt
     bind_event_loop()
     if not registered_before and not _in_process(conn):
@@ -812,34 +829,47 @@ async def open_stream(
             "aiovirtstream.connect(), or call aiovirtstream.register_event_impl() before "
             "libvirt.open()"
         )
+
+
+def start_stream_blocking(
+    conn: libvirt.virConnect, start: Callable[[libvirt.virStream], object], description: str
+) -> tuple[libvirt.virStream, object]:
+    """Create a NONBLOCK stream and start it (worker thread: a round trip).
+
+    Returns the stream and what ``start`` returned, for :func:`adopt_stream`
+    on the loop. Call :func:`check_stream_events` on the loop first.
+    """
     with map_libvirt_errors(context=f"cannot create the {description}"):
         virstream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
+    with map_libvirt_errors(context=f"cannot open the {description}"):
+        return virstream, start(virstream)
 
-    def start_blocking() -> object:
-        with map_libvirt_errors(context=f"cannot open the {description}"):
-            return start(virstream)
 
-    done = run_in_worker(start_blocking)
-    if await wait_through_cancellation(done):
-        # The start call cannot be interrupted: it ran to its end. A stream
-        # it opened is aborted before the cancellation goes on.
-        if done.exception() is None:
-            await wait_through_cancellation(run_in_worker(lambda: _abort_quietly(virstream)))
-        raise asyncio.CancelledError()
-    result = done.result()
+async def adopt_stream(
+    virstream: libvirt.virStream,
+    start_result: object,
+    *,
+    sparse: bool = False,
+    description: str = "stream",
+    write_buffer: int = DEFAULT_WRITE_BUFFER,
+) -> AsyncStream:
+    """Wrap a stream started by :func:`start_stream_blocking` (loop thread).
+
+    If it cannot be watched, it is aborted and the error raised.
+    """
     try:
         stream = AsyncStream(
             virstream, sparse=sparse, description=description, write_buffer=write_buffer
         )
     except EventLoopNotRegisteredError:
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(_abort_quietly, virstream)
+            await run_to_the_end(lambda: abort_quietly(virstream))
         raise
-    stream.start_result = result
+    stream.start_result = start_result
     return stream
 
 
-def _abort_quietly(virstream: libvirt.virStream) -> None:
+def abort_quietly(virstream: libvirt.virStream) -> None:
     try:
         virstream.abort()
     except libvirt.libvirtError as error:

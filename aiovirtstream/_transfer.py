@@ -26,7 +26,9 @@ __all__ = [
 ]
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -37,7 +39,7 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, cast
+from typing import IO, TypeVar, cast
 
 import anyio.abc
 import anyio.to_thread
@@ -54,9 +56,18 @@ from ._exceptions import (
 )
 from ._extents import ZERO_BLOCK_SIZE, Extent, file_extents, zero_runs
 from ._native import Buffer
-from ._stream import MAX_CHUNK, AsyncStream, Hole, StreamItem
-from ._volume import open_volume_download, open_volume_upload
-from ._workqueue import run_in_worker
+from ._stream import (
+    MAX_CHUNK,
+    AsyncStream,
+    Hole,
+    StreamItem,
+    abort_quietly,
+    adopt_stream,
+    check_stream_events,
+)
+from ._volume import download_description, open_volume_upload
+from ._volume import start_volume_download as start_volume_download  # tests spy on it here
+from ._workqueue import run_in_worker, run_to_the_end, submit_to_worker, wait_through_cancellation
 from ._writebehind import ZERO_CHUNK, FileWriter, WriteBehind, WriteWorker, open_direct
 
 UploadSource = (
@@ -787,31 +798,30 @@ def _discard(fds: tuple[int, ...], temp: Path) -> None:
     temp.unlink(missing_ok=True)
 
 
-def _prepare_download(
-    vol: libvirt.virStorageVol, dest: Path, overwrite: bool, direct_io: bool
-) -> tuple[int, int, Path, int]:
-    """The temporary file (and its direct descriptor, or -1) and the volume's
-    capacity, in one worker-thread hop."""
+def _make_destination_files(dest: Path, overwrite: bool, direct_io: bool) -> tuple[int, int, Path]:
+    """The temporary file and its direct descriptor (or -1), worker thread."""
     fd, temp = _make_temporary(dest, overwrite)
     direct_fd = -1
     try:
         if direct_io:
             direct_fd = open_direct(temp)
-        capacity, _ = _volume_sizes(vol)
     except BaseException:
-        _discard((fd, direct_fd), temp)
+        _discard((fd, -1), temp)
         raise
-    return fd, direct_fd, temp, capacity
+    return fd, direct_fd, temp
 
 
 async def _download_path(
     vol: libvirt.virStorageVol, dest: Path, overwrite: bool, options: _Options
 ) -> TransferResult:
     # Each thread hop costs 0.1-0.3 ms here (a wake-up of an idle vCPU): the
-    # set-up is one hop, and closing and renaming run in the writer thread
-    # right after the last write.
-    fd, direct_fd, temp, capacity = await anyio.to_thread.run_sync(
-        _prepare_download, vol, dest, overwrite, options.direct_io
+    # temporary file and the streams' start are one hop, and closing and
+    # renaming run in the writer thread right after the last write.
+    (fd, direct_fd, temp), started = await _start_download(
+        vol,
+        options,
+        before=lambda: _make_destination_files(dest, overwrite, options.direct_io),
+        undo=lambda files: _discard(files[:2], files[2]),
     )
     closed = False
 
@@ -829,7 +839,7 @@ async def _download_path(
             0,
             options,
             str(dest),
-            capacity=capacity,
+            started=started,
             complete_file=put_in_place,
             direct_fd=direct_fd,
         )
@@ -874,41 +884,194 @@ async def _download_fd(
     options: _Options,
     name: str,
     *,
-    capacity: int | None = None,
+    started: _Started | None = None,
     complete_file: Callable[[], None] | None = None,
     direct_fd: int = -1,
 ) -> TransferResult:
     """Download into ``fd`` (``size`` bytes long now) from ``start``.
 
-    Holes are punched where the file held data. ``complete_file`` runs in
-    the writer thread after the last write, once the download is known to
-    be complete. ``direct_fd``: the file opened by :func:`open_direct`.
+    Holes are punched where the file held data. ``started``: the streams,
+    if the caller started them (:func:`_start_download`). ``complete_file``
+    runs in the writer thread after the last write, once the download is
+    known to be complete. ``direct_fd``: the file opened by :func:`open_direct`.
     """
-    if capacity is None:
-        capacity, _ = await _volume_info(vol)
-    total = _download_size(capacity, options)
-    parts = _split_range(options.offset, total, _streams_for(options, total))
-    hasher = options.hasher()
-    writers = []
-    for part_offset, _ in parts:
-        part_start = start + part_offset - options.offset
-        writers.append(FileWriter(fd, part_start, size > part_start, hasher, direct_fd))
-
-    worker = WriteWorker(name)  # one writer thread per file (see WriteWorker)
-    try:
-        data, holes = await _download_parts(
-            vol, writers, worker, parts, total, options, complete_file
-        )
-    finally:
-        worker.close()
+    if started is None:
+        _, started = await _start_download(vol, options)
+    async with contextlib.AsyncExitStack() as owned:
+        ranges = started.ranges(vol, options.sparse, owned)
+        hasher = options.hasher()
+        writers = []
+        for part_offset, _ in started.parts:
+            part_start = start + part_offset - options.offset
+            writers.append(FileWriter(fd, part_start, size > part_start, hasher, direct_fd))
+        worker = WriteWorker(name)  # one writer thread per file (see WriteWorker)
+        try:
+            data, holes = await _download_parts(
+                writers, worker, ranges, started.total, options, complete_file
+            )
+        finally:
+            worker.close()
     return options.result(data, holes, hasher)
 
 
-async def _download_parts(
+_T = TypeVar("_T")
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Started:
+    """A download's size and ranges ``(offset, length)``: the first range's
+    stream started, the others' starting in worker threads."""
+
+    total: int
+    parts: list[tuple[int, int]]
+    first: libvirt.virStream
+    others: list[concurrent.futures.Future[libvirt.virStream]]
+
+    def ranges(
+        self, vol: libvirt.virStorageVol, sparse: bool, owned: contextlib.AsyncExitStack
+    ) -> list[_RangeStream]:
+        """One :class:`_RangeStream` a range; ``owned`` closes them all."""
+        ranges = [_RangeStream(vol, sparse, self.first, None)]
+        ranges += [_RangeStream(vol, sparse, None, future) for future in self.others]
+        for range_stream in ranges:
+            owned.push_async_callback(range_stream.aclose)
+        return ranges
+
+    def abort_blocking(self) -> None:
+        """Abort every stream, once started (worker thread)."""
+        abort_quietly(self.first)
+        _abort_when_started(self.others)
+
+
+def _abort_when_started(futures: list[concurrent.futures.Future[libvirt.virStream]]) -> None:
+    for future in futures:
+        with contextlib.suppress(BaseException):
+            abort_quietly(future.result())
+
+
+async def _start_download(
     vol: libvirt.virStorageVol,
+    options: _Options,
+    *,
+    before: Callable[[], _T] = _nothing,  # type: ignore[assignment]
+    undo: Callable[[_T], None] | None = None,
+    one_stream: bool = False,
+) -> tuple[_T, _Started]:
+    """Run ``before`` (the destination's set-up), then start the download's streams.
+
+    One worker-thread hop for both. If the start fails, or the caller is
+    cancelled meanwhile, ``undo(before())`` runs (in a worker) and the
+    streams started are aborted.
+    """
+    check_stream_events(vol.connect())
+
+    def job() -> tuple[_T, _Started]:
+        prepared = before()
+        try:
+            return prepared, _start_download_blocking(vol, options, one_stream)
+        except BaseException:
+            if undo is not None:
+                undo(prepared)
+            raise
+
+    done = run_in_worker(job)
+    if await wait_through_cancellation(done):
+        if done.exception() is None:
+            prepared, started = done.result()
+
+            def back_out() -> None:
+                started.abort_blocking()
+                if undo is not None:
+                    undo(prepared)
+
+            await run_to_the_end(back_out)
+        raise asyncio.CancelledError()
+    return done.result()
+
+
+def _start_download_blocking(
+    vol: libvirt.virStorageVol, options: _Options, one_stream: bool
+) -> _Started:
+    """The volume's size, the ranges, and their streams starting (worker thread).
+
+    The first range's stream starts in this thread, the others at the same
+    time in threads of their own; each range is received as soon as its
+    stream is there (a range that waited for the others before being
+    received made a 2 GiB sparse download 7-8 % slower, measured).
+    """
+    capacity, _ = _volume_sizes(vol)
+    total = _download_size(capacity, options)
+    parts = _split_range(options.offset, total, 1 if one_stream else _streams_for(options, total))
+    # One range asks for options.length (0: to the end), as libvirt does.
+    lengths = [options.length] if len(parts) == 1 else [length for _, length in parts]
+    starts = [
+        functools.partial(start_volume_download, vol, offset, length, options.sparse)
+        for (offset, _), length in zip(parts, lengths, strict=True)
+    ]
+    others = [submit_to_worker(start) for start in starts[1:]]
+    try:
+        first = starts[0]()
+    except BaseException:
+        _abort_when_started(others)
+        raise
+    return _Started(total, parts, first, others)
+
+
+class _RangeStream:
+    """The stream of one range of a download, adopted on the loop once started."""
+
+    def __init__(
+        self,
+        vol: libvirt.virStorageVol,
+        sparse: bool,
+        virstream: libvirt.virStream | None,
+        starting: concurrent.futures.Future[libvirt.virStream] | None,
+    ) -> None:
+        self._vol = vol
+        self._sparse = sparse
+        self._virstream = virstream
+        self._starting = starting
+        self._stream: AsyncStream | None = None
+
+    async def open(self) -> AsyncStream:
+        """Wait until the stream is started (raising if it could not be), and wrap it."""
+        if self._stream is not None:
+            return self._stream
+        if self._starting is not None:
+            starting = asyncio.wrap_future(self._starting)
+            cancelled = await wait_through_cancellation(starting)
+            self._starting = None
+            self._virstream = starting.result()  # a start's error is raised here
+            if cancelled:
+                raise asyncio.CancelledError()  # aclose() aborts the stream
+        virstream, self._virstream = self._virstream, None
+        assert virstream is not None
+        self._stream = await adopt_stream(
+            virstream, None, sparse=self._sparse, description=download_description(self._vol)
+        )
+        return self._stream
+
+    async def aclose(self) -> None:
+        """Abort the stream unless it finished; one still starting is aborted once started."""
+        if self._stream is not None:
+            await self._stream.aclose()
+            return
+        starting, self._starting = self._starting, None
+        virstream, self._virstream = self._virstream, None
+        if starting is not None:
+            await run_to_the_end(functools.partial(_abort_when_started, [starting]))
+        elif virstream is not None:
+            await run_to_the_end(functools.partial(abort_quietly, virstream))
+
+
+async def _download_parts(
     writers: list[FileWriter],
     worker: WriteWorker,
-    parts: list[tuple[int, int]],
+    ranges: list[_RangeStream],
     total: int,
     options: _Options,
     complete_file: Callable[[], None] | None,
@@ -916,27 +1079,22 @@ async def _download_parts(
     def counts() -> tuple[int, int]:
         return sum(w.data_bytes for w in writers), sum(w.hole_bytes for w in writers)
 
-    limit = WRITE_BEHIND // len(parts)
+    limit = WRITE_BEHIND // len(ranges)
     async with options.reporter(counts, total) as reporter:
-        if len(parts) == 1:
-            await _download_range(
-                vol, writers[0], worker, options.offset, options.length, options, limit
-            )
+        if len(ranges) == 1:
+            await _download_range(ranges[0], writers[0], worker, options, limit)
         else:
             # Several streams over ranges of one volume: the daemon keeps one
             # packet in flight per stream, so ranges overlap on its side.
-            async with anyio.create_task_group() as group:
-                for writer, (part_offset, part_length) in zip(writers, parts, strict=True):
-                    group.start_soon(
-                        _download_range,
-                        vol,
-                        writer,
-                        worker,
-                        part_offset,
-                        part_length,
-                        options,
-                        limit,
-                    )
+            try:
+                async with anyio.create_task_group() as group:
+                    for range_stream, writer in zip(ranges, writers, strict=True):
+                        group.start_soon(
+                            _download_range, range_stream, writer, worker, options, limit
+                        )
+            except BaseExceptionGroup as errors:
+                # The ranges are ours, not the caller's: one error, as for one stream.
+                raise _first_error(errors) from None
         last = max(writers, key=lambda w: w.end)
 
         def complete() -> tuple[int, int]:
@@ -950,6 +1108,23 @@ async def _download_parts(
         data, holes = await worker.run_after_writes(complete)
         await reporter.final()
     return data, holes
+
+
+def _first_error(errors: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error that failed a download's ranges: the first that is not the
+    cancellation of the ranges that had to stop because of it."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [errors]
+    while pending:
+        error = pending.pop(0)
+        if isinstance(error, BaseExceptionGroup):
+            pending[:0] = error.exceptions
+        else:
+            leaves.append(error)
+    for error in leaves:
+        if not isinstance(error, asyncio.CancelledError):
+            return error
+    return leaves[0]
 
 
 def _streams_for(options: _Options, total: int) -> int:
@@ -970,11 +1145,9 @@ def _split_range(offset: int, total: int, parallel: int) -> list[tuple[int, int]
 
 
 async def _download_range(
-    vol: libvirt.virStorageVol,
+    range_stream: _RangeStream,
     writer: FileWriter,
     worker: WriteWorker,
-    offset: int,
-    length: int,
     options: _Options,
     limit: int,
 ) -> None:
@@ -990,8 +1163,8 @@ async def _download_range(
     write-behind has no free slot, the connection's socket is not served
     (connections from :func:`aiovirtstream.connect`), so the daemon waits.
     """
-    stream = await open_volume_download(vol, offset=offset, length=length, sparse=options.sparse)
-    backpressure = _SocketBackpressure(vol.connect(), stream)
+    stream = await range_stream.open()
+    backpressure = _SocketBackpressure(stream)
     sink = WriteBehind(
         writer,
         limit=limit,
@@ -1016,9 +1189,9 @@ async def _download_range(
 class _SocketBackpressure:
     """Stops serving a connection's socket while a download's write-behind is full."""
 
-    def __init__(self, conn: libvirt.virConnect, stream: AsyncStream) -> None:
+    def __init__(self, stream: AsyncStream) -> None:
         self._impl = get_event_impl()
-        self._socket = connection_socket(conn)
+        self._socket = connection_socket(stream.virstream.connect())
         self._stream = stream
         self._paused = False
 
@@ -1074,31 +1247,31 @@ class _FileSink(anyio.abc.ByteSendStream):
 async def _download_stream(
     vol: libvirt.virStorageVol, dest: anyio.abc.ByteSendStream, options: _Options
 ) -> TransferResult:
-    capacity, _ = await _volume_info(vol)
-    total = _download_size(capacity, options)
+    _, started = await _start_download(vol, options, one_stream=True)
+    total = started.total
     hasher = options.hasher()
     data_bytes = hole_bytes = 0
-    stream = await open_volume_download(
-        vol, offset=options.offset, length=options.length, sparse=options.sparse
-    )
-    async with options.reporter(lambda: (data_bytes, hole_bytes), total) as reporter:
-        async with stream:
-            items = stream.iter_items() if options.sparse else stream.iter_data()
-            async for item in items:
-                if isinstance(item, Hole):
-                    remaining = item.length
-                    while remaining > 0:
-                        step = min(remaining, MAX_CHUNK)
-                        await dest.send(ZERO_CHUNK[:step])
-                        remaining -= step
-                    hole_bytes += item.length
-                    if hasher:
-                        await anyio.to_thread.run_sync(hasher.hole, item.length)
-                else:
-                    await dest.send(item)
-                    data_bytes += len(item)
-                    if hasher:
-                        await anyio.to_thread.run_sync(hasher.data, item)
-        await reporter.final()
+    async with contextlib.AsyncExitStack() as owned:
+        (range_stream,) = started.ranges(vol, options.sparse, owned)
+        stream = await range_stream.open()
+        async with options.reporter(lambda: (data_bytes, hole_bytes), total) as reporter:
+            async with stream:
+                items = stream.iter_items() if options.sparse else stream.iter_data()
+                async for item in items:
+                    if isinstance(item, Hole):
+                        remaining = item.length
+                        while remaining > 0:
+                            step = min(remaining, MAX_CHUNK)
+                            await dest.send(ZERO_CHUNK[:step])
+                            remaining -= step
+                        hole_bytes += item.length
+                        if hasher:
+                            await anyio.to_thread.run_sync(hasher.hole, item.length)
+                    else:
+                        await dest.send(item)
+                        data_bytes += len(item)
+                        if hasher:
+                            await anyio.to_thread.run_sync(hasher.data, item)
+            await reporter.final()
     _check_complete(data_bytes + hole_bytes, total)
     return options.result(data_bytes, hole_bytes, hasher)

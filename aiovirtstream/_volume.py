@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-__all__ = ["open_volume_upload", "open_volume_download", "lookup_volume"]
+__all__ = [
+    "open_volume_upload",
+    "open_volume_download",
+    "start_volume_download",
+    "download_description",
+    "lookup_volume",
+]
 
-import anyio.to_thread
 import libvirt
 
 from ._exceptions import map_libvirt_errors
-from ._stream import DEFAULT_WRITE_BUFFER, AsyncStream, open_stream
+from ._stream import DEFAULT_WRITE_BUFFER, AsyncStream, open_stream, start_stream_blocking
+from ._workqueue import run_to_the_end
 
 
 def _volume_name(vol: libvirt.virStorageVol) -> str:
@@ -59,8 +65,30 @@ async def open_volume_download(
         vol.connect(),
         lambda st: vol.download(st, offset, length, flags),
         sparse=sparse,
-        description=f"download from volume {_volume_name(vol)!r}",
+        description=download_description(vol),
     )
+
+
+def download_description(vol: libvirt.virStorageVol) -> str:
+    """How a download stream from ``vol`` is named in errors."""
+    return f"download from volume {_volume_name(vol)!r}"
+
+
+def start_volume_download(
+    vol: libvirt.virStorageVol, offset: int, length: int, sparse: bool
+) -> libvirt.virStream:
+    """:func:`open_volume_download`'s round trip alone (worker thread).
+
+    For callers that start several ranges together in threads; wrap the
+    result with ``adopt_stream(..., description=download_description(vol))``.
+    """
+    flags = libvirt.VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM if sparse else 0
+    virstream, _ = start_stream_blocking(
+        vol.connect(),
+        lambda st: vol.download(st, offset, length, flags),
+        download_description(vol),
+    )
+    return virstream
 
 
 async def lookup_volume(
@@ -81,4 +109,4 @@ async def lookup_volume(
 
     where = f"in pool {pool!r}" if pool is not None else "by path or key"
     with map_libvirt_errors(context=f"cannot find volume {name_or_path!r} {where}"):
-        return await anyio.to_thread.run_sync(lookup)
+        return await run_to_the_end(lookup)

@@ -14,15 +14,16 @@ __all__ = [
     "WorkQueue",
     "WOULD_BLOCK",
     "run_in_worker",
+    "submit_to_worker",
     "run_to_the_end",
     "wait_through_cancellation",
 ]
 
 import asyncio
+import concurrent.futures
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -31,32 +32,57 @@ T = TypeVar("T")
 #: draining pauses until :meth:`WorkQueue.resume`.
 WOULD_BLOCK = -2
 
-_executor = ThreadPoolExecutor(max_workers=256, thread_name_prefix="aiovirtstream-io")
+_executor = concurrent.futures.ThreadPoolExecutor(
+    max_workers=256, thread_name_prefix="aiovirtstream-io"
+)
 
 
-class _CallOnce(Generic[T]):
-    """``func``, forgotten as soon as it returned (before its future is resolved)."""
+class _Job(Generic[T]):
+    """``func`` and the future it resolves; ``func`` is forgotten as soon as it
+    returned, before the future is resolved."""
 
-    __slots__ = ("_func",)
+    __slots__ = ("_func", "_future")
 
-    def __init__(self, func: Callable[[], T]) -> None:
+    def __init__(self, func: Callable[[], T], future: concurrent.futures.Future[T]) -> None:
         self._func: Callable[[], T] | None = func
+        self._future: concurrent.futures.Future[T] | None = future
 
-    def __call__(self) -> T:
+    def __call__(self) -> None:
         func, self._func = self._func, None
-        assert func is not None, "called twice"
-        return func()
+        future, self._future = self._future, None
+        assert func is not None and future is not None, "called twice"
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            result = func()
+        except BaseException as error:  # noqa: BLE001 - handed to the future
+            del func
+            future.set_exception(error)
+            # The error's traceback holds this frame: no cycle back to it.
+            del future
+        else:
+            del func
+            future.set_result(result)
 
 
 def run_in_worker(func: Callable[[], T]) -> asyncio.Future[T]:
     """Run ``func`` on the shared I/O executor (threads are reused across transfers).
 
-    The executor's thread keeps its work item, hence ``func``, until some
-    time after the future was resolved; a ``virstream.finish`` bound method
-    held there kept the stream, and so the connection, open after
-    ``aclose_connection`` on a loaded machine. ``func`` is dropped first.
+    The executor's thread keeps its work item until some time after the
+    item ran. A ``virstream.finish`` bound method held there kept the
+    stream, and so the connection, open after ``aclose_connection`` on a
+    loaded machine; so does a stream returned by ``func``, if the item's
+    future holds it. The item holds neither: ``func`` is dropped once it
+    returned, and the result goes to a future of our own.
     """
-    return asyncio.wrap_future(_executor.submit(_CallOnce(func)))
+    return asyncio.wrap_future(submit_to_worker(func))
+
+
+def submit_to_worker(func: Callable[[], T]) -> concurrent.futures.Future[T]:
+    """:func:`run_in_worker` for a caller that is a thread: a plain future."""
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
+    _executor.submit(_Job(func, future))
+    return future
 
 
 async def wait_through_cancellation(future: asyncio.Future[T]) -> bool:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -275,15 +276,13 @@ async def test_parallel_download_over_ranges(
     dest = tmp_path / "out"
     seen: list[avs.TransferProgress] = []
     opened: list[tuple[int, int]] = []
-    real_open = avs.open_volume_download
+    real_start = transfer_module.start_volume_download
 
-    async def spy(
-        vol: libvirt.virStorageVol, *, offset: int, length: int, sparse: bool
-    ) -> avs.AsyncStream:
-        opened.append((offset, length))
-        return await real_open(vol, offset=offset, length=length, sparse=sparse)
+    def spy(vol: libvirt.virStorageVol, offset: int, length: int, sparse: bool) -> object:
+        opened.append((offset, length))  # in worker threads: list.append is atomic
+        return real_start(vol, offset, length, sparse)
 
-    monkeypatch.setattr(transfer_module, "open_volume_download", spy)
+    monkeypatch.setattr(transfer_module, "start_volume_download", spy)
     result = await avs.download(vol, dest, parallel=3, progress=seen.append)
     assert len(opened) == 3 and sum(length for _, length in opened) == size
     assert result.total_bytes == size
@@ -632,21 +631,85 @@ async def test_upload_closes_its_source_off_the_loop(
     assert len(os.listdir("/proc/self/fd")) <= fds_before
 
 
+def was_aborted(virstream: libvirt.virStream) -> bool:
+    """True if ``virstream`` (with data still to come) was aborted already:
+    libvirt then refuses another abort ("stream is closed")."""
+    try:
+        virstream.abort()
+    except libvirt.libvirtError:
+        return True
+    return False
+
+
+async def test_a_range_that_cannot_start_fails_the_download_and_aborts_the_others(
+    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    size = 2 * transfer_module.PARALLEL_MIN_PART
+    vol = await make_volume("ranges.img", size)
+    gone = await make_volume("gone-range.img", MiB)
+    await asyncio.to_thread(gone.delete, 0)
+    started: list[libvirt.virStream] = []
+    real_start = transfer_module.start_volume_download
+
+    def spy(vol: libvirt.virStorageVol, offset: int, length: int, sparse: bool) -> object:
+        # The second range asks the daemon for a volume deleted meanwhile: a real refusal.
+        virstream = real_start(gone if offset else vol, offset, length, sparse)
+        started.append(virstream)
+        return virstream
+
+    monkeypatch.setattr(transfer_module, "start_volume_download", spy)
+    with pytest.raises(avs.NotFoundError, match="gone-range.img"):
+        await avs.download(vol, tmp_path / "out", sparse=False, parallel=2)
+    assert os.listdir(tmp_path) == []
+    assert len(started) == 1 and await asyncio.to_thread(was_aborted, started[0])
+    monkeypatch.undo()
+    result = await avs.download(vol, tmp_path / "out", sparse=False, parallel=2)
+    assert result.data_bytes == size  # the connection carries on
+
+
+async def test_cancelled_while_a_range_starts_aborts_every_stream(
+    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    size = 2 * transfer_module.PARALLEL_MIN_PART
+    vol = await make_volume("slow-range.img", size)
+    started: list[libvirt.virStream] = []
+    real_start = transfer_module.start_volume_download
+    second_asked = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def spy(vol: libvirt.virStorageVol, offset: int, length: int, sparse: bool) -> object:
+        if offset:
+            loop.call_soon_threadsafe(second_asked.set)
+            time.sleep(0.3)  # the download is cancelled meanwhile
+        virstream = real_start(vol, offset, length, sparse)
+        started.append(virstream)
+        return virstream
+
+    monkeypatch.setattr(transfer_module, "start_volume_download", spy)
+    task = asyncio.create_task(avs.download(vol, tmp_path / "out", sparse=False, parallel=2))
+    await second_asked.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The second stream started after the cancellation; both were aborted.
+    assert len(started) == 2
+    assert [await asyncio.to_thread(was_aborted, v) for v in started] == [True, True]
+    assert os.listdir(tmp_path) == []
+
+
 async def test_parallel_by_default_only_for_large_downloads(
     make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     size = transfer_module.AUTO_PARALLEL_MIN
     vol = await make_volume("auto-parallel.img", size)  # allocation 0: all hole
     opened: list[int] = []
-    real_open = avs.open_volume_download
+    real_start = transfer_module.start_volume_download
 
-    async def spy(
-        vol: libvirt.virStorageVol, *, offset: int, length: int, sparse: bool
-    ) -> avs.AsyncStream:
+    def spy(vol: libvirt.virStorageVol, offset: int, length: int, sparse: bool) -> object:
         opened.append(length)
-        return await real_open(vol, offset=offset, length=length, sparse=sparse)
+        return real_start(vol, offset, length, sparse)
 
-    monkeypatch.setattr(transfer_module, "open_volume_download", spy)
+    monkeypatch.setattr(transfer_module, "start_volume_download", spy)
     # 256 MiB: two streams, dense or sparse.
     result = await avs.download(vol, tmp_path / "dense", sparse=False)
     assert len(opened) == 2 and sum(opened) == size and result.data_bytes == size
