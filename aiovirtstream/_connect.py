@@ -8,6 +8,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+import anyio
 import libvirt
 
 from ._events import bind_event_loop
@@ -44,6 +45,9 @@ async def connect(
     :func:`aclose_connection` (``close`` can block too).
     """
     impl = bind_event_loop()
+    # anyio loads its asyncio backend on first use: a 15-18 ms import here,
+    # once per process, better paid now than inside the first transfer.
+    anyio.get_current_task()
     watched_before = impl.watched_fds()
 
     def open_blocking() -> libvirt.virConnect:
