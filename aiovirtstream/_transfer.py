@@ -65,7 +65,12 @@ from ._stream import (
     adopt_stream,
     check_stream_events,
 )
-from ._volume import download_description, open_volume_upload
+from ._volume import (
+    download_description,
+    open_volume_upload,
+    start_volume_upload,
+    upload_description,
+)
 from ._volume import start_volume_download as start_volume_download  # tests spy on it here
 from ._workqueue import run_in_worker, run_to_the_end, submit_to_worker, wait_through_cancellation
 from ._writebehind import ZERO_CHUNK, FileWriter, WriteBehind, WriteWorker, open_direct
@@ -93,6 +98,7 @@ AUTO_PARALLEL_MIN = 256 * 1024 * 1024
 AUTO_PARALLEL = 2
 MiB = 1024 * 1024
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 _HASH_ZEROES = bytes(1024 * 1024)
 
 
@@ -299,14 +305,17 @@ class _UploadPlan:
 
 
 async def _plan_upload(
-    vol: libvirt.virStorageVol,
-    options: _Options,
-    amount: int | None,
-    name: str,
-    sizes: tuple[int, int] | None = None,
+    vol: libvirt.virStorageVol, options: _Options, amount: int | None, name: str
 ) -> _UploadPlan:
-    """Check the room and choose how holes go; ``sizes`` = (capacity, allocation) if known."""
-    capacity, allocation = sizes if sizes is not None else await _volume_info(vol)
+    """:func:`_upload_plan` with the volume's sizes asked off the loop."""
+    capacity, allocation = await _volume_info(vol)
+    return _upload_plan(options, amount, name, capacity, allocation)
+
+
+def _upload_plan(
+    options: _Options, amount: int | None, name: str, capacity: int, allocation: int
+) -> _UploadPlan:
+    """Check the room and choose how holes go (``amount`` None: not known)."""
     if options.offset > capacity:
         raise SourceTooLargeError(
             f"offset {options.offset} is past the end of the volume ({capacity} bytes)"
@@ -426,20 +435,46 @@ def _source_size(fd: int, name: str) -> tuple[int, bool]:
     return -1, False  # a pipe or socket: read until EOF
 
 
-def _open_and_size(
-    source: str | os.PathLike[str] | IO[bytes], vol: libvirt.virStorageVol
-) -> tuple[int, int, bool, str, int, bool, tuple[int, int] | None]:
-    """:func:`_open_source`, :func:`_source_size` and, for a file, the volume's
-    (capacity, allocation), in one worker-thread hop."""
+@dataclass(slots=True)
+class _UploadStart:
+    """An upload source opened and, if it is a file, the stream started."""
+
+    fd: int
+    position: int
+    owned: bool  # we opened fd
+    name: str
+    amount: int  # bytes to send (a file's)
+    plan: _UploadPlan | None  # None: not seekable, read in order
+    virstream: libvirt.virStream | None
+
+    def back_out(self) -> None:
+        """Abort the stream and close what we opened (worker thread)."""
+        if self.virstream is not None:
+            abort_quietly(self.virstream)
+        if self.owned:
+            os.close(self.fd)
+
+
+def _open_and_start_upload(
+    source: str | os.PathLike[str] | IO[bytes], vol: libvirt.virStorageVol, options: _Options
+) -> _UploadStart:
+    """Open the source, size it and the volume, check the room and start the
+    stream, in one worker-thread hop (a pipe or socket: no stream yet)."""
     fd, position, owned, name = _open_source(source)
     try:
         size, seekable = _source_size(fd, name)
-        sizes = _volume_sizes(vol) if seekable else None
+        if not seekable:
+            return _UploadStart(fd, position, owned, name, 0, None, None)
+        capacity, allocation = _volume_sizes(vol)
+        available = max(size - position, 0)
+        amount = min(options.length, available) if options.length else available
+        plan = _upload_plan(options, amount, repr(name), capacity, allocation)
+        virstream = start_volume_upload(vol, options.offset, plan.stream_length, plan.holes)
     except BaseException:
         if owned:
             os.close(fd)
         raise
-    return fd, position, owned, name, size, seekable, sizes
+    return _UploadStart(fd, position, owned, name, amount, plan, virstream)
 
 
 async def _upload_file(
@@ -447,20 +482,22 @@ async def _upload_file(
     source: str | os.PathLike[str] | IO[bytes],
     options: _Options,
 ) -> TransferResult:
-    fd, position, owned, name, size, seekable, sizes = await anyio.to_thread.run_sync(
-        _open_and_size, source, vol
+    check_stream_events(vol.connect())
+    start = await _run_start(
+        lambda: _open_and_start_upload(source, vol, options), _UploadStart.back_out
     )
+    fd, position, owned = start.fd, start.position, start.owned
+    amount, plan = start.amount, start.plan
     reader: _FileReader | None = None
     try:
-        if not seekable:
+        if plan is None:
             if owned:
                 return await _upload_iterable(vol, _iter_fd(fd), options)
             return await _upload_iterable(vol, _iter_file(cast(IO[bytes], source)), options)
-        available = max(size - position, 0)
-        amount = min(options.length, available) if options.length else available
-        plan = await _plan_upload(vol, options, amount, repr(name), sizes)
-        stream = await open_volume_upload(
-            vol, offset=options.offset, length=plan.stream_length, sparse=plan.holes
+        virstream, start.virstream = start.virstream, None
+        assert virstream is not None
+        stream = await adopt_stream(
+            virstream, None, sparse=plan.holes, description=upload_description(vol)
         )
         hasher = options.hasher()
         reader = _FileReader(
@@ -484,6 +521,22 @@ async def _upload_file(
     finally:
         if owned and not (reader is not None and reader.fd_closed):
             os.close(fd)  # only when the reader never ran: an error before sending
+
+
+async def _run_start(job: Callable[[], _T], back_out: Callable[[_T], None]) -> _T:
+    """Run ``job``, a transfer's start, in a worker thread.
+
+    A start cannot be interrupted once it runs: a cancellation meanwhile
+    waits for it, then runs ``back_out(its result)`` in a worker (abort the
+    streams it started, remove what it made) and is raised.
+    """
+    done = run_in_worker(job)
+    if await wait_through_cancellation(done):
+        if done.exception() is None:
+            result = done.result()
+            await run_to_the_end(lambda: back_out(result))
+        raise asyncio.CancelledError()
+    return done.result()
 
 
 async def _restore_size(stream: AsyncStream, plan: _UploadPlan, sent: int) -> None:
@@ -914,9 +967,6 @@ async def _download_fd(
     return options.result(data, holes, hasher)
 
 
-_T = TypeVar("_T")
-
-
 def _nothing() -> None:
     return None
 
@@ -978,19 +1028,13 @@ async def _start_download(
                 undo(prepared)
             raise
 
-    done = run_in_worker(job)
-    if await wait_through_cancellation(done):
-        if done.exception() is None:
-            prepared, started = done.result()
+    def back_out(done: tuple[_T, _Started]) -> None:
+        prepared, started = done
+        started.abort_blocking()
+        if undo is not None:
+            undo(prepared)
 
-            def back_out() -> None:
-                started.abort_blocking()
-                if undo is not None:
-                    undo(prepared)
-
-            await run_to_the_end(back_out)
-        raise asyncio.CancelledError()
-    return done.result()
+    return await _run_start(job, back_out)
 
 
 def _start_download_blocking(

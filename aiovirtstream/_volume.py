@@ -7,6 +7,8 @@ __all__ = [
     "open_volume_download",
     "start_volume_download",
     "download_description",
+    "start_volume_upload",
+    "upload_description",
     "lookup_volume",
 ]
 
@@ -42,9 +44,28 @@ async def open_volume_upload(
         vol.connect(),
         lambda st: vol.upload(st, offset, length, flags),
         sparse=sparse,
-        description=f"upload to volume {_volume_name(vol)!r}",
+        description=upload_description(vol),
         write_buffer=write_buffer,
     )
+
+
+def upload_description(vol: libvirt.virStorageVol) -> str:
+    """How an upload stream into ``vol`` is named in errors."""
+    return f"upload to volume {_volume_name(vol)!r}"
+
+
+def start_volume_upload(
+    vol: libvirt.virStorageVol, offset: int, length: int, sparse: bool
+) -> libvirt.virStream:
+    """:func:`open_volume_upload`'s round trip alone (worker thread); wrap the
+    result with ``adopt_stream(..., description=upload_description(vol))``."""
+    flags = libvirt.VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM if sparse else 0
+    virstream, _ = start_stream_blocking(
+        vol.connect(),
+        lambda st: vol.upload(st, offset, length, flags),
+        upload_description(vol),
+    )
+    return virstream
 
 
 async def open_volume_download(

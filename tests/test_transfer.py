@@ -697,6 +697,43 @@ async def test_cancelled_while_a_range_starts_aborts_every_stream(
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("direction", ["upload", "download"])
+async def test_cancelled_while_the_stream_starts_backs_out(
+    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direction: str
+) -> None:
+    """The start (one worker-thread job) runs to its end; then its stream is
+    aborted, the source closed, the temporary file removed."""
+    vol = await make_volume(f"slow-start-{direction}.img", 4 * MiB)
+    source = tmp_path / "src"
+    source.write_bytes(os.urandom(MiB))
+    name = f"start_volume_{direction}"
+    real_start = getattr(transfer_module, name)
+    started: list[libvirt.virStream] = []
+    asked = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def spy(vol: libvirt.virStorageVol, offset: int, length: int, sparse: bool) -> object:
+        loop.call_soon_threadsafe(asked.set)
+        time.sleep(0.3)  # cancelled meanwhile
+        virstream = real_start(vol, offset, length, sparse)
+        started.append(virstream)
+        return virstream
+
+    monkeypatch.setattr(transfer_module, name, spy)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    if direction == "upload":
+        task = asyncio.create_task(avs.upload(vol, source))
+    else:
+        task = asyncio.create_task(avs.download(vol, tmp_path / "out"))
+    await asyncio.wait_for(asked.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(started) == 1 and await asyncio.to_thread(was_aborted, started[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    assert len(os.listdir("/proc/self/fd")) <= fds_before
+
+
 async def test_parallel_by_default_only_for_large_downloads(
     make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
