@@ -442,7 +442,6 @@ class _UploadStart:
     fd: int
     position: int
     owned: bool  # we opened fd
-    name: str
     amount: int  # bytes to send (a file's)
     plan: _UploadPlan | None  # None: not seekable, read in order
     virstream: libvirt.virStream | None
@@ -464,7 +463,7 @@ def _open_and_start_upload(
     try:
         size, seekable = _source_size(fd, name)
         if not seekable:
-            return _UploadStart(fd, position, owned, name, 0, None, None)
+            return _UploadStart(fd, position, owned, 0, None, None)
         capacity, allocation = _volume_sizes(vol)
         available = max(size - position, 0)
         amount = min(options.length, available) if options.length else available
@@ -474,7 +473,7 @@ def _open_and_start_upload(
         if owned:
             os.close(fd)
         raise
-    return _UploadStart(fd, position, owned, name, amount, plan, virstream)
+    return _UploadStart(fd, position, owned, amount, plan, virstream)
 
 
 async def _upload_file(
@@ -1089,9 +1088,11 @@ class _RangeStream:
             starting = asyncio.wrap_future(self._starting)
             cancelled = await wait_through_cancellation(starting)
             self._starting = None
-            self._virstream = starting.result()  # a start's error is raised here
             if cancelled:
-                raise asyncio.CancelledError()  # aclose() aborts the stream
+                if starting.exception() is None:
+                    self._virstream = starting.result()  # aclose() aborts it
+                raise asyncio.CancelledError()
+            self._virstream = starting.result()  # a start's error is raised here
         virstream, self._virstream = self._virstream, None
         assert virstream is not None
         self._stream = await adopt_stream(
@@ -1137,8 +1138,9 @@ async def _download_parts(
                             _download_range, range_stream, writer, worker, options, limit
                         )
             except BaseExceptionGroup as errors:
-                # The ranges are ours, not the caller's: one error, as for one stream.
-                raise _first_error(errors) from None
+                # The ranges are ours, not the caller's: one error, as for one
+                # stream (re-raised as it is: its __cause__ stays the libvirtError).
+                raise _first_error(errors)  # noqa: B904
         last = max(writers, key=lambda w: w.end)
 
         def complete() -> tuple[int, int]:

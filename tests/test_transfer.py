@@ -658,8 +658,9 @@ async def test_a_range_that_cannot_start_fails_the_download_and_aborts_the_other
         return virstream
 
     monkeypatch.setattr(transfer_module, "start_volume_download", spy)
-    with pytest.raises(avs.NotFoundError, match="gone-range.img"):
+    with pytest.raises(avs.NotFoundError, match="gone-range.img") as failure:
         await avs.download(vol, tmp_path / "out", sparse=False, parallel=2)
+    assert isinstance(failure.value.__cause__, libvirt.libvirtError)
     assert os.listdir(tmp_path) == []
     assert len(started) == 1 and await asyncio.to_thread(was_aborted, started[0])
     monkeypatch.undo()
