@@ -59,7 +59,13 @@ from ._exceptions import (
     map_libvirt_errors,
 )
 from ._native import Buffer, Receiver, receiver_for
-from ._workqueue import WorkQueue, run_in_worker, run_to_the_end, wait_through_cancellation
+from ._workqueue import (
+    WorkQueue,
+    run_in_worker,
+    run_or_back_out,
+    run_to_the_end,
+    wait_through_cancellation,
+)
 
 logger = logging.getLogger(__name__)
 _R = TypeVar("_R")
@@ -801,15 +807,12 @@ async def open_stream(
     :attr:`AsyncStream.start_result`.
     """
     check_stream_events(conn)
-    done = run_in_worker(lambda: start_stream_blocking(conn, start, description))
-    if await wait_through_cancellation(done):
-        # The start call cannot be interrupted: it ran to its end. A stream
-        # it opened is aborted before the cancellation goes on.
-        if done.exception() is None:
-            virstream, _ = done.result()
-            await wait_through_cancellation(run_in_worker(lambda: abort_quietly(virstream)))
-        raise asyncio.CancelledError()
-    virstream, result = done.result()
+    # The start call cannot be interrupted: a cancellation waits for it, and
+    # a stream it opened is aborted before the cancellation goes on.
+    virstream, result = await run_or_back_out(
+        lambda: start_stream_blocking(conn, start, description),
+        lambda started: abort_quietly(started[0]),
+    )
     return await adopt_stream(
         virstream, result, sparse=sparse, description=description, write_buffer=write_buffer
     )

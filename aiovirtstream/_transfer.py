@@ -72,7 +72,13 @@ from ._volume import (
     upload_description,
 )
 from ._volume import start_volume_download as start_volume_download  # tests spy on it here
-from ._workqueue import run_in_worker, run_to_the_end, submit_to_worker, wait_through_cancellation
+from ._workqueue import (
+    run_in_worker,
+    run_or_back_out,
+    run_to_the_end,
+    submit_to_worker,
+    wait_through_cancellation,
+)
 from ._writebehind import ZERO_CHUNK, FileWriter, WriteBehind, WriteWorker, open_direct
 
 UploadSource = (
@@ -482,7 +488,7 @@ async def _upload_file(
     options: _Options,
 ) -> TransferResult:
     check_stream_events(vol.connect())
-    start = await _run_start(
+    start = await run_or_back_out(
         lambda: _open_and_start_upload(source, vol, options), _UploadStart.back_out
     )
     fd, position, owned = start.fd, start.position, start.owned
@@ -520,22 +526,6 @@ async def _upload_file(
     finally:
         if owned and not (reader is not None and reader.fd_closed):
             os.close(fd)  # only when the reader never ran: an error before sending
-
-
-async def _run_start(job: Callable[[], _T], back_out: Callable[[_T], None]) -> _T:
-    """Run ``job``, a transfer's start, in a worker thread.
-
-    A start cannot be interrupted once it runs: a cancellation meanwhile
-    waits for it, then runs ``back_out(its result)`` in a worker (abort the
-    streams it started, remove what it made) and is raised.
-    """
-    done = run_in_worker(job)
-    if await wait_through_cancellation(done):
-        if done.exception() is None:
-            result = done.result()
-            await run_to_the_end(lambda: back_out(result))
-        raise asyncio.CancelledError()
-    return done.result()
 
 
 async def _restore_size(stream: AsyncStream, plan: _UploadPlan, sent: int) -> None:
@@ -1033,7 +1023,7 @@ async def _start_download(
         if undo is not None:
             undo(prepared)
 
-    return await _run_start(job, back_out)
+    return await run_or_back_out(job, back_out)
 
 
 def _start_download_blocking(

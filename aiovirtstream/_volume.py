@@ -12,6 +12,8 @@ __all__ = [
     "lookup_volume",
 ]
 
+from collections.abc import Callable
+
 import libvirt
 
 from ._exceptions import map_libvirt_errors
@@ -39,10 +41,9 @@ async def open_volume_upload(
     With ``sparse=True`` the stream carries holes
     (``VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM``): use :meth:`AsyncStream.send_hole`.
     """
-    flags = libvirt.VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM if sparse else 0
     return await open_stream(
         vol.connect(),
-        lambda st: vol.upload(st, offset, length, flags),
+        _upload_call(vol, offset, length, sparse),
         sparse=sparse,
         description=upload_description(vol),
         write_buffer=write_buffer,
@@ -59,13 +60,16 @@ def start_volume_upload(
 ) -> libvirt.virStream:
     """:func:`open_volume_upload`'s round trip alone (worker thread); wrap the
     result with ``adopt_stream(..., description=upload_description(vol))``."""
-    flags = libvirt.VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM if sparse else 0
-    virstream, _ = start_stream_blocking(
-        vol.connect(),
-        lambda st: vol.upload(st, offset, length, flags),
-        upload_description(vol),
-    )
+    call = _upload_call(vol, offset, length, sparse)
+    virstream, _ = start_stream_blocking(vol.connect(), call, upload_description(vol))
     return virstream
+
+
+def _upload_call(
+    vol: libvirt.virStorageVol, offset: int, length: int, sparse: bool
+) -> Callable[[libvirt.virStream], object]:
+    flags = libvirt.VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM if sparse else 0
+    return lambda st: vol.upload(st, offset, length, flags)
 
 
 async def open_volume_download(
@@ -81,10 +85,9 @@ async def open_volume_download(
     come back as :class:`Hole` from ``read(stop_at_hole=True)`` and
     :meth:`AsyncStream.iter_items`.
     """
-    flags = libvirt.VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM if sparse else 0
     return await open_stream(
         vol.connect(),
-        lambda st: vol.download(st, offset, length, flags),
+        _download_call(vol, offset, length, sparse),
         sparse=sparse,
         description=download_description(vol),
     )
@@ -103,13 +106,16 @@ def start_volume_download(
     For callers that start several ranges together in threads; wrap the
     result with ``adopt_stream(..., description=download_description(vol))``.
     """
-    flags = libvirt.VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM if sparse else 0
-    virstream, _ = start_stream_blocking(
-        vol.connect(),
-        lambda st: vol.download(st, offset, length, flags),
-        download_description(vol),
-    )
+    call = _download_call(vol, offset, length, sparse)
+    virstream, _ = start_stream_blocking(vol.connect(), call, download_description(vol))
     return virstream
+
+
+def _download_call(
+    vol: libvirt.virStorageVol, offset: int, length: int, sparse: bool
+) -> Callable[[libvirt.virStream], object]:
+    flags = libvirt.VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM if sparse else 0
+    return lambda st: vol.download(st, offset, length, flags)
 
 
 async def lookup_volume(

@@ -16,6 +16,7 @@ __all__ = [
     "run_in_worker",
     "submit_to_worker",
     "run_to_the_end",
+    "run_or_back_out",
     "wait_through_cancellation",
 ]
 
@@ -115,6 +116,19 @@ async def run_to_the_end(func: Callable[[], T]) -> T:
     if await wait_through_cancellation(future):
         if not future.cancelled():
             future.exception()  # retrieved: the cancellation is what is raised
+        raise asyncio.CancelledError()
+    return future.result()
+
+
+async def run_or_back_out(func: Callable[[], T], back_out: Callable[[T], None]) -> T:
+    """:func:`run_to_the_end` for a start that made something (a started stream,
+    a temporary file): cancelled meanwhile, ``back_out(its result)`` runs in a
+    worker before the cancellation is raised."""
+    future = run_in_worker(func)
+    if await wait_through_cancellation(future):
+        if future.exception() is None:
+            result = future.result()
+            await run_to_the_end(lambda: back_out(result))
         raise asyncio.CancelledError()
     return future.result()
 
