@@ -89,6 +89,9 @@ CONTENDERS = ("ours", "virsh", "blocking", "ticker", "probe")
 #: Downloads also run ours through the page cache (download(direct_io=False)),
 #: the way the other contenders write.
 PAGE_CACHE = "cached"
+#: With --fsync, downloads also run ours with download(fsync=True), through
+#: both write paths: what making the file durable costs, in the same rounds.
+FSYNC, PAGE_CACHE_FSYNC = "fsync", "cached-fsync"
 TICK = 0.001  # the loop-lag ticker's sleep
 #: Seconds between runs, so that each starts with freed memory back with the host.
 SETTLE_S = 2.5
@@ -376,6 +379,7 @@ def _ours_child(args: argparse.Namespace) -> dict[str, Any]:
                     overwrite=True,
                     parallel=args.parallel,
                     direct_io=not args.page_cache,
+                    fsync=args.fsync,
                 )
             else:
                 result = await aiovirtstream.upload(vol, args.file, sparse=args.sparse)
@@ -560,6 +564,7 @@ class Group:
     size: int
     data_size: int
     first_data: int = 0  # where the source's first data is
+    with_fsync: bool = False  # downloads: the FSYNC contenders too
 
     @property
     def name(self) -> str:
@@ -567,13 +572,19 @@ class Group:
 
     @property
     def contenders(self) -> tuple[str, ...]:
-        return CONTENDERS + ((PAGE_CACHE,) if self.op == "download" else ())
+        if self.op != "download":
+            return CONTENDERS
+        return CONTENDERS + (PAGE_CACHE,) + ((FSYNC, PAGE_CACHE_FSYNC) if self.with_fsync else ())
 
     def label(self, contender: str) -> str:
         if contender == "ours":
             return "aiovirtstream"
         if contender == PAGE_CACHE:
             return "aiovirtstream pc"
+        if contender == FSYNC:
+            return "aiov fsync"
+        if contender == PAGE_CACHE_FSYNC:
+            return "aiov pc fsync"
         if contender == "ticker":
             return "aiovirtstream+t"
         if contender == "probe":
@@ -632,14 +643,17 @@ class Bench:
     def argv(self, group: Group, contender: str, target: Path, profile: str | None) -> list[str]:
         if contender == "virsh":
             return _virsh_argv(self.uri, self.pool, group.op, group.vol, target, group.sparse)
-        child = "ours" if contender in ("ticker", PAGE_CACHE) else contender
+        ours = ("ticker", PAGE_CACHE, FSYNC, PAGE_CACHE_FSYNC)
+        child = "ours" if contender in ours else contender
         argv = [sys.executable, "-m", "benchmarks.transfer", "--child", child]
         argv += ["--op", group.op, "--uri", self.uri, "--pool", self.pool, "--vol", group.vol]
         argv += ["--file", str(target)] + (["--sparse"] if group.sparse else [])
         if contender == "ticker":
             argv.append("--ticker")
-        if contender == PAGE_CACHE:
+        if contender in (PAGE_CACHE, PAGE_CACHE_FSYNC):
             argv.append("--page-cache")
+        if contender in (FSYNC, PAGE_CACHE_FSYNC):
+            argv.append("--fsync")
         if child == "ours" and self.parallel is not None:
             argv += ["--parallel", str(self.parallel)]
         return argv + (["--profile", profile] if profile else [])
@@ -980,6 +994,20 @@ def report(bench: Bench, groups: list[Group], rounds: int) -> tuple[str, list[Ta
             "write), op CPU s/GiB against the blocking helper (informational):"
         )
         lines.extend(cached_lines)
+    fsync_lines = []
+    for group in groups:
+        for durable, plain in ((FSYNC, "ours"), (PAGE_CACHE_FSYNC, PAGE_CACHE)):
+            per_round = _per_round(bench, group.name, durable, plain, operator.attrgetter("op_s"))
+            if per_round:
+                extra = medians[(group.name, durable)] - medians[(group.name, plain)]
+                fsync_lines.append(
+                    f"  {group.name:16} {group.label(durable):15} {_median(list(per_round)):.3f}x "
+                    f"the time of {group.label(plain)} per round "
+                    f"({min(per_round):.2f}-{max(per_round):.2f}), medians {extra * 1000:+.1f} ms"
+                )
+    if fsync_lines:
+        lines.append("download(fsync=True) against the same download without (informational):")
+        lines.extend(fsync_lines)
 
     # Targets.
     targets: list[Target] = []
@@ -1088,6 +1116,12 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="aiovirtstream's downloads use N streams (download(parallel=N)); "
         "default: the library's choice by size",
     )
+    parser.add_argument(
+        "--fsync",
+        action="store_true",
+        help="downloads also run aiovirtstream with download(fsync=True), direct "
+        "and through the page cache ('aiov fsync', 'aiov pc fsync')",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="print every run")
     # The child processes (internal).
     parser.add_argument("--child", choices=["ours", "blocking", "probe"], help=argparse.SUPPRESS)
@@ -1166,6 +1200,7 @@ def main(argv: list[str] | None = None) -> int:
                         dense_src,
                         dense_size,
                         dense_size,
+                        with_fsync=args.fsync,
                     )
                 )
             for op in ("download", "upload"):
@@ -1180,6 +1215,7 @@ def main(argv: list[str] | None = None) -> int:
                         sparse_size,
                         extents * extent_size,
                         min(offsets),
+                        with_fsync=args.fsync,
                     )
                 )
             if args.only:

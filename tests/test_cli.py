@@ -56,6 +56,17 @@ def test_upload_and_download_commands(
     assert cached.returncode == 0, cached.stderr
     assert page_cache_bytes(dest) >= MiB  # its data; with O_DIRECT (the default) ~0
     assert dest.read_bytes()[: 6 * MiB + 4] == source.read_bytes()
+    durable = run_cli(*args, "--overwrite", "--fsync")
+    assert durable.returncode == 0, durable.stderr
+    assert dest.read_bytes()[: 6 * MiB + 4] == source.read_bytes()
+
+
+def test_download_fsync_flag_is_parsed() -> None:
+    from aiovirtstream._cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["download", "vol", "file", "--fsync"]).fsync is True
+    assert parse(["download", "vol", "file"]).fsync is False
 
 
 def test_clear_error_for_a_missing_volume(libvirt_sandbox: Sandbox, libvirt_pool: PoolInfo) -> None:

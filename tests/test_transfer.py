@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import os
 import time
@@ -11,6 +12,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.abc
 import libvirt
 import pytest
 from _helpers import page_cache_bytes, refuse_direct_open, require_direct_io
@@ -103,6 +106,22 @@ async def test_detect_zeroes_makes_holes(make_volume: MakeVolume, tmp_path: Path
     assert dest.read_bytes() == source.read_bytes()
 
 
+class Collect(anyio.abc.ByteSendStream):
+    """A byte stream destination that keeps what it gets."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    async def send(self, item: bytes) -> None:
+        self.data += item
+
+    async def send_eof(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
 async def test_iterable_source_and_stream_destination(
     make_volume: MakeVolume, tmp_path: Path
 ) -> None:
@@ -120,29 +139,9 @@ async def test_iterable_source_and_stream_destination(
     assert result.hole_bytes >= 56 * 1024
     assert progress and progress[-1].done_bytes == size
 
-    import anyio
-
-    send, receive = anyio.create_memory_object_stream[bytes](100)
-    from anyio.streams.stapled import StapledObjectStream  # noqa: F401
-
-    class Collect(anyio.abc.ByteSendStream):
-        def __init__(self) -> None:
-            self.data = bytearray()
-
-        async def send(self, item: bytes) -> None:
-            self.data += item
-
-        async def send_eof(self) -> None:
-            pass
-
-        async def aclose(self) -> None:
-            pass
-
     sink = Collect()
     await avs.download(vol, sink)
     assert bytes(sink.data) == b"".join(chunks)
-    send.close()
-    receive.close()
 
 
 async def test_offset_and_length_resume(make_volume: MakeVolume, tmp_path: Path) -> None:
@@ -600,6 +599,125 @@ async def test_download_without_direct_io_on_the_file_system(
     assert dest.read_bytes() == source.read_bytes()
 
 
+class SyncSpy:
+    """Records the download's fdatasync and fsync calls: which file, and when."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, dest: Path) -> None:
+        self.dest = dest
+        self.calls: list[tuple[str, str, bool, int]] = []  # call, path, dest there, size
+        for name in ("fdatasync", "fsync"):
+            monkeypatch.setattr(os, name, functools.partial(self._record, name, getattr(os, name)))
+
+    def _record(self, name: str, real: Callable[[int], None], fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        self.calls.append((name, path, self.dest.exists(), os.fstat(fd).st_size))
+        real(fd)
+
+
+@pytest.mark.parametrize("direct_io", [True, False], ids=["direct", "page-cache"])
+@pytest.mark.parametrize("fsync", [True, False], ids=["fsync", "no-fsync"])
+async def test_fsync_flushes_the_file_before_the_rename_and_the_folder_after(
+    make_volume: MakeVolume,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fsync: bool,
+    direct_io: bool,
+) -> None:
+    monkeypatch.setattr(transfer_module, "PARALLEL_MIN_PART", 4 * MiB)  # 2 streams of 8 MiB
+    layout: Layout = [("data", 3 * MiB), ("hole", 5 * MiB), ("data", 5000), ("hole", 8 * MiB)]
+    source = tmp_path / "source.img"
+    content = write_layout(source, layout)
+    vol = await make_volume("fsync.img", len(content))
+    await avs.upload(vol, source)
+    dest = tmp_path / "out"
+    spy = SyncSpy(monkeypatch, dest)
+    result = await avs.download(vol, dest, fsync=fsync, direct_io=direct_io, parallel=2)
+    monkeypatch.undo()
+    assert result.total_bytes == len(content)
+    assert dest.read_bytes() == content
+    if not fsync:
+        assert spy.calls == [], "a download without fsync=True paid for one"
+        return
+    (flush, flushed, dest_there, size), (sync, folder, dest_after, _) = spy.calls
+    assert flush == "fdatasync" and Path(flushed).name.startswith(".out.")
+    assert not dest_there, "the file was flushed after the rename"
+    assert size == len(content), "the file was flushed before its trailing hole was made"
+    assert (sync, Path(folder), dest_after) == ("fsync", tmp_path, True)
+
+
+async def test_fsync_into_an_open_file(
+    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vol, source = await random_volume(make_volume, tmp_path, "fsync-file.img", 3 * MiB)
+    dest = tmp_path / "out"
+    with open(dest, "wb") as f:
+        f.write(b"header")
+        spy = SyncSpy(monkeypatch, dest)
+        await avs.download(vol, f, fsync=True)
+        monkeypatch.undo()
+        assert f.tell() == 6 + 3 * MiB
+    assert spy.calls == [("fdatasync", str(dest), True, 6 + 3 * MiB)]
+    assert dest.read_bytes() == b"header" + source.read_bytes()
+
+
+async def test_fsync_needs_a_file_to_flush(
+    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Into a pipe or an anyio stream, fsync=True is refused before any stream starts."""
+    vol = await make_volume("fsync-pipe.img", MiB)
+    started: list[object] = []
+    real_start = transfer_module.start_volume_download
+
+    def spy(*args: Any) -> libvirt.virStream:
+        started.append(args)
+        return real_start(*args)
+
+    monkeypatch.setattr(transfer_module, "start_volume_download", spy)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "wb") as pipe:
+        with pytest.raises(ValueError, match="fsync=True needs a path or a regular file"):
+            await avs.download(vol, pipe, fsync=True)
+    with pytest.raises(ValueError, match="not an anyio stream"):
+        await avs.download(vol, Collect(), fsync=True)
+    assert started == []
+
+
+async def test_failed_fsync_leaves_no_destination(
+    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vol, source = await random_volume(make_volume, tmp_path, "fsync-eio.img", 2 * MiB)
+
+    def broken_disk(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken_disk)
+    with pytest.raises(avs.TransferError, match="cannot flush .* to disk") as caught:
+        await avs.download(vol, tmp_path / "out", fsync=True)
+    monkeypatch.undo()
+    assert isinstance(caught.value.__cause__, OSError)
+    assert not (tmp_path / "out").exists(), "a file that may not be on the disk looks complete"
+    assert not list(tmp_path.glob(".*.part"))
+    await avs.download(vol, tmp_path / "out", fsync=True)  # the connection carries on
+    assert (tmp_path / "out").read_bytes() == source.read_bytes()
+
+
+async def test_failed_folder_flush_says_the_file_is_complete(
+    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vol, source = await random_volume(make_volume, tmp_path, "fsync-dir.img", MiB)
+
+    def broken_folder(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken_folder)
+    with pytest.raises(avs.TransferError, match="is complete, but its folder cannot be flushed"):
+        await avs.download(vol, tmp_path / "out", fsync=True)
+    monkeypatch.undo()
+    assert (tmp_path / "out").read_bytes() == source.read_bytes()
+    assert not list(tmp_path.glob(".*.part"))
+
+
 async def test_upload_closes_its_source_off_the_loop(
     make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -767,8 +885,6 @@ async def test_parallel_by_default_only_for_large_downloads(
 async def test_progress_as_an_async_stream_of_events(
     make_volume: MakeVolume, tmp_path: Path
 ) -> None:
-    import anyio
-
     size = 64 * MiB
     vol, source = await random_volume(make_volume, tmp_path, "progress.img", size)
     # A reader that keeps up: snapshots in order, the last one complete, then the end.
