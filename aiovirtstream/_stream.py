@@ -179,6 +179,9 @@ class AsyncStream(anyio.abc.ByteStream):
         self._loop = asyncio.get_running_loop()
         self._state = _State.OPEN
         self._closing = False  # finish() or abort() under way
+        # Set by _finish_from_sender (sender thread), read after it on the loop.
+        self._callback_removed_by_sender = False
+        self._finished_by_sender = False
         self._broken_reason: BaseException | None = None
         self._eof = False
         self._write_side_broken: str | None = None
@@ -680,6 +683,33 @@ class AsyncStream(anyio.abc.ByteStream):
         pump = self._pump
         if pump is not None and not pump.done.done():
             pump.done.set_exception(self._closed_error("read"))
+
+    def _finish_from_sender(self) -> None:
+        """Finish the stream from the thread that sent its data (blocking).
+
+        For an upload's reader, which sends from its worker thread and has
+        nothing queued: finishing there, right after its last send, saves
+        the two thread hops of :meth:`finish`. The loop must call
+        :meth:`_settle_sender_finish` once that thread's job is over.
+        """
+        self._callback_removed_by_sender = True
+        # libvirt requires the callback gone before finish. Nothing waits on
+        # it here (the sender sent everything directly); the loop forgets its
+        # data in _settle_sender_finish.
+        libvirtmod.virStreamEventRemoveCallback(self.virstream._o)
+        self.virstream.finish()
+        self._finished_by_sender = True
+
+    def _settle_sender_finish(self) -> None:
+        """Record what :meth:`_finish_from_sender` did (loop thread, after it)."""
+        if self._callback_removed_by_sender and self._callback_data is not None:
+            self._callback_data.clear()
+            self._callback_data = None
+            self._subscribed = 0
+        if self._finished_by_sender and self._state is _State.OPEN:
+            self._closing = True
+            self._sender.release()
+            self._state = _State.FINISHED
 
     async def finish(self) -> None:
         """Send everything queued, then tell the daemon the stream is complete.

@@ -516,12 +516,12 @@ async def _upload_file(
             detect_zeroes=options.detect_zeroes,
             hasher=hasher,
             close_fd=owned,
+            trailing_hole=_size_restoring_hole(plan, amount),
         )
         counts = lambda: (stream.bytes_sent, stream.hole_bytes_sent)  # noqa: E731
         async with options.reporter(counts, amount) as reporter:
             async with stream:
                 await _run_reader(reader, stream)
-                await _restore_size(stream, plan, amount)
             await reporter.final()
         return options.result(stream.bytes_sent, amount - stream.bytes_sent, hasher)
     finally:
@@ -529,10 +529,9 @@ async def _upload_file(
             os.close(fd)  # only when the reader never ran: an error before sending
 
 
-async def _restore_size(stream: AsyncStream, plan: _UploadPlan, sent: int) -> None:
+def _size_restoring_hole(plan: _UploadPlan, sent: int) -> int:
     """A last hole up to the volume's end: libvirt cut the volume at the last hole."""
-    if plan.holes and plan.room > sent:
-        await stream.send_hole(plan.room - sent)
+    return plan.room - sent if plan.holes and plan.room > sent else 0
 
 
 async def _run_reader(reader: _FileReader, stream: AsyncStream) -> None:
@@ -541,6 +540,7 @@ async def _run_reader(reader: _FileReader, stream: AsyncStream) -> None:
     try:
         await asyncio.shield(future)
     except libvirt.libvirtError as error:
+        stream._settle_sender_finish()
         raise stream._mark_broken(error) from error
     except BaseException:
         reader.stop()
@@ -548,7 +548,9 @@ async def _run_reader(reader: _FileReader, stream: AsyncStream) -> None:
         while not future.done():
             with contextlib.suppress(BaseException):
                 await asyncio.shield(future)
+        stream._settle_sender_finish()  # finished meanwhile: too late to abort
         raise
+    stream._settle_sender_finish()
     stream._raise_send_error()
 
 
@@ -567,6 +569,7 @@ class _FileReader:
         detect_zeroes: bool,
         hasher: _Hasher | None,
         close_fd: bool = False,
+        trailing_hole: int = 0,
     ) -> None:
         self._fd = fd
         self._close_fd = close_fd  # close it in the worker once read (no syscall on the loop)
@@ -576,6 +579,8 @@ class _FileReader:
         self._end = end
         self._queue = stream._sender
         self._send = stream._send_item
+        self._finish_stream = stream._finish_from_sender
+        self._trailing_hole = trailing_hole  # sent after the source, not hashed
         self._direct = True
         self._walk_extents = walk_extents  # find the source's holes (SEEK_DATA/SEEK_HOLE)
         self._sparse = holes  # send them as holes (else as zeroes, without reading them)
@@ -610,6 +615,12 @@ class _FileReader:
                     return
             elif not self._send_hole(extent.length):
                 return
+        if self._trailing_hole and not self._put(Hole(self._trailing_hole)):
+            return
+        if self._direct and not self._stopped.is_set():
+            # Nothing went through the queue: finish here, one RPC in this
+            # thread instead of two thread hops for AsyncStream.finish().
+            self._finish_stream()
 
     def _put(self, item: StreamItem) -> bool:
         if self._stopped.is_set():
@@ -723,7 +734,8 @@ async def _upload_iterable(
                 position += len(data)
                 if length and position >= length:
                     break
-            await _restore_size(stream, plan, position)
+            if last_hole := _size_restoring_hole(plan, position):
+                await stream.send_hole(last_hole)
         await reporter.final()
     return options.result(stream.bytes_sent, position - stream.bytes_sent, hasher)
 

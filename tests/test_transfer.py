@@ -749,6 +749,50 @@ async def test_upload_closes_its_source_off_the_loop(
     assert len(os.listdir("/proc/self/fd")) <= fds_before
 
 
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+async def test_upload_finishes_its_stream_in_the_sending_thread(
+    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sparse: bool
+) -> None:
+    """The reader finishes the stream right after its last send, in its own
+    thread (no hop back to the loop and out again); the volume is complete."""
+    import threading
+
+    source = tmp_path / "source.img"
+    content = write_layout(source, [("data", MiB + 5), ("hole", 2 * MiB)])
+    vol = await make_volume("finishing.img", 4 * MiB)  # room left: a last hole restores it
+    calls: list[tuple[str, str]] = []
+    reading = threading.local()
+    real_run = transfer_module._FileReader.run
+
+    def run(self: Any) -> None:
+        reading.job = True
+        try:
+            real_run(self)
+        finally:
+            reading.job = False
+
+    monkeypatch.setattr(transfer_module._FileReader, "run", run)
+    for name in ("send", "sendHole", "finish"):
+        real = getattr(libvirt.virStream, name)
+
+        def spy(self: libvirt.virStream, *args: Any, _real: Any = real, _name: str = name) -> Any:
+            job = "reader" if getattr(reading, "job", False) else threading.current_thread().name
+            calls.append((_name, job))
+            return _real(self, *args)
+
+        monkeypatch.setattr(libvirt.virStream, name, spy)
+    result = await avs.upload(vol, source, sparse=sparse)
+    monkeypatch.undo()
+    assert result.total_bytes == len(content)
+    assert [c for c, _ in calls].count("finish") == 1 and calls[-1][0] == "finish"
+    assert {job for _, job in calls} == {"reader"}, "sent or finished outside the reader's job"
+    if sparse:
+        assert calls[-2][0] == "sendHole", "the hole up to the volume's end was not sent"
+    got = tmp_path / "back.img"
+    await avs.download(vol, got)
+    assert got.read_bytes() == content + bytes(4 * MiB - len(content))
+
+
 def was_aborted(virstream: libvirt.virStream) -> bool:
     """True if ``virstream`` (with data still to come) was aborted already:
     libvirt then refuses another abort ("stream is closed")."""
