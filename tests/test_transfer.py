@@ -803,6 +803,43 @@ def was_aborted(virstream: libvirt.virStream) -> bool:
     return False
 
 
+async def test_upload_whose_finish_fails_is_reported_and_aborted(
+    make_volume: MakeVolume,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A finish that the daemon refuses, made in the reader's thread, breaks
+    the upload; the stream is aborted and nothing is left registered."""
+    import gc
+    import logging
+    import warnings
+
+    source = tmp_path / "source.img"
+    source.write_bytes(os.urandom(MiB))
+    vol = await make_volume("finish-fails.img", MiB)
+    streams: list[libvirt.virStream] = []
+
+    def refuse(self: libvirt.virStream) -> None:
+        streams.append(self)
+        raise libvirt.libvirtError("the daemon refused to finish")
+
+    monkeypatch.setattr(libvirt.virStream, "finish", refuse)
+    caplog.set_level(logging.DEBUG, logger="aiovirtstream.libvirt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(avs.StreamBrokenError, match="refused to finish"):
+            await avs.upload(vol, source)
+        gc.collect()
+    monkeypatch.undo()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+    # The reader removed the stream's event callback; the loop knows it.
+    assert "no stream callback registered" not in caplog.text
+    assert len(streams) == 1 and was_aborted(streams[0])
+    result = await avs.upload(vol, source)  # the connection carries on
+    assert result.data_bytes == MiB
+
+
 async def test_a_range_that_cannot_start_fails_the_download_and_aborts_the_others(
     make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
