@@ -692,11 +692,12 @@ class AsyncStream(anyio.abc.ByteStream):
         the two thread hops of :meth:`finish`. The loop must call
         :meth:`_settle_sender_finish` once that thread's job is over.
         """
-        self._callback_removed_by_sender = True
         # libvirt requires the callback gone before finish. Nothing waits on
         # it here (the sender sent everything directly); the loop forgets its
         # data in _settle_sender_finish.
-        libvirtmod.virStreamEventRemoveCallback(self.virstream._o)
+        if self._callback_data is not None:
+            libvirtmod.virStreamEventRemoveCallback(self.virstream._o)
+            self._callback_removed_by_sender = True
         self.virstream.finish()
         self._finished_by_sender = True
 
