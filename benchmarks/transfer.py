@@ -92,6 +92,10 @@ PAGE_CACHE = "cached"
 #: With --fsync, downloads also run ours with download(fsync=True), through
 #: both write paths: what making the file durable costs, in the same rounds.
 FSYNC, PAGE_CACHE_FSYNC = "fsync", "cached-fsync"
+#: The sparse upload also runs ours into a volume that holds data (a few
+#: blocks written into the new volume first): upload() empties it with a wipe
+#: before sending holes, where virsh and sparseSendAll would keep the old data.
+OVER_DATA = "over-data"
 TICK = 0.001  # the loop-lag ticker's sleep
 #: Seconds between runs, so that each starts with freed memory back with the host.
 SETTLE_S = 2.5
@@ -573,7 +577,7 @@ class Group:
     @property
     def contenders(self) -> tuple[str, ...]:
         if self.op != "download":
-            return CONTENDERS
+            return CONTENDERS + ((OVER_DATA,) if self.sparse else ())
         return CONTENDERS + (PAGE_CACHE,) + ((FSYNC, PAGE_CACHE_FSYNC) if self.with_fsync else ())
 
     def label(self, contender: str) -> str:
@@ -587,6 +591,8 @@ class Group:
             return "aiov pc fsync"
         if contender == "ticker":
             return "aiovirtstream+t"
+        if contender == OVER_DATA:
+            return "aiov over data"
         if contender == "probe":
             return "virsh, t apart"
         if contender == "virsh":
@@ -643,7 +649,7 @@ class Bench:
     def argv(self, group: Group, contender: str, target: Path, profile: str | None) -> list[str]:
         if contender == "virsh":
             return _virsh_argv(self.uri, self.pool, group.op, group.vol, target, group.sparse)
-        ours = ("ticker", PAGE_CACHE, FSYNC, PAGE_CACHE_FSYNC)
+        ours = ("ticker", PAGE_CACHE, FSYNC, PAGE_CACHE_FSYNC, OVER_DATA)
         child = "ours" if contender in ours else contender
         argv = [sys.executable, "-m", "benchmarks.transfer", "--child", child]
         argv += ["--op", group.op, "--uri", self.uri, "--pool", self.pool, "--vol", group.vol]
@@ -670,6 +676,9 @@ class Bench:
             # contender gets a new empty volume (untimed).
             target = group.source
             self._recreate(group)
+            if contender == OVER_DATA:
+                self._poison_seed += 1
+                _poison(group.vol_path, group.size, 0, self._poison_seed)
         else:
             target = group.source
             self._poison_seed += 1
@@ -1008,6 +1017,19 @@ def report(bench: Bench, groups: list[Group], rounds: int) -> tuple[str, list[Ta
     if fsync_lines:
         lines.append("download(fsync=True) against the same download without (informational):")
         lines.extend(fsync_lines)
+    for group in groups:
+        per_round = _per_round(bench, group.name, OVER_DATA, "ours", operator.attrgetter("op_s"))
+        if per_round:
+            extra = medians[(group.name, OVER_DATA)] - medians[(group.name, "ours")]
+            lines.append(
+                "upload() into a volume that holds data (emptied by a wipe first) against "
+                "into a new volume (informational):"
+            )
+            lines.append(
+                f"  {group.name:16} {group.label(OVER_DATA):15} {_median(list(per_round)):.3f}x "
+                f"the time per round ({min(per_round):.2f}-{max(per_round):.2f}), "
+                f"medians {extra * 1000:+.1f} ms"
+            )
 
     # Targets.
     targets: list[Target] = []

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -321,6 +322,126 @@ async def test_sparse_upload_keeps_the_volume_whole(
     assert (await asyncio.to_thread(used.info))[1] == 8 * MiB
     back = await download_bytes(used, tmp_path / "b")
     assert back == old[:MiB] + content + old[4 * MiB :]
+
+
+class WipeSpy:
+    """Records ``virStorageVol.wipe`` calls; ``mode`` "refused" fails them, "no-op"
+    returns without wiping (a backend whose wipe leaves data behind)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, mode: str = "real") -> None:
+        self.calls: list[int] = []
+        real = libvirt.virStorageVol.wipe
+
+        def wipe(vol: libvirt.virStorageVol, flags: int = 0) -> int:
+            self.calls.append(flags)
+            if mode == "refused":
+                raise libvirt.libvirtError("wipe refused (test)")
+            return 0 if mode == "no-op" else real(vol, flags)
+
+        monkeypatch.setattr(libvirt.virStorageVol, "wipe", wipe)
+
+
+async def put_old_data(vol: libvirt.virStorageVol, data: bytes) -> tuple[int, int]:
+    """Write ``data`` at the volume's start (not all of it); returns (capacity, allocation)."""
+    await avs.upload(vol, _iter_once(data))
+    info = await asyncio.to_thread(vol.info)
+    return info[1], info[2]
+
+
+ZEROES_WARNING = "holes are sent as zeroes"
+
+
+async def test_a_source_that_overwrites_a_whole_volume_with_data_still_goes_sparse(
+    make_volume: MakeVolume,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Holes into a volume that holds data would keep that data (see above): when the
+    source overwrites every byte, upload() empties the volume first (libvirt's zero
+    wipe truncates a file with holes), so the holes go as holes and stay unallocated."""
+    layout: Layout = [("data", MiB), ("hole", 3 * MiB), ("data", MiB), ("hole", 3 * MiB)]
+    source = tmp_path / "src"
+    content = write_layout(source, layout)
+    vol = await make_volume("whole.img", len(content))
+    capacity, allocation = await put_old_data(vol, b"\xee" * (6 * MiB))
+    assert capacity == len(content) and 6 * MiB <= allocation < capacity
+    wipes = WipeSpy(monkeypatch)
+
+    caplog.set_level(logging.WARNING, logger="aiovirtstream._transfer")
+    result = await avs.upload(vol, source)
+
+    assert wipes.calls == [libvirt.VIR_STORAGE_VOL_WIPE_ALG_ZERO]
+    assert (result.data_bytes, result.hole_bytes) == (2 * MiB, 6 * MiB)
+    assert ZEROES_WARNING not in caplog.text
+    info = await asyncio.to_thread(vol.info)
+    assert info[1] == capacity
+    assert info[2] <= 2 * MiB + 2 * BLOCK, "the holes were written as data"
+    assert await download_bytes(vol, tmp_path / "back") == content
+
+
+@pytest.mark.parametrize("case", ["offset", "shorter-source", "length", "fully-allocated"])
+async def test_a_volume_with_data_is_not_emptied_unless_the_source_overwrites_it_all(
+    make_volume: MakeVolume,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    case: str,
+) -> None:
+    """Emptying would lose the old data the upload leaves in place (outside its range),
+    and a fully allocated file libvirt wipes by writing zeroes: no wipe then, the holes
+    go as zeroes (with the warning), and the old data outside the range stays."""
+    size = 8 * MiB
+    layout: Layout = [("data", MiB), ("hole", 2 * MiB), ("data", MiB)]
+    source = tmp_path / "src"
+    whole = case in ("length", "fully-allocated")  # a source of the volume's size
+    content = write_layout(source, layout * 2 if whole else layout)
+    vol = await make_volume("kept.img", size)
+    old = os.urandom(size if case == "fully-allocated" else 6 * MiB)
+    _, allocation = await put_old_data(vol, old)
+    assert allocation >= len(old)
+    old = old.ljust(size, b"\0")
+    wipes = WipeSpy(monkeypatch)
+    caplog.set_level(logging.WARNING, logger="aiovirtstream._transfer")
+
+    if case == "offset":
+        await avs.upload(vol, source, offset=MiB)
+        expected = old[:MiB] + content + old[MiB + len(content) :]
+    elif case == "length":
+        await avs.upload(vol, source, length=4 * MiB)
+        expected = content[: 4 * MiB] + old[4 * MiB :]
+    else:  # shorter-source, fully-allocated
+        await avs.upload(vol, source)
+        expected = content + old[len(content) :]
+
+    assert wipes.calls == []
+    assert ZEROES_WARNING in caplog.text
+    assert await download_bytes(vol, tmp_path / "back") == expected
+
+
+@pytest.mark.parametrize("mode", ["refused", "no-op"])
+async def test_a_wipe_that_fails_or_leaves_data_falls_back_to_sending_zeroes(
+    make_volume: MakeVolume,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    mode: str,
+) -> None:
+    layout: Layout = [("data", MiB), ("hole", 3 * MiB)]
+    source = tmp_path / "src"
+    content = write_layout(source, layout)
+    vol = await make_volume("nowipe.img", len(content))
+    await put_old_data(vol, b"\xee" * (2 * MiB))
+    wipes = WipeSpy(monkeypatch, mode)
+    caplog.set_level(logging.DEBUG, logger="aiovirtstream._transfer")
+
+    result = await avs.upload(vol, source)
+
+    assert len(wipes.calls) == 1
+    assert ("wipe refused (test)" in caplog.text) == (mode == "refused")
+    assert ZEROES_WARNING in caplog.text
+    assert result.hole_bytes == 0
+    assert await download_bytes(vol, tmp_path / "back") == content
 
 
 async def _iter_once(data: bytes) -> AsyncIterator[bytes]:
