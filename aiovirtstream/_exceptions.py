@@ -33,6 +33,7 @@ __all__ = [
     "TransferError",
     "DestinationExistsError",
     "SourceTooLargeError",
+    "VolumeBusyError",
     "SandboxError",
     "map_libvirt_errors",
     "libvirt_error_to_exception",
@@ -150,6 +151,25 @@ class DestinationExistsError(TransferError, FileExistsError):
 
 class SourceTooLargeError(TransferError, ValueError):
     """The upload's source does not fit in the volume (at the given offset)."""
+
+
+class VolumeBusyError(TransferError, anyio.BusyResourceError):
+    """Another transfer of this process is uploading into (or downloading from) the volume.
+
+    libvirt does not lock a volume during a transfer, so aiovirtstream
+    refuses, within one process, an upload while the volume is being moved
+    in either direction, and a download while it is being uploaded. Nothing
+    was sent or written; wait for the other transfer to end and try again.
+    """
+
+    def __init__(self, volume: str, activity: str) -> None:
+        super().__init__(
+            f"volume {volume!r} is being {activity} by another transfer of this process: "
+            "wait for that transfer to end (libvirt does not lock a volume, and two "
+            "transfers that overlap with an upload would mix or read half-written data)"
+        )
+        self.volume = volume
+        self.activity = activity
 
 
 class SandboxError(AioVirtStreamError):

@@ -36,7 +36,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TypeVar, cast
@@ -73,6 +73,7 @@ from ._volume import (
     upload_description,
 )
 from ._volume import start_volume_download as start_volume_download  # tests spy on it here
+from ._volumeuse import claim_volume
 from ._workqueue import (
     run_in_worker,
     run_or_back_out,
@@ -428,16 +429,25 @@ async def upload(
         options = _Options(
             sparse, offset, length, progress, progress_interval, checksum, detect_zeroes
         )
-        if isinstance(source, (str, os.PathLike)):
-            return await _upload_file(vol, source, options)
-        if _has_fileno(source):
-            return await _upload_file(vol, cast(IO[bytes], source), options)
-        if isinstance(source, AsyncIterable):
-            return await _upload_iterable(vol, source, options)
-        raise TypeError(
-            f"cannot upload from {type(source).__name__}: pass a path, a binary file, "
-            "or an async iterable of bytes"
-        )
+        transfer = _upload_for(vol, source, options)
+        with claim_volume(vol, upload=True):
+            return await transfer()
+
+
+def _upload_for(
+    vol: libvirt.virStorageVol, source: UploadSource, options: _Options
+) -> Callable[[], Awaitable[TransferResult]]:
+    """The upload to run for this kind of source (a ``TypeError`` for others)."""
+    if isinstance(source, (str, os.PathLike)):
+        return functools.partial(_upload_file, vol, source, options)
+    if _has_fileno(source):
+        return functools.partial(_upload_file, vol, cast(IO[bytes], source), options)
+    if isinstance(source, AsyncIterable):
+        return functools.partial(_upload_iterable, vol, source, options)
+    raise TypeError(
+        f"cannot upload from {type(source).__name__}: pass a path, a binary file, "
+        "or an async iterable of bytes"
+    )
 
 
 def _has_fileno(obj: object) -> bool:
@@ -838,17 +848,26 @@ async def download(
             direct_io=direct_io,
             fsync=fsync,
         )
-        if isinstance(dest, (str, os.PathLike)):
-            return await _download_path(vol, Path(dest), overwrite, options)
-        if _has_fileno(dest):
-            return await _download_file(vol, cast(IO[bytes], dest), options)
-        if isinstance(dest, anyio.abc.ByteSendStream):
-            _check_fsync(options, f"an anyio stream ({type(dest).__name__})")
-            return await _download_stream(vol, dest, options)
-        raise TypeError(
-            f"cannot download into {type(dest).__name__}: pass a path, a binary file "
-            "or an anyio byte stream"
-        )
+        transfer = _download_for(vol, dest, overwrite, options)
+        with claim_volume(vol, upload=False):
+            return await transfer()
+
+
+def _download_for(
+    vol: libvirt.virStorageVol, dest: DownloadDestination, overwrite: bool, options: _Options
+) -> Callable[[], Awaitable[TransferResult]]:
+    """The download to run for this kind of destination (a ``TypeError`` for others)."""
+    if isinstance(dest, (str, os.PathLike)):
+        return functools.partial(_download_path, vol, Path(dest), overwrite, options)
+    if _has_fileno(dest):
+        return functools.partial(_download_file, vol, cast(IO[bytes], dest), options)
+    if isinstance(dest, anyio.abc.ByteSendStream):
+        _check_fsync(options, f"an anyio stream ({type(dest).__name__})")
+        return functools.partial(_download_stream, vol, dest, options)
+    raise TypeError(
+        f"cannot download into {type(dest).__name__}: pass a path, a binary file "
+        "or an anyio byte stream"
+    )
 
 
 def _check_destination(dest: Path, overwrite: bool) -> None:

@@ -1,0 +1,68 @@
+"""The volumes this process is uploading into or downloading from.
+
+libvirt takes no lock on a volume while a stream runs: with libvirt 9.0, a
+second upload, a download, a wipe, a resize and even a delete of a volume
+all succeed while an upload into it is under way (measured). Two uploads
+into one volume then interleave their bytes, and a download during an
+upload reads a half-written volume, with no error from anyone. Across
+processes nothing can be done about it; within one, :func:`claim_volume`
+refuses the second transfer before it starts: any transfer while an upload
+runs, and an upload while any transfer runs. Downloads share a volume.
+"""
+
+from __future__ import annotations
+
+__all__ = ["claim_volume"]
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import libvirt
+
+from ._exceptions import VolumeBusyError, map_libvirt_errors
+
+
+@dataclass(slots=True)
+class _Use:
+    uploads: int = 0
+    downloads: int = 0
+
+
+_lock = threading.Lock()  # transfers may run on loops in several threads
+_uses: dict[tuple[str, str], _Use] = {}
+
+
+@contextlib.contextmanager
+def claim_volume(vol: libvirt.virStorageVol, *, upload: bool) -> Iterator[None]:
+    """Mark ``vol`` as being uploaded into (or downloaded from) while the block runs.
+
+    Raises :class:`VolumeBusyError` at once if that would clash with a
+    transfer of the same volume already running in this process. A volume
+    is known by its connection's URI and its key (a file volume's key is its
+    path): both are kept by the Python objects, so no call to the daemon.
+    Two connections to one daemon by different URIs (its unix socket and
+    TCP, say) are therefore not seen as one: a daemon that has no hypervisor
+    driver cannot even tell its host name (``virConnectGetHostname``).
+    """
+    with map_libvirt_errors(context="cannot tell which volume this is"):
+        key = (vol.connect().getURI(), vol.key())  # a closed connection raises here
+    with _lock:
+        use = _uses.setdefault(key, _Use())
+        if use.uploads or (upload and use.downloads):
+            raise VolumeBusyError(vol.name(), "uploaded" if use.uploads else "downloaded")
+        if upload:
+            use.uploads += 1
+        else:
+            use.downloads += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            if upload:
+                use.uploads -= 1
+            else:
+                use.downloads -= 1
+            if not (use.uploads or use.downloads):
+                del _uses[key]
