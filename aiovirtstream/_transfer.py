@@ -421,7 +421,9 @@ async def upload(
     (a callback, or the send side of an anyio memory object stream, closed
     when the transfer ends) gets a :class:`TransferProgress` on the loop
     every ``progress_interval`` seconds and once at the end. On any failure
-    or cancellation the stream is aborted and the error raised.
+    or cancellation the stream is aborted and the error raised. While
+    another transfer of this process moves the volume (either way),
+    :class:`VolumeBusyError` is raised before anything is sent.
     """
     async with _closing(progress):
         if offset < 0 or length < 0:
@@ -830,7 +832,9 @@ async def download(
     complete-looking destination with missing data; it costs about a
     millisecond with direct I/O, a full writeback without it. ``progress``
     works as in :func:`upload`. On any failure or cancellation the streams
-    are aborted, the temporary file removed and the error raised.
+    are aborted, the temporary file removed and the error raised. While
+    another transfer of this process uploads into the volume,
+    :class:`VolumeBusyError` is raised before any file is created.
     """
     async with _closing(progress):
         if offset < 0 or length < 0:
