@@ -379,8 +379,9 @@ def _empty_before_overwriting(
             return allocation
         vol.wipe(libvirt.VIR_STORAGE_VOL_WIPE_ALG_ZERO)
     except (libvirt.libvirtError, ElementTree.ParseError) as error:
-        # The start that follows reports a real problem (a volume in use, ...);
-        # otherwise the holes go as zeroes, with _upload_plan's warning.
+        # The start that follows reports a real problem (the volume gone, the
+        # connection lost); otherwise the holes go as zeroes, with
+        # _upload_plan's warning.
         logger.debug("could not empty the volume before overwriting it: %s", error)
         return allocation
     _, allocation = _volume_sizes(vol)
