@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import hashlib
 import logging
@@ -912,6 +913,73 @@ async def test_upload_finishes_its_stream_in_the_sending_thread(
     got = tmp_path / "back.img"
     await avs.download(vol, got)
     assert got.read_bytes() == content + bytes(4 * MiB - len(content))
+
+
+def spy_read_ahead_advice(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Record the (offset, length) of every ``POSIX_FADV_WILLNEED`` given from now on."""
+    advised: list[tuple[int, int]] = []
+    real_fadvise = os.posix_fadvise
+
+    def spy(fd: int, offset: int, length: int, advice: int) -> None:
+        if advice == os.POSIX_FADV_WILLNEED:
+            advised.append((offset, length))
+        real_fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    return advised
+
+
+async def test_upload_asks_for_read_ahead_only_where_the_source_is_not_cached(
+    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A source out of the page cache gets POSIX_FADV_WILLNEED ahead of its reads;
+    one in the cache does not (the advice walks every cached page); both arrive whole."""
+    require_direct_io(tmp_path)  # tmpfs cannot drop a file's pages
+    size = 20 * MiB
+    vol, source = await random_volume(make_volume, tmp_path, "advice.img", size)
+    os.sync()
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert page_cache_bytes(source) == 0, "could not drop the source from the page cache"
+    advised = spy_read_ahead_advice(monkeypatch)
+
+    await avs.upload(vol, source, sparse=False)
+    assert advised[:1] == [(0, 2 * transfer_module.READ_AHEAD)], advised
+    assert page_cache_bytes(source) == size
+    advised.clear()
+    await avs.upload(vol, source, sparse=False)
+    assert advised == []
+    got = tmp_path / "back.img"
+    await avs.download(vol, got)
+    assert got.read_bytes() == source.read_bytes()
+
+
+async def test_upload_advises_every_window_where_the_cache_cannot_be_asked(
+    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without RWF_NOWAIT (a file system that refuses it) every read-ahead window
+    is advised, and the refused probe is not tried again."""
+    size = 20 * MiB
+    vol, source = await random_volume(make_volume, tmp_path, "no-nowait.img", size)
+    probes = 0
+
+    def refuse_nowait(fd: int, buffers: Any, offset: int, flags: int = 0) -> int:
+        nonlocal probes
+        probes += 1
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "preadv", refuse_nowait)
+    advised = spy_read_ahead_advice(monkeypatch)
+    await avs.upload(vol, source, sparse=False)
+    step = transfer_module.READ_AHEAD
+    assert advised == [(pos, min(2 * step, size - pos)) for pos in range(0, size, step)]
+    assert probes == 1
+    got = tmp_path / "back.img"
+    await avs.download(vol, got)
+    assert got.read_bytes() == source.read_bytes()
 
 
 def was_aborted(virstream: libvirt.virStream) -> bool:
