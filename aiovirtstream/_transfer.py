@@ -732,9 +732,11 @@ class _FileReader:
         # Reads stay aligned to MAX_CHUNK-sized pieces of the extent; with
         # detect_zeroes they are aligned to zero blocks as well.
         chunk = MAX_CHUNK - MAX_CHUNK % ZERO_BLOCK_SIZE if self._detect_zeroes else MAX_CHUNK
+        advise_at = pos
         while pos < end:
-            if (pos - extent.offset) % READ_AHEAD == 0:
+            if pos >= advise_at:
                 self._read_ahead(pos, min(2 * READ_AHEAD, end - pos))
+                advise_at = pos + READ_AHEAD
             data = os.pread(self._fd, min(chunk, end - pos), pos)
             if not data:
                 raise TransferError(

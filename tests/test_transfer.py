@@ -957,13 +957,17 @@ async def test_upload_asks_for_read_ahead_only_where_the_source_is_not_cached(
     assert got.read_bytes() == source.read_bytes()
 
 
+@pytest.mark.parametrize("detect_zeroes", [False, True], ids=["plain", "detect-zeroes"])
 async def test_upload_advises_every_window_where_the_cache_cannot_be_asked(
-    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, detect_zeroes: bool
 ) -> None:
     """Without RWF_NOWAIT (a file system that refuses it) every read-ahead window
-    is advised, and the refused probe is not tried again."""
+    is advised, also when zero detection reads in pieces of whole zero blocks,
+    and the refused probe is not tried again."""
     size = 20 * MiB
-    vol, source = await random_volume(make_volume, tmp_path, "no-nowait.img", size)
+    source = tmp_path / "no-nowait.src"
+    source.write_bytes(os.urandom(size))
+    vol = await make_volume("no-nowait.img", size)  # empty: zero detection may send holes
     probes = 0
 
     def refuse_nowait(fd: int, buffers: Any, offset: int, flags: int = 0) -> int:
@@ -973,9 +977,15 @@ async def test_upload_advises_every_window_where_the_cache_cannot_be_asked(
 
     monkeypatch.setattr(os, "preadv", refuse_nowait)
     advised = spy_read_ahead_advice(monkeypatch)
-    await avs.upload(vol, source, sparse=False)
+    await avs.upload(vol, source, sparse=detect_zeroes, detect_zeroes=detect_zeroes)
     step = transfer_module.READ_AHEAD
-    assert advised == [(pos, min(2 * step, size - pos)) for pos in range(0, size, step)]
+    windows = [(pos, min(2 * step, size - pos)) for pos in range(0, size, step)]
+    if detect_zeroes:  # pieces of 258,048 bytes: each window starts at the first piece past it
+        assert len(advised) == len(windows) and advised[0] == windows[0]
+        pairs = zip(advised, windows, strict=True)
+        assert all(0 <= got - want < step // 32 for (got, _), (want, _) in pairs)
+    else:
+        assert advised == windows
     assert probes == 1
     got = tmp_path / "back.img"
     await avs.download(vol, got)
