@@ -4,6 +4,9 @@ from __future__ import annotations
 
 __all__ = ["connect", "aclose_connection", "connection_socket"]
 
+import contextlib
+import os
+import socket
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +26,10 @@ _sockets: weakref.WeakKeyDictionary[libvirt.virConnect, int] = weakref.WeakKeyDi
 # libvirt's auth list: [credential types, callback, opaque] (see libvirt.openAuth).
 Auth = list[Any]
 
+#: What :func:`connect` asks for as a unix socket's send buffer (the kernel
+#: doubles it, capped by ``net.core.wmem_max``).
+DEFAULT_SEND_BUFFER = 1024 * 1024
+
 
 async def connect(
     uri: str | None = None,
@@ -30,6 +37,7 @@ async def connect(
     readonly: bool = False,
     auth: Auth | None = None,
     keepalive: tuple[int, int] | None = (5, 3),
+    send_buffer: int | None = DEFAULT_SEND_BUFFER,
 ) -> libvirt.virConnect:
     """Open a libvirt connection whose streams work with asyncio.
 
@@ -43,7 +51,17 @@ async def connect(
     ``virConnectSetKeepAlive``, served by the same loop; ``None`` leaves it
     off. The connection is a plain ``libvirt.virConnect``; close it with
     :func:`aclose_connection` (``close`` can block too).
+
+    ``send_buffer`` widens the send buffer of a connection over a unix
+    socket (local daemons, ``qemu+ssh``) to this many bytes (``SO_SNDBUF``;
+    the kernel doubles it and caps it at ``net.core.wmem_max``): libvirt
+    sends a stream's data in packets of 256 KiB, larger than the default
+    buffer (208 KiB), so every packet waited for the daemon to read. TCP
+    sockets are left to the kernel's autotuning. ``None`` leaves it as
+    libvirt made it.
     """
+    if send_buffer is not None and send_buffer < 1:
+        raise ValueError("send_buffer must be a positive number of bytes (or None)")
     impl = bind_event_loop()
     # anyio loads its asyncio backend on first use: a 15-18 ms import here,
     # once per process, better paid now than inside the first transfer.
@@ -80,8 +98,34 @@ async def connect(
         ) from error
     new = impl.watched_fds() - watched_before
     if len(new) == 1:  # else another connection opened meanwhile: no guess
-        _sockets[conn] = next(iter(new))
+        fd = _sockets[conn] = next(iter(new))
+        if send_buffer is not None:
+            widen_send_buffer(fd, send_buffer)
     return conn
+
+
+def widen_send_buffer(fd: int, size: int) -> bool:
+    """Raise a unix socket's ``SO_SNDBUF`` to ``size`` (never lower it); True if set.
+
+    A 1 GiB upload took 1.2x less time with 2 MiB than with the default
+    208 KiB (docs/benchmarks.md): a packet (256 KiB) no longer waits for
+    the daemon to drain the one before, and libvirt's sending loop wakes
+    half as often. On TCP, setting it would turn autotuning off.
+    """
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return False  # not a socket (or gone): nothing to tune
+    with contextlib.closing(sock):
+        if sock.family != socket.AF_UNIX:
+            return False
+        try:
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= size:
+                return False
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        except OSError:
+            return False  # advice only
+    return True
 
 
 def connection_socket(conn: libvirt.virConnect) -> int | None:
