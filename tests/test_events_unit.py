@@ -415,6 +415,59 @@ async def test_pause_reading_stops_and_resumes_readable_events(
         await impl.wait_frees()
 
 
+async def test_a_worker_threads_narrowing_is_lazy_and_its_restoring_wakes_only_when_needed(
+    impl: EventImpl, rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What libvirt does around every blocking call from a worker thread.
+
+    It narrows the connection's watch to nothing and restores it afterwards.
+    Within what the loop has registered neither wakes the loop; an event
+    that comes while narrowed is not delivered (the reader is dropped), and
+    the restoring that follows wakes the loop to register it again.
+    """
+    loop = asyncio.get_running_loop()
+    wakes = 0
+    call_soon_threadsafe = loop.call_soon_threadsafe
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal wakes
+        wakes += 1
+        return call_soon_threadsafe(*args, **kwargs)
+
+    impl.bind()
+    a, b = socket.socketpair()
+    with a, b:
+        watch = impl.add_handle(a.fileno(), READABLE, rec.handle, None)
+        await spin(3)
+        assert impl.stats().fds_registered_on_loop == 1
+        monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+
+        def cycles() -> int:
+            before = wakes
+            for _ in range(100):
+                impl.update_handle(watch, 0)
+                impl.update_handle(watch, READABLE)
+            impl.update_handle(watch, 0)
+            return wakes - before  # to_thread's own hand-back wakes the loop too
+
+        assert await asyncio.to_thread(cycles) == 0, "a narrowing or restoring woke the loop"
+        b.send(b"x")
+        await spin(5)
+        assert rec.handle_calls == [], "an event was delivered to a narrowed watch"
+        assert impl.stats().fds_registered_on_loop == 0, "the unwanted reader stayed"
+
+        def restore() -> int:
+            before = wakes
+            impl.update_handle(watch, READABLE)
+            return wakes - before
+
+        assert await asyncio.to_thread(restore) == 1, "the restoring did not wake the loop"
+        await spin(5)
+        assert rec.handle_calls and rec.handle_calls[0][2] & READABLE
+        impl.remove_handle(watch)
+        await impl.wait_frees()
+
+
 async def test_timer_enabled_by_an_fd_callback_fires_after_it_in_the_same_iteration(
     impl: EventImpl, rec: Recorder
 ) -> None:
