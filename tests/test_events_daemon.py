@@ -452,6 +452,14 @@ async def test_connect_widens_the_send_buffer_of_unix_sockets_only(
         tcp_fd = avs.connection_socket(tcp)
         assert tcp_fd is not None and not widen_send_buffer(tcp_fd, 4 * tcp_size)
         assert send_buffer(tcp) == (socket.AF_INET, tcp_size)
+        read_end, write_end = os.pipe()
+        try:
+            open_fds = len(os.listdir("/proc/self/fd"))
+            assert not widen_send_buffer(read_end, DEFAULT_SEND_BUFFER), "a pipe is no socket"
+            assert len(os.listdir("/proc/self/fd")) == open_fds, "the fd's copy leaked"
+        finally:
+            os.close(read_end)
+            os.close(write_end)
         # The widened connection still carries a stream both ways.
         data = os.urandom(3 * MiB + 5)
         await libvirt_sandbox.acreate_volume(libvirt_pool, "widened", len(data))
