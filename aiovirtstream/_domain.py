@@ -53,6 +53,7 @@ import libvirt
 
 from ._exceptions import map_libvirt_errors
 from ._stream import AsyncStream, open_stream
+from ._workqueue import run_to_the_end
 
 
 def _domain_name(domain: libvirt.virDomain) -> str:
@@ -88,7 +89,7 @@ async def lookup_domain(
         return conn.lookupByName(key)
 
     with map_libvirt_errors(context=f"cannot find domain {key!r}"):
-        return await anyio.to_thread.run_sync(lookup)
+        return await run_to_the_end(lookup)
 
 
 async def open_console(

@@ -301,7 +301,7 @@ def _volume_sizes(vol: libvirt.virStorageVol) -> tuple[int, int]:
 
 async def _volume_info(vol: libvirt.virStorageVol) -> tuple[int, int]:
     """(capacity, allocation) of ``vol``, asked off the loop."""
-    return await anyio.to_thread.run_sync(_volume_sizes, vol)
+    return await run_to_the_end(functools.partial(_volume_sizes, vol))
 
 
 @dataclass(frozen=True, slots=True)
