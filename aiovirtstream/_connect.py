@@ -4,8 +4,6 @@ from __future__ import annotations
 
 __all__ = ["connect", "aclose_connection", "connection_socket"]
 
-import contextlib
-import os
 import socket
 import weakref
 from collections.abc import Callable
@@ -108,28 +106,25 @@ def widen_send_buffer(fd: int, size: int) -> bool:
     """Raise a unix socket's ``SO_SNDBUF`` to ``size`` (never lower it); True if set.
 
     A 1 GiB upload took 1.2x less time with 1 MiB asked (2 MiB given) than
-    with the default 208 KiB (docs/benchmarks.md): a packet (256 KiB) no longer waits for
-    the daemon to drain the one before, and libvirt's sending loop wakes
-    half as often. On TCP, setting it would turn autotuning off.
+    with the default 208 KiB (docs/benchmarks.md): a packet (256 KiB) no
+    longer waits for the daemon to drain the one before, and libvirt's
+    sending loop wakes half as often. On TCP, setting it would turn
+    autotuning off.
     """
     try:
-        copy = os.dup(fd)
+        sock = socket.socket(fileno=fd)
     except OSError:
-        return False  # gone: nothing to tune
+        return False  # gone, or not a socket: nothing to tune
     try:
-        sock = socket.socket(fileno=copy)
-    except OSError:
-        os.close(copy)
-        return False  # not a socket
-    with contextlib.closing(sock):
         if sock.family != socket.AF_UNIX:
             return False
-        try:
-            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= size:
-                return False
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
-        except OSError:
-            return False  # advice only
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= size:
+            return False
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+    except OSError:
+        return False  # advice only
+    finally:
+        sock.detach()  # libvirt's fd: borrowed, never closed here
     return True
 
 
