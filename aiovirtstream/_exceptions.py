@@ -28,7 +28,9 @@ __all__ = [
     "StreamError",
     "StreamClosedError",
     "StreamBrokenError",
+    "ConnectionLostError",
     "StreamBusyError",
+    "InvalidRangeError",
     "SparseNotSupportedError",
     "TransferError",
     "DestinationExistsError",
@@ -117,15 +119,43 @@ class StreamBrokenError(StreamError, anyio.BrokenResourceError):
     """The other side failed: the daemon reported an error, or the connection broke."""
 
 
+class ConnectionLostError(StreamBrokenError, ConnectionError):
+    """The connection to the daemon was lost while the stream was in use.
+
+    The daemon died or closed the connection, the network broke, or the
+    keepalive gave up on a daemon that stopped answering. Every stream of
+    that connection fails with it (and only those); the connection cannot
+    be used again: close it with :func:`aiovirtstream.aclose_connection`
+    and open a new one. ``uri`` names the host, ``reason`` says what
+    libvirt reported (``"eof"``, ``"keepalive"``, ``"error"``, ``"client"``).
+    """
+
+    def __init__(self, message: str, *, uri: str, reason: str) -> None:
+        super().__init__(message)
+        self.uri = uri
+        self.reason = reason
+
+
 class StreamBusyError(StreamError, anyio.BusyResourceError):
     """Another task is already reading from (or writing to) this stream."""
 
     def __init__(self, action: str) -> None:
-        super().__init__(
+        # Not anyio's __init__: it would wrap our message in its own sentence.
+        Exception.__init__(
+            self,
             f"another task is already {action} this stream; "
-            "use one reader and one writer per stream"
+            "use one reader and one writer per stream",
         )
         self.action = action
+
+
+class InvalidRangeError(AioVirtStreamError, ValueError):
+    """An ``offset`` or ``length`` is negative, or reaches past the volume's end.
+
+    Raised before anything is sent, by the stream openers and the transfers
+    alike. For a volume that is not raw (qcow2, ...) the end is that of its
+    file on the host, which a download streams as it is.
+    """
 
 
 class SparseNotSupportedError(StreamError, ValueError):
@@ -163,10 +193,12 @@ class VolumeBusyError(TransferError, anyio.BusyResourceError):
     """
 
     def __init__(self, volume: str, activity: str) -> None:
-        super().__init__(
+        # Not anyio's __init__: it would wrap our message in its own sentence.
+        Exception.__init__(
+            self,
             f"volume {volume!r} is being {activity} by another transfer of this process: "
             "wait for that transfer to end (libvirt does not lock a volume, and two "
-            "transfers that overlap with an upload would mix or read half-written data)"
+            "transfers that overlap with an upload would mix or read half-written data)",
         )
         self.volume = volume
         self.activity = activity

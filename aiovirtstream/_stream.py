@@ -736,14 +736,14 @@ class AsyncStream(anyio.abc.ByteStream):
                 done.result()
             except libvirt.libvirtError as error:
                 broken = self._mark_broken(error)
-                if cancelled:
-                    raise asyncio.CancelledError() from broken
+                if cancelled is not None:
+                    raise cancelled from broken
                 raise broken from error
             finally:
                 self._sender.release()
             self._state = _State.FINISHED
-            if cancelled:
-                raise asyncio.CancelledError()
+            if cancelled is not None:
+                raise cancelled
 
     async def abort(self) -> None:
         """Abandon the transfer: drop queued data and tell the daemon. Idempotent."""

@@ -1222,10 +1222,10 @@ class _RangeStream:
             starting = asyncio.wrap_future(self._starting)
             cancelled = await wait_through_cancellation(starting)
             self._starting = None
-            if cancelled:
+            if cancelled is not None:
                 if starting.exception() is None:
                     self._virstream = starting.result()  # aclose() aborts it
-                raise asyncio.CancelledError()
+                raise cancelled
             self._virstream = starting.result()  # a start's error is raised here
         virstream, self._virstream = self._virstream, None
         assert virstream is not None

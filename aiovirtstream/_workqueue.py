@@ -86,20 +86,25 @@ def submit_to_worker(func: Callable[[], T]) -> concurrent.futures.Future[T]:
     return future
 
 
-async def wait_through_cancellation(future: asyncio.Future[T]) -> bool:
+async def wait_through_cancellation(
+    future: asyncio.Future[T],
+) -> asyncio.CancelledError | None:
     """Wait until ``future`` is done, even if the task is cancelled meanwhile.
 
     For calls that cannot be interrupted once started (a finish, a stream's
-    start): returning early would leave them running unseen. Returns True if
-    a cancellation arrived: the caller must raise ``CancelledError`` after
-    dealing with the result.
+    start): returning early would leave them running unseen. Returns the
+    cancellation that arrived meanwhile, if any: the caller must raise *that
+    instance* after dealing with the result. A fresh ``CancelledError``
+    would not carry the cancel scope's message, and anyio would then let it
+    escape a ``fail_after`` or ``move_on_after`` that meant to catch it.
     """
-    cancelled = False
+    cancelled: asyncio.CancelledError | None = None
     while not future.done():
         try:
             await asyncio.shield(future)
-        except asyncio.CancelledError:
-            cancelled = True
+        except asyncio.CancelledError as cancellation:
+            if cancelled is None:
+                cancelled = cancellation
         except BaseException:  # noqa: BLE001 - the future's own; the caller reads it
             break
     return cancelled
@@ -113,10 +118,10 @@ async def run_to_the_end(func: Callable[[], T]) -> T:
     thread went on spawning libvirtd, and that daemon outlived the sandbox.
     """
     future = run_in_worker(func)
-    if await wait_through_cancellation(future):
+    if (cancelled := await wait_through_cancellation(future)) is not None:
         if not future.cancelled():
             future.exception()  # retrieved: the cancellation is what is raised
-        raise asyncio.CancelledError()
+        raise cancelled
     return future.result()
 
 
@@ -125,11 +130,11 @@ async def run_or_back_out(func: Callable[[], T], back_out: Callable[[T], None]) 
     a temporary file): cancelled meanwhile, ``back_out(its result)`` runs in a
     worker before the cancellation is raised."""
     future = run_in_worker(func)
-    if await wait_through_cancellation(future):
+    if (cancelled := await wait_through_cancellation(future)) is not None:
         if future.exception() is None:
             result = future.result()
             await run_to_the_end(lambda: back_out(result))
-        raise asyncio.CancelledError()
+        raise cancelled
     return future.result()
 
 

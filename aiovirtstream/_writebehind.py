@@ -321,8 +321,8 @@ class WriteWorker:
 
         self._queue.put_nowait(job)
         cancelled = await wait_through_cancellation(asyncio.ensure_future(self._queue.join()))
-        if cancelled:
-            raise asyncio.CancelledError()
+        if cancelled is not None:
+            raise cancelled
         self.raise_error()
         if not done.done():
             raise TransferError(f"the writes of {self._name!r} were abandoned")
