@@ -17,6 +17,10 @@ channel answer what they read, transformed (:meth:`Sandbox.start_test_guest`)::
         conn = await aiovirtstream.connect(guest.uri)
         dom = await aiovirtstream.lookup_domain(conn, guest.name)
 
+For resilience tests, :meth:`Sandbox.kill` crashes the daemon,
+:meth:`Sandbox.frozen` hangs it for a block, and :class:`TcpRelay` cuts the
+network between a client and it.
+
 The helpers (:meth:`Sandbox.create_pool`, ...) use plain blocking libvirt
 connections of their own; open the connections whose streams you use with
 :func:`aiovirtstream.connect`. The pytest fixtures are in
@@ -28,6 +32,7 @@ from __future__ import annotations
 __all__ = [
     "Sandbox",
     "SandboxMode",
+    "TcpRelay",
     "PoolInfo",
     "VolumeInfo",
     "SandboxError",
@@ -44,10 +49,12 @@ import inspect
 import os
 import pwd
 import re
+import selectors
 import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -60,6 +67,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal
+from urllib.parse import urlsplit, urlunsplit
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape
 
@@ -155,6 +163,15 @@ def guest_requirements_problem(*, libvirtd: str | os.PathLike[str] | None = None
     except GuestPackageMissingError as error:
         problems.append(str(error))
     return "; ".join(problems) or None
+
+
+def _process_state(pid: int) -> bytes:
+    """The state letter of /proc/PID/stat (b"R", b"S", b"T", b"Z", ...); b"" if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return b""
 
 
 def _free_port() -> int:
@@ -334,12 +351,29 @@ class _Daemon:
         self.root: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.watchdog: subprocess.Popen[bytes] | None = None
+        self.killed_group: int | None = None  # the process group of a daemon kill() ended
         self.lock = threading.Lock()
+
+    def kill(self) -> bool:
+        """SIGKILL libvirtd and reap it, as a crash would; False if it was not running."""
+        with self.lock:
+            proc, self.proc = self.proc, None
+            if proc is None:
+                return False
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+            self.killed_group = proc.pid
+            return True
 
     def cleanup(self) -> None:
         """Stop libvirtd (SIGTERM, then SIGKILL), kill what it left running, remove the folder."""
         with self.lock:
             proc, self.proc = self.proc, None
+            group, self.killed_group = self.killed_group, None
+            if group is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(group, signal.SIGKILL)
             if proc is not None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.terminate()
@@ -394,6 +428,10 @@ class Sandbox:
       caller's plus the usual sbin folders).
     * ``tmp_dir`` is where the temporary folder is made; the daemon user must
       be able to enter it, and the socket path must fit in 107 bytes.
+
+    For fault tests, :meth:`kill` crashes the daemon (SIGKILL) and
+    :meth:`frozen` hangs it (SIGSTOP) for a block; :class:`TcpRelay` cuts
+    TCP connections to it.
     """
 
     def __init__(
@@ -542,6 +580,53 @@ class Sandbox:
         """:meth:`stop` in a worker thread, shielded from cancellation."""
         with anyio.CancelScope(shield=True):
             await run_to_the_end(self._finalizer)
+
+    # --- faults: a crashed or a hung daemon ---------------------------------
+
+    def kill(self) -> None:
+        """SIGKILL libvirtd and reap it: what its clients see when the host dies.
+
+        Returns once the daemon is gone (its connections' sockets end); the
+        sandbox is then not :attr:`running`. QEMU processes it started keep
+        running, as after a real crash, until :meth:`stop`, which also removes
+        the folder (it is needed: a killed sandbox does not start again).
+        Raises :class:`SandboxError` if the daemon is not running.
+        """
+        if not self._daemon.kill():
+            raise SandboxError(f"{self!r} is not running: nothing to kill")
+
+    def freeze(self) -> None:
+        """SIGSTOP libvirtd: it keeps its connections open but answers nothing.
+
+        Returns once the daemon is stopped. Clients notice only through their
+        keepalive (``aiovirtstream.connect(..., keepalive=(interval, count))``
+        gives up after about ``interval * (count + 1)`` seconds). Undo with
+        :meth:`thaw`; :meth:`stop` thaws it too. Prefer :meth:`frozen`.
+        """
+        pid = self.pid
+        os.kill(pid, signal.SIGSTOP)
+        deadline = time.monotonic() + _PROBE_TIMEOUT
+        while _process_state(pid) not in (b"T", b"t") and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    def thaw(self) -> None:
+        """SIGCONT libvirtd after :meth:`freeze`; a no-op if it runs or was killed."""
+        proc = self._daemon.proc
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """:meth:`freeze` for the block; :meth:`thaw` on exit, whatever happens.
+
+        A sync context manager: ``with sb.frozen():`` in sync and async code.
+        """
+        self.freeze()
+        try:
+            yield
+        finally:
+            self.thaw()
 
     def __enter__(self) -> Sandbox:
         self.start()
@@ -1004,3 +1089,252 @@ def _wait_for_ready_marker(
         stream.abort()
     tail = bytes(seen[-2000:]).decode(errors="replace")
     raise _GuestNotReadyError(f"{reason}; console output:\n{tail}")
+
+
+_RELAY_CHUNK = 256 * 1024
+_RELAY_BUFFER = 1 << 20  # per direction: a side is not read while this much waits for the other
+
+
+class _Link:
+    """One relayed connection: the client's socket, the target's, a buffer towards each."""
+
+    def __init__(self, client: socket.socket, upstream: socket.socket) -> None:
+        self.peer = {client: upstream, upstream: client}
+        self.out = {client: bytearray(), upstream: bytearray()}  # bytes to write to the socket
+        self.read_done = {client: False, upstream: False}
+        self.registered: dict[socket.socket, int] = {}
+
+    def close(self, selector: selectors.BaseSelector, *, reset: bool = False) -> None:
+        for sock in self.peer:
+            if self.registered.pop(sock, 0):
+                selector.unregister(sock)
+            if reset:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+
+
+class TcpRelay:
+    """A loopback TCP relay that can cut its connections: a network fault for tests.
+
+    It listens on ``127.0.0.1`` (a free port: :attr:`port`) and forwards each
+    connection to ``host:port``, in a thread of its own, so it serves sync
+    and async tests alike and never waits for the test's event loop.
+    :meth:`cut` closes every connection relayed so far, both sides at once,
+    as a broken network would end them; later connections are relayed again::
+
+        with Sandbox(tcp=True) as sb, TcpRelay("127.0.0.1", sb.tcp_port) as relay:
+            conn = await aiovirtstream.connect(relay.uri_for(sb.tcp_uri))
+            ...
+            relay.cut()  # the connection's streams fail with ConnectionLostError
+
+    Use it as a context manager or call :meth:`start` and :meth:`close`.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self._listener: socket.socket | None = None
+        self._address: tuple[str, int] | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._commands: list[tuple[str, bool, threading.Event, list[int]]] = []
+        self._commands_lock = threading.Lock()
+        self._links: list[_Link] = []
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where the relay listens: ``("127.0.0.1", port)``."""
+        if self._address is None:
+            raise RuntimeError("the relay was not started")
+        return self._address
+
+    @property
+    def port(self) -> int:
+        """The port the relay listens on."""
+        return self.address[1]
+
+    @property
+    def connections(self) -> int:
+        """How many relayed connections are open now."""
+        return len(self._links)
+
+    def uri_for(self, uri: str) -> str:
+        """``uri`` (e.g. a sandbox's :attr:`~Sandbox.tcp_uri`) with its host and port the relay's.
+
+        Raises ValueError if ``uri`` does not name the relay's target port.
+        """
+        parts = urlsplit(uri)
+        if parts.port != self.target[1]:
+            raise ValueError(f"{uri!r} does not go to port {self.target[1]}, the relay's target")
+        user = parts.netloc.rpartition("@")[0]
+        netloc = f"{user}@" if user else ""
+        return urlunsplit(parts._replace(netloc=f"{netloc}127.0.0.1:{self.port}"))
+
+    def start(self) -> None:
+        """Listen and start relaying (once)."""
+        if self._listener is not None:
+            raise RuntimeError("the relay was started already")
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        listener.setblocking(False)
+        self._wake_r.setblocking(False)
+        self._listener = listener
+        self._address = ("127.0.0.1", listener.getsockname()[1])
+        self._thread = threading.Thread(
+            target=self._run, name=f"aiovirtstream-relay-{self.port}", daemon=True
+        )
+        self._thread.start()
+
+    def cut(self, *, reset: bool = False) -> int:
+        """Close every relayed connection, client and target side; return how many.
+
+        Returns once they are closed. With ``reset`` they end with a TCP
+        reset (ECONNRESET) rather than an orderly end of file.
+        """
+        return self._command("cut", reset)
+
+    def close(self) -> None:
+        """Cut every connection, stop listening and end the thread. Idempotent."""
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._command("close", False)
+            thread.join()
+        if self._listener is not None:
+            self._listener.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def __enter__(self) -> TcpRelay:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = f"127.0.0.1:{self.port}" if self._address is not None else "not started"
+        return f"<TcpRelay {where} -> {self.target[0]}:{self.target[1]}>"
+
+    def _command(self, name: str, reset: bool) -> int:
+        if self._thread is None or not self._thread.is_alive():
+            raise RuntimeError(f"{self!r} is not running")
+        done, result = threading.Event(), [0]
+        with self._commands_lock:
+            self._commands.append((name, reset, done, result))
+        self._wake_w.send(b"\0")
+        if not done.wait(10):
+            raise RuntimeError(f"{self!r} did not answer {name}")
+        return result[0]
+
+    # --- the relay's thread ---------------------------------------------------
+
+    def _run(self) -> None:
+        assert self._listener is not None
+        selector = selectors.DefaultSelector()
+        selector.register(self._listener, selectors.EVENT_READ, None)
+        selector.register(self._wake_r, selectors.EVENT_READ, None)
+        try:
+            while True:
+                for key, mask in selector.select():
+                    if key.fileobj is self._listener:
+                        self._accept(selector)
+                    elif key.fileobj is self._wake_r:
+                        if not self._serve_commands(selector):
+                            return
+                    else:
+                        link, sock = key.data
+                        self._pump(selector, link, sock, mask)
+        finally:
+            for link in self._links:
+                link.close(selector)
+            self._links.clear()
+            selector.close()
+
+    def _serve_commands(self, selector: selectors.BaseSelector) -> bool:
+        with contextlib.suppress(BlockingIOError):
+            self._wake_r.recv(4096)
+        with self._commands_lock:
+            commands, self._commands = self._commands, []
+        running = True
+        for name, reset, done, result in commands:
+            result[0] = len(self._links)
+            for link in self._links:
+                link.close(selector, reset=reset)
+            self._links.clear()
+            running = running and name != "close"
+            done.set()
+        return running
+
+    def _accept(self, selector: selectors.BaseSelector) -> None:
+        assert self._listener is not None
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()  # the target refuses: so does the relay
+                continue
+            link = _Link(client, upstream)
+            for sock in (client, upstream):
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._links.append(link)
+            self._update(selector, link)
+
+    def _pump(
+        self, selector: selectors.BaseSelector, link: _Link, sock: socket.socket, mask: int
+    ) -> None:
+        peer = link.peer[sock]
+        try:
+            if mask & selectors.EVENT_READ:
+                data = sock.recv(_RELAY_CHUNK)
+                if data:
+                    link.out[peer] += data
+                else:
+                    link.read_done[sock] = True
+                    if not link.out[peer]:
+                        peer.shutdown(socket.SHUT_WR)
+            if mask & selectors.EVENT_WRITE and link.out[sock]:
+                sent = sock.send(link.out[sock])
+                del link.out[sock][:sent]
+                if not link.out[sock] and link.read_done[peer]:
+                    sock.shutdown(socket.SHUT_WR)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:  # one side reset: so is the other
+            link.close(selector, reset=True)
+            self._links.remove(link)
+            return
+        if all(link.read_done.values()) and not any(link.out.values()):
+            link.close(selector)
+            self._links.remove(link)
+            return
+        self._update(selector, link)
+
+    @staticmethod
+    def _update(selector: selectors.BaseSelector, link: _Link) -> None:
+        """Read a side while its peer's buffer has room, write it while it has bytes waiting."""
+        for sock, peer in link.peer.items():
+            events = selectors.EVENT_WRITE if link.out[sock] else 0
+            if not link.read_done[sock] and len(link.out[peer]) < _RELAY_BUFFER:
+                events |= selectors.EVENT_READ
+            registered = link.registered.get(sock, 0)
+            if events == registered:
+                continue
+            if not registered:
+                selector.register(sock, events, (link, sock))
+            elif not events:
+                selector.unregister(sock)
+            else:
+                selector.modify(sock, events, (link, sock))
+            link.registered[sock] = events

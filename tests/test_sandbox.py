@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import shutil
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +28,7 @@ from aiovirtstream.testing import (
     Sandbox,
     SandboxError,
     SandboxStartError,
+    TcpRelay,
 )
 
 MiB = 1 << 20
@@ -445,3 +448,194 @@ def test_plugin_skip_when_libvirt_missing(pytester: pytest.Pytester) -> None:
     skipped.stdout.fnmatch_lines(["*libvirt-daemon*"])
     failed = pytester.runpytest_inprocess("--libvirtd=/nonexistent/libvirtd")
     failed.assert_outcomes(errors=1)
+
+
+# ---------------------------------------------------------------- faults: kill, freeze
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_kill_crashes_the_daemon_and_stop_cleans_up() -> None:
+    sb = Sandbox()
+    with sb:
+        path, pid = sb.path, sb.pid
+        conn = libvirt.open(sb.uri)
+        try:
+            sb.kill()
+            assert not _alive(pid)
+            assert not sb.running
+            assert path.exists(), "kill() leaves the folder to stop()"
+            with pytest.raises(libvirt.libvirtError):
+                conn.getLibVersion()
+            assert conn.isAlive() == 0
+        finally:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+        with pytest.raises(SandboxError, match="not running"):
+            sb.kill()
+        with pytest.raises(SandboxError, match="not running"):
+            _ = sb.pid
+    assert_cleaned_up(path, pid, sb.daemon_user)
+
+
+def test_frozen_daemon_answers_nothing_until_thawed() -> None:
+    with Sandbox() as sb:
+        conn = libvirt.open(sb.uri)
+        try:
+            with sb.frozen():
+                assert _state(sb.pid) == "T"
+                answer: list[int] = []
+                asking = threading.Thread(target=lambda: answer.append(conn.getLibVersion()))
+                asking.start()
+                asking.join(0.5)
+                assert answer == [], "a frozen daemon answered"
+            asking.join(5)
+            assert answer and answer[0] > 0
+            assert _state(sb.pid) in ("S", "R")
+            with pytest.raises(RuntimeError, match="boom"), sb.frozen():
+                raise RuntimeError("boom")
+            assert _state(sb.pid) in ("S", "R"), "frozen() must thaw on an exception"
+            sb.freeze()
+            sb.thaw()
+            assert conn.getLibVersion() > 0
+        finally:
+            conn.close()
+        sb.freeze()  # left frozen: stop() still ends it at once
+        started = time.monotonic()
+    assert time.monotonic() - started < 5
+
+
+# ---------------------------------------------------------------- TcpRelay
+
+
+class _Server:
+    """A server on 127.0.0.1: sends ``reply`` to its first client, keeps what it reads."""
+
+    def __init__(self, reply: bytes) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.reply = reply
+        self.received = bytearray()
+        self.ended: list[str] = []
+        self.accepted = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        self.accepted.set()
+        with conn:
+            conn.sendall(self.reply)
+            try:
+                while data := conn.recv(1 << 16):
+                    self.received += data
+                self.ended.append("eof")
+            except ConnectionResetError:
+                self.ended.append("reset")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _recv_all(sock: socket.socket) -> bytes:
+    out = bytearray()
+    while data := sock.recv(1 << 16):
+        out += data
+    return bytes(out)
+
+
+def test_relay_carries_bytes_both_ways() -> None:
+    down, up = os.urandom(3 * MiB), os.urandom(5 * MiB)  # both more than its buffers
+    server = _Server(down)
+    try:
+        with TcpRelay("127.0.0.1", server.port) as relay:
+            assert relay.address == ("127.0.0.1", relay.port)
+            assert relay.port != server.port
+            with socket.create_connection(relay.address, timeout=10) as client:
+
+                def send() -> None:
+                    client.sendall(up)
+                    client.shutdown(socket.SHUT_WR)
+
+                sending = threading.Thread(target=send)
+                sending.start()
+                got = _recv_all(client)  # the server ends once it has read everything
+                sending.join()
+                server.thread.join(10)
+            assert got == down
+            assert bytes(server.received) == up
+            assert server.ended == ["eof"]
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_relay_cut_ends_both_sides_at_once(reset: bool) -> None:
+    server = _Server(b"hello")
+    try:
+        with TcpRelay("127.0.0.1", server.port) as relay:
+            client = socket.create_connection(relay.address, timeout=10)
+            with client:
+                assert client.recv(5) == b"hello"
+                assert relay.connections == 1
+                assert relay.cut(reset=reset) == 1
+                assert relay.connections == 0
+                if reset:
+                    with pytest.raises(ConnectionResetError):
+                        client.recv(1)
+                else:
+                    assert client.recv(1) == b""
+                server.thread.join(5)
+                assert server.ended == ["reset" if reset else "eof"]
+            # It relays new connections after a cut.
+            server2 = _Server(b"again")
+            try:
+                with TcpRelay("127.0.0.1", server2.port) as relay2:
+                    with socket.create_connection(relay2.address, timeout=10) as again:
+                        assert again.recv(5) == b"again"
+            finally:
+                server2.close()
+            assert relay.cut() == 0
+    finally:
+        server.close()
+
+
+def test_relay_to_a_closed_port_closes_the_client() -> None:
+    port = testing._free_port()
+    with TcpRelay("127.0.0.1", port) as relay:
+        with socket.create_connection(relay.address, timeout=10) as client:
+            assert client.recv(1) == b""
+        assert relay.connections == 0
+
+
+def test_relay_uri_for() -> None:
+    with TcpRelay("127.0.0.1", 16509) as relay:
+        assert relay.uri_for("storage+tcp://127.0.0.1:16509/session") == (
+            f"storage+tcp://127.0.0.1:{relay.port}/session"
+        )
+        assert relay.uri_for("qemu+tcp://me@localhost:16509/session?x=1") == (
+            f"qemu+tcp://me@127.0.0.1:{relay.port}/session?x=1"
+        )
+        with pytest.raises(ValueError, match="16509"):
+            relay.uri_for("storage+tcp://127.0.0.1:16510/session")
+    relay.close()  # idempotent
+    with pytest.raises(RuntimeError, match="not running"):
+        relay.cut()
+
+
+def test_relay_to_a_sandbox() -> None:
+    with Sandbox(tcp=True) as sb, TcpRelay("127.0.0.1", sb.tcp_port) as relay:
+        conn = libvirt.open(relay.uri_for(sb.tcp_uri))
+        try:
+            assert conn.getLibVersion() > 0
+            assert relay.connections == 1
+            relay.cut()
+            with pytest.raises(libvirt.libvirtError):
+                conn.getLibVersion()
+        finally:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+        with sb.connect(tcp=True) as direct:
+            assert direct.getLibVersion() > 0, "the daemon itself is unharmed"
