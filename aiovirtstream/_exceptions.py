@@ -36,6 +36,7 @@ __all__ = [
     "DestinationExistsError",
     "SourceTooLargeError",
     "VolumeBusyError",
+    "VolumeChangedError",
     "SandboxError",
     "map_libvirt_errors",
     "libvirt_error_to_exception",
@@ -202,6 +203,19 @@ class VolumeBusyError(TransferError, anyio.BusyResourceError):
         )
         self.volume = volume
         self.activity = activity
+
+
+class VolumeChangedError(TransferError):
+    """The volume was deleted, or shrunk below the uploaded data, while an upload ran.
+
+    libvirt locks nothing during a stream, and an upload into a volume
+    deleted meanwhile goes on into the deleted file: the daemon reports
+    success. :func:`aiovirtstream.upload` therefore checks the volume once
+    the stream finished, and raises this when it is gone or smaller than the
+    data written. The data is not (all) in the volume: find what else
+    changed it (another program, virsh, a management tool), recreate or
+    resize the volume, and upload again.
+    """
 
 
 class SandboxError(AioVirtStreamError):

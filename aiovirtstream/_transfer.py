@@ -40,7 +40,6 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, I
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TypeVar, cast
-from xml.etree import ElementTree
 
 import anyio.abc
 import anyio.to_thread
@@ -53,7 +52,8 @@ from ._exceptions import (
     DestinationExistsError,
     SourceTooLargeError,
     TransferError,
-    map_libvirt_errors,
+    VolumeChangedError,
+    libvirt_error_to_exception,
 )
 from ._extents import ZERO_BLOCK_SIZE, Extent, file_extents, zero_runs
 from ._native import Buffer
@@ -68,11 +68,19 @@ from ._stream import (
 )
 from ._volume import (
     download_description,
-    open_volume_upload,
+    open_upload_stream,
     start_volume_upload,
+    upload_call,
     upload_description,
 )
 from ._volume import start_volume_download as start_volume_download  # tests spy on it here
+from ._volumesize import (
+    VolumeSize,
+    check_download_range,
+    check_not_negative,
+    check_upload_range,
+    volume_size,
+)
 from ._volumeuse import claim_volume
 from ._workqueue import (
     run_in_worker,
@@ -279,6 +287,14 @@ class _ProgressReporter:
     async def __aexit__(self, *exc_info: object) -> None:
         if self._task is not None:
             self._task.cancel()
+        # The task's cancellation is a reference cycle (its traceback holds
+        # _run's frame): let it hold no stream, so no connection either.
+        self._target = self._stream = None
+        self._counts = _no_counts
+
+
+def _no_counts() -> tuple[int, int]:
+    return 0, 0
 
 
 @contextlib.asynccontextmanager
@@ -292,70 +308,74 @@ async def _closing(progress: ProgressTarget | None) -> AsyncIterator[None]:
                 await progress.aclose()
 
 
-def _volume_sizes(vol: libvirt.virStorageVol) -> tuple[int, int]:
-    """(capacity, allocation) of ``vol``: a round trip, so in a worker thread."""
-    with map_libvirt_errors(context="cannot read the volume's size"):
-        info = vol.info()
-    return int(info[1]), int(info[2])
-
-
-async def _volume_info(vol: libvirt.virStorageVol) -> tuple[int, int]:
-    """(capacity, allocation) of ``vol``, asked off the loop."""
-    return await run_to_the_end(functools.partial(_volume_sizes, vol))
-
-
 @dataclass(frozen=True, slots=True)
 class _UploadPlan:
     """How an upload treats holes, given what the volume holds."""
 
-    holes: bool  # send holes (else the zeroes they stand for)
-    room: int  # bytes from the offset to the volume's end
-    stream_length: int  # the length the stream is opened with
+    holes_from: int | None  # holes from this volume offset on go as holes (None: all as zeroes)
+    room: int | None  # bytes from the offset to the volume's end (None: a container file)
+    stream_length: int  # the length the stream is opened with (0: no limit)
+    restore_size: bool  # end with a hole up to the volume's end
+
+    @property
+    def holes(self) -> bool:
+        """Whether the stream is opened sparse."""
+        return self.holes_from is not None
+
+    def holes_from_source(self, offset: int, position: int) -> int | None:
+        """:attr:`holes_from` as a position in a source read from ``position``."""
+        return None if self.holes_from is None else position + self.holes_from - offset
 
 
 async def _plan_upload(
-    vol: libvirt.virStorageVol, options: _Options, amount: int | None, name: str
+    vol: libvirt.virStorageVol, options: _Options, amount: int | None
 ) -> _UploadPlan:
-    """:func:`_upload_plan` with the volume's sizes asked off the loop."""
-    capacity, allocation = await _volume_info(vol)
-    return _upload_plan(options, amount, name, capacity, allocation)
+    """:func:`_upload_plan` with the volume's size asked off the loop."""
+    size = await run_to_the_end(functools.partial(volume_size, vol))
+    return _upload_plan(options, amount, "the upload source", size)
 
 
-def _upload_plan(
-    options: _Options, amount: int | None, name: str, capacity: int, allocation: int
-) -> _UploadPlan:
-    """Check the room and choose how holes go (``amount`` None: not known)."""
-    if options.offset > capacity:
+def _upload_plan(options: _Options, amount: int | None, name: str, size: VolumeSize) -> _UploadPlan:
+    """Check the range and the room, and choose how holes go (``amount`` None: not known)."""
+    offset = options.offset
+    room = check_upload_range(size, offset, options.length)
+    if amount is not None and room is not None and amount > room:
         raise SourceTooLargeError(
-            f"offset {options.offset} is past the end of the volume ({capacity} bytes)"
-        )
-    room = capacity - options.offset
-    if amount is not None and amount > room:
-        raise SourceTooLargeError(
-            f"{name} has {amount} bytes to upload at offset {options.offset}, but the "
-            f"volume holds {capacity} bytes: resize the volume or pass a smaller length"
+            f"{name} has {amount} bytes to upload at offset {offset}, but the "
+            f"volume holds {size.capacity} bytes: resize the volume or pass a smaller length"
         )
     # libvirt stores an uploaded hole by seeking over it and truncating the
-    # volume's file at the hole's end (measured on a dir pool, libvirt 9.0):
-    # whatever the volume held in the hole stays, and what followed it is cut
-    # off. Holes are therefore sent only into a volume that holds no data yet,
-    # and the volume's size is restored with a last hole.
-    holes = options.sparse and allocation == 0
-    if options.sparse and not holes:
-        logger.warning(
-            "the volume holds data (%d bytes allocated): holes are sent as zeroes, "
-            "since libvirt would keep the old data inside them; to keep the upload "
-            "sparse, upload into a new volume, or a source of the volume's size at "
-            "offset 0 (the volume is then emptied first)",
-            allocation,
-        )
-    return _UploadPlan(holes, room, room if holes else (amount or room))
+    # volume's file at the hole's end (virFDStreamThreadDoWrite in
+    # src/util/virfdstream.c): whatever the file held in the hole stays, and
+    # what followed it is cut off.
+    if not options.sparse:
+        return _UploadPlan(None, room, amount or room or 0, False)
+    if size.container:
+        # Past the file's end a hole only makes the file longer, and reads
+        # as zeroes: holes go as holes from there, as zeroes before it.
+        start = max(offset, size.physical) if size.physical is not None else None
+        if start is not None and amount is not None and offset + amount <= start:
+            start = None  # every hole lies inside the file
+        return _UploadPlan(start, None, amount or 0, False)
+    if size.allocation == 0:
+        # Nothing to keep: every hole goes as a hole, and a last one gives
+        # the volume its size back.
+        assert room is not None
+        return _UploadPlan(offset, room, room, True)
+    logger.warning(
+        "the volume holds data (%d bytes allocated): holes are sent as zeroes, "
+        "since libvirt would keep the old data inside them; to keep the upload "
+        "sparse, upload into a new volume, or a source of the volume's size at "
+        "offset 0 (the volume is then emptied first)",
+        size.allocation,
+    )
+    return _UploadPlan(None, room, amount or room or 0, False)
 
 
 def _empty_before_overwriting(
-    vol: libvirt.virStorageVol, options: _Options, amount: int, capacity: int, allocation: int
-) -> int:
-    """Empty a volume the source overwrites whole, if that is cheap; returns its allocation.
+    vol: libvirt.virStorageVol, options: _Options, amount: int, size: VolumeSize
+) -> VolumeSize:
+    """Empty a volume the source overwrites whole, if that is cheap; returns its size now.
 
     Holes can be sent only into a volume that holds no data (:func:`_upload_plan`);
     into one that does they go as zeroes, which costs seconds a GiB (4.5 s for
@@ -368,25 +388,48 @@ def _empty_before_overwriting(
     purpose: that one is left alone. The allocation is read again afterwards:
     holes go as holes only if it is 0.
     """
+    capacity, allocation = size.capacity, size.allocation
     if not (options.sparse and allocation and options.offset == 0 and amount == capacity):
-        return allocation
-    if allocation // 512 >= capacity // 512:
-        return allocation  # no holes: libvirt would write zeroes over all of it
+        return size
+    if allocation // 512 >= capacity // 512 or not size.raw_file:
+        return size  # no holes (libvirt would write zeroes over all of it), or not raw
     try:
-        description = ElementTree.fromstring(vol.XMLDesc(0))
-        fmt = description.find("target/format")
-        if description.get("type") != "file" or fmt is None or fmt.get("type") != "raw":
-            return allocation
         vol.wipe(libvirt.VIR_STORAGE_VOL_WIPE_ALG_ZERO)
-    except (libvirt.libvirtError, ElementTree.ParseError) as error:
+    except libvirt.libvirtError as error:
         # The start that follows reports a real problem (the volume gone, the
         # connection lost); otherwise the holes go as zeroes, with
         # _upload_plan's warning.
         logger.debug("could not empty the volume before overwriting it: %s", error)
-        return allocation
-    _, allocation = _volume_sizes(vol)
-    logger.debug("emptied the volume before overwriting it (allocation now %d)", allocation)
-    return allocation
+        return size
+    size = volume_size(vol)
+    logger.debug("emptied the volume before overwriting it (allocation now %d)", size.allocation)
+    return size
+
+
+def _check_stored(vol: libvirt.virStorageVol, end: int) -> None:
+    """Check, once an upload finished, that ``vol`` still holds what it wrote
+    up to ``end`` (worker thread: one round trip).
+
+    libvirt locks nothing during a stream: a volume deleted meanwhile takes
+    the upload into its deleted file, and the stream still finishes.
+    """
+    name = vol.name()
+    try:
+        physical = int(vol.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)[2])
+    except libvirt.libvirtError as error:
+        if error.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+            raise VolumeChangedError(
+                f"volume {name!r} was deleted while the upload ran: the data went into the "
+                "deleted file. Recreate the volume and upload again"
+            ) from error
+        raise libvirt_error_to_exception(
+            error, context=f"the upload into volume {name!r} finished, but it cannot be checked"
+        ) from error
+    if physical < end:
+        raise VolumeChangedError(
+            f"volume {name!r} holds {physical} bytes, less than the {end} the upload wrote: "
+            "it was shrunk while the upload ran. Resize it and upload again"
+        )
 
 
 # ---------------------------------------------------------------------- upload
@@ -424,11 +467,16 @@ async def upload(
     every ``progress_interval`` seconds and once at the end. On any failure
     or cancellation the stream is aborted and the error raised. While
     another transfer of this process moves the volume (either way),
-    :class:`VolumeBusyError` is raised before anything is sent.
+    :class:`VolumeBusyError` is raised before anything is sent. A volume
+    that is not raw (qcow2, ...) takes the source as its file: upload an
+    image of its format; holes inside the file's current length go as
+    zeroes, holes past it as holes. A negative ``offset`` or ``length``, or
+    a range past the volume's end, raises :class:`InvalidRangeError` before
+    anything is sent. Once the stream finished, the volume is checked: one
+    deleted or shrunk meanwhile raises :class:`VolumeChangedError`.
     """
     async with _closing(progress):
-        if offset < 0 or length < 0:
-            raise ValueError("offset and length must be >= 0")
+        check_not_negative(offset, length)
         options = _Options(
             sparse, offset, length, progress, progress_interval, checksum, detect_zeroes
         )
@@ -524,11 +572,11 @@ def _open_and_start_upload(
         size, seekable = _source_size(fd, name)
         if not seekable:
             return _UploadStart(fd, position, owned, 0, None, None)
-        capacity, allocation = _volume_sizes(vol)
+        volume = volume_size(vol)
         available = max(size - position, 0)
         amount = min(options.length, available) if options.length else available
-        allocation = _empty_before_overwriting(vol, options, amount, capacity, allocation)
-        plan = _upload_plan(options, amount, repr(name), capacity, allocation)
+        volume = _empty_before_overwriting(vol, options, amount, volume)
+        plan = _upload_plan(options, amount, repr(name), volume)
         virstream = start_volume_upload(vol, options.offset, plan.stream_length, plan.holes)
     except BaseException:
         if owned:
@@ -566,7 +614,7 @@ async def _upload_file(
             position + amount,
             stream,
             walk_extents=options.sparse,
-            holes=plan.holes,
+            holes_from=plan.holes_from_source(options.offset, position),
             detect_zeroes=options.detect_zeroes,
             hasher=hasher,
             close_fd=owned,
@@ -576,6 +624,7 @@ async def _upload_file(
         async with options.reporter(counts, amount) as reporter:
             async with stream:
                 await _run_reader(reader, stream)
+            await _check_upload_stored(vol, options.offset + amount)
             await reporter.final()
         return options.result(stream.bytes_sent, amount - stream.bytes_sent, hasher)
     finally:
@@ -585,7 +634,14 @@ async def _upload_file(
 
 def _size_restoring_hole(plan: _UploadPlan, sent: int) -> int:
     """A last hole up to the volume's end: libvirt cut the volume at the last hole."""
-    return plan.room - sent if plan.holes and plan.room > sent else 0
+    if not plan.restore_size or plan.room is None:
+        return 0
+    return max(plan.room - sent, 0)
+
+
+async def _check_upload_stored(vol: libvirt.virStorageVol, end: int) -> None:
+    """:func:`_check_stored` off the loop."""
+    await run_to_the_end(functools.partial(_check_stored, vol, end))
 
 
 async def _run_reader(reader: _FileReader, stream: AsyncStream) -> None:
@@ -619,7 +675,7 @@ class _FileReader:
         stream: AsyncStream,
         *,
         walk_extents: bool,
-        holes: bool,
+        holes_from: int | None,
         detect_zeroes: bool,
         hasher: _Hasher | None,
         close_fd: bool = False,
@@ -637,8 +693,10 @@ class _FileReader:
         self._trailing_hole = trailing_hole  # sent after the source, not hashed
         self._direct = True
         self._walk_extents = walk_extents  # find the source's holes (SEEK_DATA/SEEK_HOLE)
-        self._sparse = holes  # send them as holes (else as zeroes, without reading them)
-        self._detect_zeroes = detect_zeroes and holes
+        # Holes from this source position on go as holes; before it (all of
+        # them, if None) as zeroes, without reading them.
+        self._holes_from = holes_from
+        self._detect_zeroes = detect_zeroes and holes_from is not None and holes_from < end
         self._hasher = hasher
         self._stopped = threading.Event()
         self._cache_probe: bytearray | None = bytearray(1)  # None: RWF_NOWAIT not supported
@@ -668,7 +726,7 @@ class _FileReader:
             if extent.data:
                 if not self._send_data(extent):
                     return
-            elif not self._send_hole(extent.length):
+            elif not self._send_hole(extent.offset, extent.length):
                 return
         if self._trailing_hole and not self._put(Hole(self._trailing_hole)):
             return
@@ -693,17 +751,19 @@ class _FileReader:
             item = item[max(sent, 0) :]  # type: ignore[index]
         return self._queue.put_blocking(item)
 
-    def _send_hole(self, length: int) -> bool:
+    def _send_hole(self, pos: int, length: int) -> bool:
         if self._hasher:
             self._hasher.hole(length)
-        if self._sparse:
-            return self._put(Hole(length))
-        while length > 0:
-            step = min(length, MAX_CHUNK)
+        zeroes = length
+        if self._holes_from is not None:
+            zeroes = min(max(self._holes_from - pos, 0), length)
+        while zeroes > 0:
+            step = min(zeroes, MAX_CHUNK)
             if not self._put(ZERO_CHUNK[:step]):
                 return False
+            zeroes -= step
             length -= step
-        return True
+        return length == 0 or self._put(Hole(length))
 
     def _read_ahead(self, pos: int, length: int) -> None:
         """Ask the kernel to read ``[pos, pos + length)`` ahead, unless it is cached.
@@ -750,7 +810,7 @@ class _FileReader:
                             self._hasher.data(piece)
                         if not self._put(piece):
                             return False
-                    elif not self._send_hole(part.length):
+                    elif not self._send_hole(part.offset, part.length):
                         return False
             else:
                 if self._hasher:
@@ -777,9 +837,11 @@ async def _upload_iterable(
     vol: libvirt.virStorageVol, source: AsyncIterable[bytes], options: _Options
 ) -> TransferResult:
     offset, length = options.offset, options.length
-    plan = await _plan_upload(vol, options, length or None, "the upload source")
-    detect = options.detect_zeroes and plan.holes
-    stream = await open_volume_upload(vol, offset=offset, length=plan.room, sparse=plan.holes)
+    plan = await _plan_upload(vol, options, length or None)
+    holes_from = plan.holes_from
+    detect = options.detect_zeroes and holes_from is not None
+    call = upload_call(vol, offset, plan.stream_length, plan.holes)
+    stream = await open_upload_stream(vol, call, plan.holes)
     hasher = options.hasher()
     position = 0
     counts = lambda: (stream.bytes_sent, stream.hole_bytes_sent)  # noqa: E731
@@ -791,7 +853,7 @@ async def _upload_iterable(
                 data = bytes(chunk)
                 if length and position + len(data) > length:
                     data = data[: length - position]  # the caller asked for a prefix
-                if position + len(data) > plan.room:
+                if plan.room is not None and position + len(data) > plan.room:
                     raise SourceTooLargeError(
                         f"the upload source has more than {plan.room} bytes, the room in the "
                         f"volume from offset {offset}: the upload was aborted"
@@ -804,7 +866,13 @@ async def _upload_iterable(
                             start = part.offset - offset - position
                             await stream.write(data[start : start + part.length])
                         else:
-                            await stream.send_hole(part.length)
+                            assert holes_from is not None
+                            # Inside a container file's current length: zeroes.
+                            zeroes = min(max(holes_from - part.offset, 0), part.length)
+                            if zeroes:
+                                await stream.write(bytes(zeroes))
+                            if part.length > zeroes:
+                                await stream.send_hole(part.length - zeroes)
                 else:
                     await stream.write(data)
                 position += len(data)
@@ -812,6 +880,7 @@ async def _upload_iterable(
                     break
             if last_hole := _size_restoring_hole(plan, position):
                 await stream.send_hole(last_hole)
+        await _check_upload_stored(vol, offset + position)
         await reporter.final()
     return options.result(stream.bytes_sent, position - stream.bytes_sent, hasher)
 
@@ -857,11 +926,15 @@ async def download(
     works as in :func:`upload`. On any failure or cancellation the streams
     are aborted, the temporary file removed and the error raised. While
     another transfer of this process uploads into the volume,
-    :class:`VolumeBusyError` is raised before any file is created.
+    :class:`VolumeBusyError` is raised before any file is created. A volume
+    that is not raw (qcow2, ...) gives its file as it is on the host, as
+    ``virsh vol-download`` does, not the guest's disk. A negative ``offset``
+    or ``length``, or a range past the end (of the file, for a volume that
+    is not raw), raises :class:`InvalidRangeError` before any file is
+    created.
     """
     async with _closing(progress):
-        if offset < 0 or length < 0:
-            raise ValueError("offset and length must be >= 0")
+        check_not_negative(offset, length)
         if parallel is not None and parallel < 1:
             raise ValueError("parallel must be >= 1 (or None: chosen by size)")
         options = _Options(
@@ -953,16 +1026,20 @@ def _make_temporary(dest: Path, overwrite: bool) -> tuple[int, Path]:
 
 def _put_in_place(temp: Path, dest: Path, overwrite: bool) -> None:
     """Rename the finished temporary file to ``dest`` (worker thread)."""
-    if overwrite:
-        os.replace(temp, dest)
-        return
-    # link() fails if the destination appeared meanwhile: never clobber it.
     try:
+        if overwrite:
+            os.replace(temp, dest)
+            return
+        # link() fails if the destination appeared meanwhile: never clobber it.
         os.link(temp, dest)
     except FileExistsError as error:
         raise DestinationExistsError(
             f"download destination {str(dest)!r} appeared during the download: "
             "pass overwrite=True to replace it"
+        ) from error
+    except OSError as error:  # the folder removed or renamed meanwhile, ...
+        raise TransferError(
+            f"cannot put the finished download in place as {str(dest)!r}: {error}"
         ) from error
     temp.unlink()
 
@@ -1106,10 +1183,10 @@ def _nothing() -> None:
 
 @dataclass(frozen=True, slots=True)
 class _Started:
-    """A download's size and ranges ``(offset, length)``: the first range's
-    stream started, the others' starting in worker threads."""
+    """A download's size (None: not known) and ranges ``(offset, length)``:
+    the first range's stream started, the others' starting in worker threads."""
 
-    total: int
+    total: int | None
     parts: list[tuple[int, int]]
     first: libvirt.virStream
     others: list[concurrent.futures.Future[libvirt.virStream]]
@@ -1180,9 +1257,9 @@ def _start_download_blocking(
     stream is there (a range that waited for the others before being
     received made a 2 GiB sparse download 7-8 % slower, measured).
     """
-    capacity, _ = _volume_sizes(vol)
-    total = _download_size(capacity, options)
-    parts = _split_range(options.offset, total, 1 if one_stream else _streams_for(options, total))
+    total = check_download_range(volume_size(vol), options.offset, options.length)
+    streams = 1 if one_stream or total is None else _streams_for(options, total)
+    parts = _split_range(options.offset, total or 0, streams)
     # One range asks for options.length (0: to the end), as libvirt does.
     lengths = [options.length] if len(parts) == 1 else [length for _, length in parts]
     starts = [
@@ -1251,7 +1328,7 @@ async def _download_parts(
     writers: list[FileWriter],
     worker: WriteWorker,
     ranges: list[_RangeStream],
-    total: int,
+    total: int | None,
     options: _Options,
     complete_file: Callable[[], None] | None,
 ) -> tuple[int, int]:
@@ -1393,15 +1470,8 @@ class _SocketBackpressure:
             self._impl.resume_reading(self._socket)
 
 
-def _download_size(capacity: int, options: _Options) -> int:
-    if options.offset > capacity:
-        raise TransferError(f"offset {options.offset} is past the volume's end ({capacity} bytes)")
-    room = capacity - options.offset
-    return min(options.length, room) if options.length else room
-
-
-def _check_complete(received: int, expected: int) -> None:
-    if received != expected:
+def _check_complete(received: int, expected: int | None) -> None:
+    if expected is not None and received != expected:
         raise TransferError(
             f"the volume sent {received} bytes where {expected} were expected: "
             "the download is incomplete"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 __all__ = [
     "open_volume_upload",
+    "open_upload_stream",
+    "upload_call",
     "open_volume_download",
     "start_volume_download",
     "download_description",
@@ -18,6 +20,12 @@ import libvirt
 
 from ._exceptions import map_libvirt_errors
 from ._stream import DEFAULT_WRITE_BUFFER, AsyncStream, open_stream, start_stream_blocking
+from ._volumesize import (
+    check_download_range,
+    check_not_negative,
+    check_upload_range,
+    volume_size,
+)
 from ._workqueue import run_to_the_end
 
 
@@ -40,14 +48,43 @@ async def open_volume_upload(
 
     With ``sparse=True`` the stream carries holes
     (``VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM``): use :meth:`AsyncStream.send_hole`.
+    A negative ``offset`` or ``length``, or a range past the volume's end
+    (for a volume that is not raw: an offset past its file's end), raises
+    :class:`aiovirtstream.InvalidRangeError` before the stream opens.
     """
+    check_not_negative(offset, length)
+    call = upload_call(vol, offset, length, sparse)
+    if offset or length:
+        call = _checked(call, lambda: check_upload_range(volume_size(vol), offset, length))
+    return await open_upload_stream(vol, call, sparse, write_buffer)
+
+
+async def open_upload_stream(
+    vol: libvirt.virStorageVol,
+    call: Callable[[libvirt.virStream], object],
+    sparse: bool,
+    write_buffer: int = DEFAULT_WRITE_BUFFER,
+) -> AsyncStream:
+    """:func:`open_volume_upload` without its checks, for callers that made their own."""
     return await open_stream(
         vol.connect(),
-        _upload_call(vol, offset, length, sparse),
+        call,
         sparse=sparse,
         description=upload_description(vol),
         write_buffer=write_buffer,
     )
+
+
+def _checked(
+    call: Callable[[libvirt.virStream], object], check: Callable[[], object]
+) -> Callable[[libvirt.virStream], object]:
+    """``call`` after ``check``, in the same worker-thread hop."""
+
+    def checked(virstream: libvirt.virStream) -> object:
+        check()
+        return call(virstream)
+
+    return checked
 
 
 def upload_description(vol: libvirt.virStorageVol) -> str:
@@ -60,14 +97,15 @@ def start_volume_upload(
 ) -> libvirt.virStream:
     """:func:`open_volume_upload`'s round trip alone (worker thread); wrap the
     result with ``adopt_stream(..., description=upload_description(vol))``."""
-    call = _upload_call(vol, offset, length, sparse)
+    call = upload_call(vol, offset, length, sparse)
     virstream, _ = start_stream_blocking(vol.connect(), call, upload_description(vol))
     return virstream
 
 
-def _upload_call(
+def upload_call(
     vol: libvirt.virStorageVol, offset: int, length: int, sparse: bool
 ) -> Callable[[libvirt.virStream], object]:
+    """The libvirt call that starts an upload stream (for :func:`open_upload_stream`)."""
     flags = libvirt.VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM if sparse else 0
     return lambda st: vol.upload(st, offset, length, flags)
 
@@ -83,11 +121,19 @@ async def open_volume_download(
 
     With ``sparse=True`` (``VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM``) holes
     come back as :class:`Hole` from ``read(stop_at_hole=True)`` and
-    :meth:`AsyncStream.iter_items`.
+    :meth:`AsyncStream.iter_items`. A volume that is not raw (qcow2, ...)
+    streams its file as it is on the host, not the guest's disk. A negative
+    ``offset`` or ``length``, or a range past the end (of the file, for a
+    volume that is not raw), raises :class:`aiovirtstream.InvalidRangeError`
+    before the stream opens.
     """
+    check_not_negative(offset, length)
+    call = _download_call(vol, offset, length, sparse)
+    if offset or length:
+        call = _checked(call, lambda: check_download_range(volume_size(vol), offset, length))
     return await open_stream(
         vol.connect(),
-        _download_call(vol, offset, length, sparse),
+        call,
         sparse=sparse,
         description=download_description(vol),
     )

@@ -122,7 +122,10 @@ async def run_to_the_end(func: Callable[[], T]) -> T:
         if not future.cancelled():
             future.exception()  # retrieved: the cancellation is what is raised
         raise cancelled
-    return future.result()
+    try:
+        return future.result()
+    finally:
+        del future  # an error's traceback holds this frame: no cycle back to it
 
 
 async def run_or_back_out(func: Callable[[], T], back_out: Callable[[T], None]) -> T:
@@ -135,7 +138,10 @@ async def run_or_back_out(func: Callable[[], T], back_out: Callable[[T], None]) 
             result = future.result()
             await run_to_the_end(lambda: back_out(result))
         raise cancelled
-    return future.result()
+    try:
+        return future.result()
+    finally:
+        del future  # an error's traceback holds this frame: no cycle back to it
 
 
 def _released(_item: object) -> int:

@@ -61,6 +61,7 @@ import concurrent.futures
 import ctypes
 import ctypes.util
 import errno
+import functools
 import logging
 import mmap
 import os
@@ -267,6 +268,15 @@ def _batch_weight(batch: _Batch | _Job) -> int:
     return 1 if callable(batch) else len(batch[1])
 
 
+def _run_into(func: Callable[[], T], done: concurrent.futures.Future[T]) -> None:
+    """Run ``func`` (a worker thread) and resolve ``done`` with its result or error."""
+    try:
+        done.set_result(func())
+    except BaseException as error:  # noqa: BLE001 - handed to the loop
+        done.set_exception(error)
+        del done  # the error's traceback holds this frame: no cycle back to it
+
+
 class WriteWorker:
     """The worker thread that writes one file for the write-behinds of a download.
 
@@ -312,21 +322,17 @@ class WriteWorker:
         not run). Cancelled, it waits for ``func`` to return, then raises.
         """
         done: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-        def job() -> None:
-            try:
-                done.set_result(func())
-            except BaseException as error:  # noqa: BLE001 - handed to the loop
-                done.set_exception(error)
-
-        self._queue.put_nowait(job)
+        self._queue.put_nowait(functools.partial(_run_into, func, done))
         cancelled = await wait_through_cancellation(asyncio.ensure_future(self._queue.join()))
         if cancelled is not None:
             raise cancelled
         self.raise_error()
         if not done.done():
             raise TransferError(f"the writes of {self._name!r} were abandoned")
-        return done.result()
+        try:
+            return done.result()
+        finally:
+            del done  # func's error holds this frame: no cycle back to it
 
     def close(self) -> None:
         """Forget the write-behinds once the download is over; their free slots
