@@ -2,6 +2,9 @@
 
 Arguments are parsed by :mod:`argparse` (standard library, nothing to
 install); progress bars and tables come from ``rich`` (the ``cli`` extra).
+Every error ends in :func:`main`: one line on stderr and an exit status
+(2 for a usage error, 1 for a failure, 130 for Ctrl+C), or with
+``--debug`` the traceback.
 """
 
 from __future__ import annotations
@@ -12,21 +15,34 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import random
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+import traceback
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+import libvirt
 
 from ._connect import aclose_connection, connect
-from ._exceptions import AioVirtStreamError, DestinationExistsError
+from ._exceptions import AioVirtStreamError, ConnectionLostError
 from ._transfer import TransferProgress, TransferResult, download, upload
 from ._volume import lookup_volume
 
 MiB = 1024 * 1024
+DEMO_MIN_MIB = 64
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class CommandError(Exception):
+    """A failure the command reports in one line (exit status 1)."""
 
 
 def _rich() -> Any:
@@ -35,39 +51,80 @@ def _rich() -> Any:
         import rich.progress
         import rich.table
     except ImportError as error:  # pragma: no cover - the cli extra is missing
-        raise SystemExit(
-            "the aiovirtstream command needs rich for its output: pip install 'aiovirtstream[cli]'"
+        raise CommandError(
+            "progress bars and the demo need rich: pip install 'aiovirtstream[cli]' (or pass -q)"
         ) from error
     return rich
 
 
-@contextlib.contextmanager
-def _progress_bar(label: str, quiet: bool) -> Iterator[Callable[[TransferProgress], None]]:
-    """A rich progress bar fed by a transfer's progress callback."""
-    if quiet:
-        yield lambda _progress: None
-        return
-    rich = _rich()
-    columns = (
-        rich.progress.TextColumn("[bold]{task.description}"),
-        rich.progress.BarColumn(),
-        rich.progress.DownloadColumn(binary_units=True),
-        rich.progress.TransferSpeedColumn(),
-        rich.progress.TimeRemainingColumn(),
-        rich.progress.TextColumn("holes {task.fields[holes]}"),
-    )
-    with rich.progress.Progress(*columns, console=rich.console.Console(stderr=True)) as bar:
-        task = bar.add_task(label, total=None, holes="0 B")
+def _bar_console() -> Any:
+    """rich's console on stderr, or None when stderr is no terminal (then no bars).
 
-        def update(progress: TransferProgress) -> None:
-            bar.update(
-                task,
-                completed=progress.done_bytes,
-                total=progress.total,
-                holes=_size(progress.hole_bytes),
+    Asked of stderr itself: rich takes FORCE_COLOR for a terminal.
+    """
+    if sys.stderr is None or not sys.stderr.isatty():
+        return None
+    return _rich().console.Console(stderr=True)
+
+
+class _ProgressBar:
+    """A transfer's progress callback that draws a rich bar on its first report.
+
+    upload() and download() report only once their streams are open, so no
+    bar is drawn for a transfer that never started.
+    """
+
+    def __init__(self, label: str, console: Any) -> None:
+        self._label = label
+        self._console = console
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __call__(self, progress: TransferProgress) -> None:
+        fields = {
+            "completed": progress.done_bytes,
+            "total": progress.total,
+            "holes": _size(progress.hole_bytes),
+        }
+        if self._bar is None:
+            rich = _rich()
+            self._bar = rich.progress.Progress(
+                rich.progress.TextColumn("[bold]{task.description}"),
+                rich.progress.BarColumn(),
+                rich.progress.DownloadColumn(binary_units=True),
+                rich.progress.TransferSpeedColumn(),
+                rich.progress.TimeRemainingColumn(),
+                rich.progress.TextColumn("holes {task.fields[holes]}"),
+                console=self._console,
             )
+            self._task = self._bar.add_task(self._label, **fields)  # before its first frame
+            self._bar.start()
+        else:
+            self._bar.update(self._task, **fields)
 
-        yield update
+    def close(self, *, clear: bool) -> None:
+        if self._bar is not None:
+            self._bar.live.transient = clear  # erases the bar's lines when it stops
+            self._bar.stop()
+
+
+@contextlib.contextmanager
+def _progress_bar(label: str, quiet: bool) -> Iterator[_ProgressBar | None]:
+    """The progress callback for one transfer: a bar on a terminal, else None.
+
+    A bar that was drawn stays after a success and is erased after any error.
+    """
+    console = None if quiet else _bar_console()
+    if console is None:
+        yield None
+        return
+    bar = _ProgressBar(label, console)
+    try:
+        yield bar
+    except BaseException:
+        bar.close(clear=True)
+        raise
+    bar.close(clear=False)
 
 
 def _size(n: float) -> str:
@@ -91,36 +148,70 @@ def _print_result(verb: str, result: TransferResult, quiet: bool) -> None:
     )
 
 
-async def _cmd_transfer(args: argparse.Namespace) -> int:
-    """``upload`` and ``download``: one volume, one file, a progress bar."""
+@contextlib.asynccontextmanager
+async def _volume(args: argparse.Namespace) -> AsyncIterator[libvirt.virStorageVol]:
+    """The volume named on the command line, on a connection of its own."""
     conn = await connect(args.connect)
     try:
-        vol = await lookup_volume(conn, args.volume, pool=args.pool)
-        common: dict[str, Any] = {
-            "sparse": args.sparse,
-            "offset": args.offset,
-            "length": args.length,
-            "checksum": args.checksum,
-        }
-        with _progress_bar(f"{args.command} {args.volume}", args.quiet) as progress:
-            if args.command == "upload":
-                result = await upload(
-                    vol, args.file, detect_zeroes=args.detect_zeroes, progress=progress, **common
-                )
-            else:
-                result = await download(
-                    vol,
-                    args.file,
-                    overwrite=args.overwrite,
-                    parallel=args.parallel,
-                    direct_io=args.direct_io,
-                    fsync=args.fsync,
-                    progress=progress,
-                    **common,
-                )
-        _print_result(f"{args.command}ed", result, args.quiet)
+        yield await lookup_volume(conn, args.volume, pool=args.pool)
     finally:
         await aclose_connection(conn)
+
+
+@contextlib.contextmanager
+def _local_file(action: str, path: str) -> Iterator[None]:
+    """A local file's ``OSError``, said of the file named on the command line.
+
+    (A download's errors may name its temporary file beside it.)
+    """
+    try:
+        yield
+    except OSError as error:
+        if isinstance(error, AioVirtStreamError):  # ours already say what to do
+            raise
+        raise CommandError(f"cannot {action} {path!r}: {error.strerror or error}") from error
+
+
+async def _cmd_upload(args: argparse.Namespace) -> int:
+    async with _volume(args) as vol:
+        with (
+            _local_file("read", args.file),
+            _progress_bar(f"upload {args.volume}", args.quiet) as progress,
+        ):
+            result = await upload(
+                vol,
+                args.file,
+                sparse=args.sparse,
+                offset=args.offset,
+                length=args.length,
+                checksum=args.checksum,
+                detect_zeroes=args.detect_zeroes,
+                progress=progress,
+            )
+    _print_result("uploaded", result, args.quiet)
+    return 0
+
+
+async def _cmd_download(args: argparse.Namespace) -> int:
+    async with _volume(args) as vol:
+        with (
+            _local_file("write", args.file),
+            _progress_bar(f"download {args.volume}", args.quiet) as progress,
+        ):
+            result = await download(
+                vol,
+                args.file,
+                sparse=args.sparse,
+                offset=args.offset,
+                length=args.length,
+                checksum=args.checksum,
+                overwrite=args.overwrite,
+                parallel=args.parallel,
+                direct_io=args.direct_io,
+                fsync=args.fsync,
+                progress=progress,
+            )
+    _print_result("downloaded", result, args.quiet)
     return 0
 
 
@@ -132,8 +223,8 @@ def _make_demo_image(path: Path, size: int, seed: int = 7) -> tuple[int, str]:
 
     Returns (bytes of real data, sha256 of the logical content).
     """
-    if size < 64 * MiB:
-        raise ValueError("the demo image needs at least 64 MiB")
+    if size < DEMO_MIN_MIB * MiB:
+        raise ValueError(f"the demo image needs at least {DEMO_MIN_MIB} MiB")
     rng = random.Random(seed)
     extent = MiB
     zero_slots = range(size // extent // 2, size // extent // 2 + 8)  # written zeroes go here
@@ -239,24 +330,73 @@ def _remove_tree(path: Path) -> None:
 # ---------------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line, pointing at ``--help``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"aiovirtstream: error: {message} (see '{self.prog} --help')\n")
+
+
+def _whole_number(minimum: int, what: str) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum``, refused in words otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number of {what}, not {text!r}"
+            ) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more {what}, not {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: ``upload``, ``download`` and ``demo``."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="aiovirtstream",
         description="Move data into and out of libvirt storage volumes, asyncio-native.",
     )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    def common_args(sub: argparse.ArgumentParser) -> None:
+        # SUPPRESS: a subcommand that is not given --debug keeps the main parser's value.
+        sub.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show tracebacks and debug logs",
+        )
+
     def transfer_args(sub: argparse.ArgumentParser, verb: str) -> None:
-        sub.add_argument("-c", "--connect", default=None, help="libvirt URI (as with virsh -c)")
+        common_args(sub)
+        sub.add_argument(
+            "-c", "--connect", metavar="URI", default=None, help="libvirt URI (as with virsh -c)"
+        )
         sub.add_argument("--pool", default=None, help="storage pool (else VOLUME is a path/key)")
         sub.add_argument("volume", help="volume name (with --pool), path or key")
         sub.add_argument("file", help=f"local file to {verb}")
         sub.add_argument(
             "--no-sparse", dest="sparse", action="store_false", help="send holes as zeroes"
         )
-        sub.add_argument("--offset", type=int, default=0, help="byte offset in the volume")
-        sub.add_argument("--length", type=int, default=0, help="bytes to move (0: all)")
+        sub.add_argument(
+            "--offset",
+            metavar="N",
+            type=_whole_number(0, "bytes"),
+            default=0,
+            help="byte offset in the volume",
+        )
+        sub.add_argument(
+            "--length",
+            metavar="N",
+            type=_whole_number(0, "bytes"),
+            default=0,
+            help="bytes to move (0: all)",
+        )
         sub.add_argument("--checksum", action="store_true", help="print the content's SHA-256")
         sub.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -265,14 +405,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--detect-zeroes", action="store_true", help="send aligned runs of zeroes as holes"
     )
-    up.set_defaults(run=_cmd_transfer)
+    up.set_defaults(run=_cmd_upload)
 
     down = commands.add_parser("download", help="download a volume into a file")
     transfer_args(down, "write")
     down.add_argument("--overwrite", action="store_true", help="replace an existing file")
     down.add_argument(
         "--parallel",
-        type=int,
+        metavar="N",
+        type=_whole_number(1, "streams"),
         default=None,
         help="streams over ranges of the volume, >= 64 MiB each "
         "(default: 2 for 256 MiB or more, else 1)",
@@ -290,30 +431,75 @@ def build_parser() -> argparse.ArgumentParser:
         help="flush the file and its rename to the disk before exiting (about 1 ms "
         "with O_DIRECT, a full writeback with --page-cache)",
     )
-    down.set_defaults(run=_cmd_transfer)
+    down.set_defaults(run=_cmd_download)
 
     demo = commands.add_parser(
         "demo", help="start a private libvirtd and round-trip a sparse image through it"
     )
-    demo.add_argument("--size-mib", type=int, default=1024, help="logical image size in MiB")
+    common_args(demo)
+    demo.add_argument(
+        "--size-mib",
+        metavar="N",
+        type=_whole_number(DEMO_MIN_MIB, "MiB"),
+        default=1024,
+        help=f"logical image size in MiB (at least {DEMO_MIN_MIB})",
+    )
     demo.add_argument("--tcp", action="store_true", help="use the loopback TCP transport")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(run=_cmd_demo)
     return parser
 
 
+#: The library's advice in its keywords, said in the command's options.
+_OPTION_FOR_KEYWORD = {
+    "overwrite=True": "--overwrite",
+    "sparse=False": "--no-sparse",
+    "direct_io=False": "--page-cache",
+    "pass an offset": "pass an --offset",
+    "pass a length": "pass a --length",
+}
+
+
+def _describe(error: BaseException) -> str:
+    """One line for ``error``: what went wrong and, where we know it, what to do."""
+    if isinstance(error, OSError) and not isinstance(error, AioVirtStreamError):
+        if error.strerror and error.filename is not None:
+            return f"{error.filename}: {error.strerror}"
+        return error.strerror or str(error)
+    message = str(error) or type(error).__name__
+    for keyword, option in _OPTION_FOR_KEYWORD.items():
+        message = message.replace(keyword, option)
+    if isinstance(error, ConnectionLostError):
+        message += " (check that the daemon is running, then run the command again)"
+    return " ".join(message.split())  # libvirt's messages may span lines
+
+
+def _show_logs() -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
+    logger = logging.getLogger("aiovirtstream")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, or a usage error argparse has printed
+        return done.code if isinstance(done.code, int) else EXIT_USAGE
+    if args.debug:
+        _show_logs()
     try:
         return int(asyncio.run(args.run(args)))
-    except DestinationExistsError as error:
-        message = str(error).replace("overwrite=True", "--overwrite")
-        print(f"aiovirtstream: error: {message}", file=sys.stderr)
-        return 1
-    except AioVirtStreamError as error:
-        print(f"aiovirtstream: error: {error}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
         print("aiovirtstream: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except (AioVirtStreamError, OSError, CommandError) as error:
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"aiovirtstream: error: {_describe(error)}", file=sys.stderr)
+        return EXIT_FAILURE
