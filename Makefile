@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEB_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc \
-	python3-venv python3-dev \
+	python3-venv python3-dev qemu-utils \
 	qemu-system-x86 busybox-static cpio linux-image-cloud-amd64
 PYTEST_ARGS ?=
 
