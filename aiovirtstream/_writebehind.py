@@ -61,13 +61,12 @@ import concurrent.futures
 import ctypes
 import ctypes.util
 import errno
-import functools
 import logging
 import mmap
 import os
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from ._exceptions import TransferError
 from ._native import Buffer
@@ -268,13 +267,28 @@ def _batch_weight(batch: _Batch | _Job) -> int:
     return 1 if callable(batch) else len(batch[1])
 
 
-def _run_into(func: Callable[[], T], done: concurrent.futures.Future[T]) -> None:
-    """Run ``func`` (a worker thread) and resolve ``done`` with its result or error."""
-    try:
-        done.set_result(func())
-    except BaseException as error:  # noqa: BLE001 - handed to the loop
-        done.set_exception(error)
-        del done  # the error's traceback holds this frame: no cycle back to it
+class _RunInto(Generic[T]):
+    """Runs ``func`` (in the worker) and resolves ``done`` with its result or error.
+
+    Both are dropped once called: an error's traceback holds the frames that
+    called it, and the queue's holds this job.
+    """
+
+    __slots__ = ("_func", "_done")
+
+    def __init__(self, func: Callable[[], T], done: concurrent.futures.Future[T]) -> None:
+        self._func: Callable[[], T] | None = func
+        self._done: concurrent.futures.Future[T] | None = done
+
+    def __call__(self) -> None:
+        func, self._func = self._func, None
+        done, self._done = self._done, None
+        assert func is not None and done is not None, "called twice"
+        try:
+            done.set_result(func())
+        except BaseException as error:  # noqa: BLE001 - handed to the loop
+            done.set_exception(error)
+            del done  # the error's traceback holds this frame: no cycle back to it
 
 
 class WriteWorker:
@@ -322,10 +336,13 @@ class WriteWorker:
         not run). Cancelled, it waits for ``func`` to return, then raises.
         """
         done: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._queue.put_nowait(functools.partial(_run_into, func, done))
+        self._queue.put_nowait(_RunInto(func, done))
         cancelled = await wait_through_cancellation(asyncio.ensure_future(self._queue.join()))
         if cancelled is not None:
-            raise cancelled
+            try:
+                raise cancelled
+            finally:
+                del cancelled  # its traceback holds this frame: no cycle back to it
         self.raise_error()
         if not done.done():
             raise TransferError(f"the writes of {self._name!r} were abandoned")
