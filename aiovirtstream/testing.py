@@ -1103,8 +1103,10 @@ class _Link:
         self.out = {client: bytearray(), upstream: bytearray()}  # bytes to write to the socket
         self.read_done = {client: False, upstream: False}
         self.registered: dict[socket.socket, int] = {}
+        self.closed = False
 
     def close(self, selector: selectors.BaseSelector, *, reset: bool = False) -> None:
+        self.closed = True
         for sock in self.peer:
             if self.registered.pop(sock, 0):
                 selector.unregister(sock)
@@ -1250,7 +1252,8 @@ class TcpRelay:
                             return
                     else:
                         link, sock = key.data
-                        self._pump(selector, link, sock, mask)
+                        if not link.closed:  # an earlier event of this batch closed it
+                            self._pump(selector, link, sock, mask)
         finally:
             for link in self._links:
                 link.close(selector)

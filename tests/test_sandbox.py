@@ -9,6 +9,7 @@ import pwd
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -546,6 +547,7 @@ def _recv_all(sock: socket.socket) -> bytes:
     return bytes(out)
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 def test_relay_carries_bytes_both_ways() -> None:
     down, up = os.urandom(3 * MiB), os.urandom(5 * MiB)  # both more than its buffers
     server = _Server(down)
@@ -571,6 +573,7 @@ def test_relay_carries_bytes_both_ways() -> None:
         server.close()
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 @pytest.mark.parametrize("reset", [False, True])
 def test_relay_cut_ends_both_sides_at_once(reset: bool) -> None:
     server = _Server(b"hello")
@@ -598,6 +601,44 @@ def test_relay_cut_ends_both_sides_at_once(reset: bool) -> None:
             finally:
                 server2.close()
             assert relay.cut() == 0
+    finally:
+        server.close()
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_relay_passes_a_reset_on_and_keeps_relaying() -> None:
+    """The target resets while the client sends: the client sees the reset, the relay lives."""
+    server = socket.create_server(("127.0.0.1", 0))
+    resets = 0
+
+    def serve() -> None:
+        nonlocal resets
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.recv(1)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+            resets += 1
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        with TcpRelay("127.0.0.1", server.getsockname()[1]) as relay:
+            for _ in range(20):
+                with socket.create_connection(relay.address, timeout=10) as client:
+                    with pytest.raises((ConnectionResetError, BrokenPipeError)):
+                        for _ in range(1000):
+                            client.sendall(bytes(64 * 1024))
+                deadline = time.monotonic() + 5
+                while relay.connections and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert relay.connections == 0
+            deadline = time.monotonic() + 5
+            while resets < 20 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert resets == 20
     finally:
         server.close()
 
