@@ -107,7 +107,10 @@ async def wait_through_cancellation(
                 cancelled = cancellation
         except BaseException:  # noqa: BLE001 - the future's own; the caller reads it
             break
-    return cancelled
+    try:
+        return cancelled
+    finally:
+        del cancelled  # its traceback holds this frame: no cycle back to it
 
 
 async def run_to_the_end(func: Callable[[], T]) -> T:
@@ -121,7 +124,10 @@ async def run_to_the_end(func: Callable[[], T]) -> T:
     if (cancelled := await wait_through_cancellation(future)) is not None:
         if not future.cancelled():
             future.exception()  # retrieved: the cancellation is what is raised
-        raise cancelled
+        try:
+            raise cancelled
+        finally:
+            del cancelled  # its traceback holds this frame: no cycle back to it
     try:
         return future.result()
     finally:
@@ -137,7 +143,10 @@ async def run_or_back_out(func: Callable[[], T], back_out: Callable[[T], None]) 
         if future.exception() is None:
             result = future.result()
             await run_to_the_end(lambda: back_out(result))
-        raise cancelled
+        try:
+            raise cancelled
+        finally:
+            del cancelled  # its traceback holds this frame: no cycle back to it
     try:
         return future.result()
     finally:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
+import gc
 import os
 import signal
 import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import libvirt
@@ -77,3 +83,94 @@ def refuse_direct_open(monkeypatch: pytest.MonkeyPatch) -> None:
         return real_open(name, flags, *args)
 
     monkeypatch.setattr(os, "open", no_direct)
+
+
+def fd_count() -> int:
+    """How many file descriptors this process has open."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def busy_worker_threads() -> list[str]:
+    """The worker threads (aiovirtstream's, anyio's, asyncio's) not idle in their pool.
+
+    An idle pool thread waits for work in its queue's ``get``: at the top of
+    ``concurrent.futures``' ``_worker`` (a C ``SimpleQueue``), or inside a
+    ``queue.Queue.get`` (anyio's worker threads).
+    """
+    frames = sys._current_frames()
+    busy = []
+    for thread in threading.enumerate():
+        if not thread.name.startswith(("aiovirtstream-io", "AnyIO worker", "asyncio_")):
+            continue
+        frame = frames.get(thread.ident or -1)
+        if frame is None or frame.f_code.co_name == "_worker":
+            continue
+        while frame is not None and not (
+            frame.f_code.co_name == "get" and frame.f_code.co_filename.endswith("queue.py")
+        ):
+            frame = frame.f_back
+        if frame is None:
+            busy.append(thread.name)
+    frames.clear()  # it holds this frame: no cycle
+    return busy
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a process holds that a finished transfer must give back."""
+
+    fds: int
+    watches: int
+    timers: int
+    timers_enabled: int
+    busy_threads: tuple[str, ...]
+    part_files: tuple[str, ...]
+
+    @classmethod
+    def take(cls, folder: Path | None = None) -> Footprint:
+        stats = avs.get_event_impl().stats()
+        parts = sorted(p.name for p in folder.glob(".*.part")) if folder is not None else []
+        return cls(
+            fd_count(),
+            stats.watches,
+            stats.timers,
+            stats.timers_enabled,
+            tuple(busy_worker_threads()),
+            tuple(parts),
+        )
+
+    def beyond(self, baseline: Footprint) -> dict[str, object]:
+        """What this footprint holds beyond ``baseline`` (empty: nothing)."""
+        more: dict[str, object] = {}
+        for name in ("fds", "watches", "timers", "timers_enabled"):
+            if getattr(self, name) > getattr(baseline, name):
+                more[name] = (getattr(baseline, name), getattr(self, name))
+        if self.busy_threads:
+            more["busy_threads"] = self.busy_threads
+        if self.part_files:
+            more["part_files"] = self.part_files
+        return more
+
+
+async def left_behind(
+    baseline: Footprint, folder: Path | None = None, *, collect: bool = False
+) -> dict[str, object]:
+    """What is held beyond ``baseline`` once 3 s have passed (empty: nothing).
+
+    Aborts finish in worker threads and libvirt frees a stream's timer a
+    little later: what is left behind is what is still there after the wait.
+    ``collect``: if something is, run the garbage collector and wait again
+    (anyio's task groups keep a cancelled child's ``CancelledError`` in a
+    reference cycle, and with it what the child's frames held).
+    """
+    deadline = time.monotonic() + 3
+    while True:
+        more = Footprint.take(folder).beyond(baseline)
+        if not more or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.002)
+    if more and collect:
+        print(f"\nheld until the garbage collector ran: {more}")
+        gc.collect()
+        return await left_behind(baseline, folder)
+    return more
