@@ -206,8 +206,10 @@ def _summary(rounds: list[_Round]) -> tuple[str, str]:
 def _errors_cell(outcomes: list[str]) -> str:
     """``ConnectionLostError (eof / keepalive / error)``, or each fault's errors in full."""
     lost = "ConnectionLostError ("
-    if all(o.startswith(lost) and o.endswith(")") and ", " not in o for o in outcomes):
-        return lost + " / ".join(o[len(lost) : -1] for o in outcomes) + ")"
+    items = [o.split(", ") for o in outcomes]
+    if all(i.startswith(lost) and i.endswith(")") for per_fault in items for i in per_fault):
+        reasons = [", ".join(i[len(lost) : -1] for i in per_fault) for per_fault in items]
+        return lost + " / ".join(reasons) + ")"
     return "; ".join(f"{fault}: {o}" for fault, o in zip(FAULTS, outcomes, strict=True))
 
 
