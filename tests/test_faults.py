@@ -246,6 +246,90 @@ async def test_kill_during_stream_read(sandbox: Sandbox) -> None:
     assert failure.at - killed_at < KILL_BOUND
 
 
+class _Counting:
+    """A ReceiveSink that keeps nothing but counts the bytes."""
+
+    def __init__(self) -> None:
+        self.scratch = bytearray(MiB)
+        self.total = 0
+
+    def buffer(self) -> tuple[bytearray, int, int]:
+        return self.scratch, 0, len(self.scratch)
+
+    def received(self, nbytes: int) -> None:
+        self.total += nbytes
+
+    def hole(self, length: int) -> None:
+        pass
+
+
+async def _drain_with(method: str, stream: avs.AsyncStream) -> None:
+    """Read ``stream`` to its end with one of AsyncStream's ways of reading."""
+    if method == "read":
+        while await stream.read(MiB):
+            pass
+    elif method == "read_into":
+        buffer = bytearray(MiB)
+        while await stream.read_into(buffer):
+            pass
+    elif method == "pump":
+        await stream.pump(_Counting())
+    elif method == "iter_items":
+        async for _item in stream.iter_items(MiB):
+            pass
+    else:
+        async for _chunk in stream:
+            pass
+
+
+@pytest.mark.parametrize(
+    "method", ["read", "read_into", "pump", "iter_items", "async for", "write", "finish"]
+)
+async def test_kill_under_each_stream_call(sandbox: Sandbox, method: str) -> None:
+    """Each way of reading a download, writing an upload or finishing it fails typed."""
+    await dense_volume(sandbox, "v.img", 128 * MiB)
+    killed_at = 0.0
+
+    def kill() -> None:
+        nonlocal killed_at
+        sandbox.kill()
+        killed_at = time.perf_counter()
+
+    async def use(conn: libvirt.virConnect) -> None:
+        vol = await avs.lookup_volume(conn, "v.img", pool="pool")
+        if method in ("write", "finish"):
+            stream = await avs.open_volume_upload(vol)
+            async with stream:
+                await stream.write(bytes(MiB))
+                await stream.flush()
+                kill()
+                if method == "write":
+                    for _ in range(127):
+                        await stream.write(bytes(MiB))
+                    await stream.flush()
+                else:
+                    await stream.finish()
+        else:
+            async with await avs.open_volume_download(vol, sparse=True) as stream:
+                assert await stream.read(MiB)
+                kill()
+                await _drain_with(method, stream)
+
+    async def scenario() -> Failure:
+        conn = await avs.connect(sandbox.uri)
+        try:
+            return await ends_with_error(use(conn))
+        finally:
+            await avs.aclose_connection(conn)
+
+    async with nothing_left_behind():
+        failure = await scenario()
+    assert killed_at, f"it failed before the kill: {failure}"
+    assert_lost(failure, sandbox.uri)
+    print(f"{method}: kill to error {failure.at - killed_at:.3f} s")
+    assert failure.at - killed_at < KILL_BOUND
+
+
 async def test_kill_during_upload(sandbox: Sandbox, tmp_path: Path) -> None:
     source = tmp_path / "source.img"
     source.touch()
