@@ -26,7 +26,7 @@ import pytest
 
 import aiovirtstream as avs
 from aiovirtstream.pytest_plugin import require_test_guest
-from aiovirtstream.testing import Sandbox, TcpRelay, VolumeInfo
+from aiovirtstream.testing import GuestInfo, Sandbox, TcpRelay, VolumeInfo
 
 MiB = 1 << 20
 DENSE = 512 * MiB  # a dense download of this much takes long enough to be cut in the middle
@@ -360,28 +360,32 @@ async def test_kill_during_upload(sandbox: Sandbox, tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def full_sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
-    """A full sandbox of this test's own, with its test guest ``guest`` running."""
+def guest_sandbox(request: pytest.FixtureRequest) -> Iterator[tuple[Sandbox, GuestInfo]]:
+    """A full sandbox of this test's own, and its test guest, running."""
     require_test_guest(request.config)
     with Sandbox("full", tcp=True) as sb:
-        sb.start_test_guest("guest")
-        yield sb
+        yield sb, sb.start_test_guest("guest")
 
 
 async def console_read_pending(
-    sb: Sandbox, fault: Callable[[], object], *, keepalive: tuple[int, int] = (5, 3)
+    guest: GuestInfo,
+    fault: Callable[[], object],
+    *,
+    keepalive: tuple[int, int] = (5, 3),
+    channel: bool = False,
 ) -> tuple[Failure, float]:
-    """Open the guest's console, check it answers, leave a read waiting, then ``fault``."""
-    conn = await avs.connect(sb.uri, keepalive=keepalive)
+    """Open the guest's console (or channel), check it answers, leave a read waiting, ``fault``."""
+    conn = await avs.connect(guest.uri, keepalive=keepalive)
     try:
-        dom = await avs.lookup_domain(conn, "guest")
-        async with await avs.open_console(dom) as console:
+        dom = await avs.lookup_domain(conn, guest.name)
+        opening = avs.open_channel(dom, guest.channel) if channel else avs.open_console(dom)
+        async with await opening as console:
             await console.send(b"ab")
             answer = b""
             with anyio.fail_after(HARD_TIMEOUT):
                 while len(answer) < 2:
                     answer += await console.read()
-            assert answer == b"AB", "the console does not answer"
+            assert answer == b"AB", "the guest does not answer"
             reading = failing(console.read())
             await asyncio.sleep(0.1)
             assert not reading.done(), "the console read did not wait"
@@ -392,40 +396,43 @@ async def console_read_pending(
         await avs.aclose_connection(conn)
 
 
-async def test_kill_during_console_read(full_sandbox: Sandbox) -> None:
+@pytest.mark.parametrize("device", ["console", "channel"])
+async def test_kill_during_console_read(
+    guest_sandbox: tuple[Sandbox, GuestInfo], device: str
+) -> None:
+    sb, guest = guest_sandbox
     async with nothing_left_behind():
-        failure, killed_at = await console_read_pending(full_sandbox, full_sandbox.kill)
-    assert_lost(failure, full_sandbox.uri, "eof")
-    print(f"console read: kill to error {failure.at - killed_at:.3f} s")
+        failure, killed_at = await console_read_pending(guest, sb.kill, channel=device == "channel")
+    assert_lost(failure, sb.uri, "eof")
+    print(f"{device} read: kill to error {failure.at - killed_at:.3f} s")
     assert failure.at - killed_at < KILL_BOUND
 
 
-async def test_freeze_during_console_read(full_sandbox: Sandbox) -> None:
+async def test_freeze_during_console_read(guest_sandbox: tuple[Sandbox, GuestInfo]) -> None:
+    sb, guest = guest_sandbox
     try:
         async with nothing_left_behind():
-            failure, frozen_at = await console_read_pending(
-                full_sandbox, full_sandbox.freeze, keepalive=KEEPALIVE
-            )
+            failure, frozen_at = await console_read_pending(guest, sb.freeze, keepalive=KEEPALIVE)
     finally:
-        full_sandbox.thaw()
-    assert_lost(failure, full_sandbox.uri, "keepalive")
+        sb.thaw()
+    assert_lost(failure, sb.uri, "keepalive")
     print(f"console read: freeze to error {failure.at - frozen_at:.3f} s")
     assert failure.at - frozen_at < KEEPALIVE_BOUND
 
 
-async def test_kill_during_screenshot(full_sandbox: Sandbox) -> None:
+async def test_kill_during_screenshot(guest_sandbox: tuple[Sandbox, GuestInfo]) -> None:
     """A screenshot in flight when the daemon dies ends with a typed error naming the host.
 
     A screenshot takes a few milliseconds, too short to aim a kill at: the
     daemon is frozen first, so that the screenshot surely waits for it, and
     killed 100 ms later.
     """
-    sb = full_sandbox
+    sb, guest = guest_sandbox
 
     async def scenario() -> tuple[Failure, float]:
-        conn = await avs.connect(sb.uri)
+        conn = await avs.connect(guest.uri)
         try:
-            dom = await avs.lookup_domain(conn, "guest")
+            dom = await avs.lookup_domain(conn, guest.name)
             mime, image = await avs.screenshot(dom)
             assert mime == "image/png" and image.startswith(b"\x89PNG")
             with sb.frozen():
