@@ -8,6 +8,7 @@ from ._events import EventImplStats, bind_event_loop, get_event_impl, register_e
 from ._exceptions import *  # noqa: F403
 from ._exceptions import __all__ as _exceptions_all
 from ._extents import Extent, file_extents
+from ._lifeline import ConnectionWatch, watch_connection
 from ._stream import AsyncStream, Hole, ReceiveSink, StreamItem, open_stream
 from ._transfer import (
     DestinationIsDirectoryError,
@@ -24,6 +25,8 @@ __all__ = [
     "connect",
     "aclose_connection",
     "connection_socket",
+    "watch_connection",
+    "ConnectionWatch",
     "register_event_impl",
     "bind_event_loop",
     "get_event_impl",

@@ -6,7 +6,6 @@ __all__ = ["connect", "aclose_connection", "connection_socket"]
 
 import socket
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -14,6 +13,7 @@ import libvirt
 
 from ._events import bind_event_loop
 from ._exceptions import ConnectError, map_libvirt_errors
+from ._lifeline import watch_connection
 from ._workqueue import run_to_the_end
 
 # The socket fd of each connection opened by connect(), for backpressure
@@ -47,8 +47,13 @@ async def connect(
 
     ``keepalive`` is ``(interval seconds, count)`` for
     ``virConnectSetKeepAlive``, served by the same loop; ``None`` leaves it
-    off. The connection is a plain ``libvirt.virConnect``; close it with
-    :func:`aclose_connection` (``close`` can block too).
+    off. A daemon that stops answering is given up after about interval x
+    (count + 1) seconds: its streams then fail with
+    :class:`ConnectionLostError`, as they do at once when it dies.
+    ``connect`` takes libvirt's close callback of the connection (libvirt
+    keeps one): use :func:`watch_connection` to be told of a loss. The
+    connection is a plain ``libvirt.virConnect``; close it with
+    :func:`aclose_connection` (``close`` can block).
 
     ``send_buffer`` widens the send buffer of a connection over a unix
     socket (local daemons, ``qemu+ssh``) to this many bytes (``SO_SNDBUF``;
@@ -81,6 +86,7 @@ async def connect(
                 # In-process drivers (test:///, qemu:///embed) have no keepalive.
                 if error.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
                     raise
+        watch_connection(conn).register_close_callback(conn)
         return conn
 
     try:
@@ -134,8 +140,19 @@ def connection_socket(conn: libvirt.virConnect) -> int | None:
 
 
 async def aclose_connection(conn: libvirt.virConnect) -> None:
-    """Close ``conn`` in a worker thread (closing a remote connection waits for the daemon)."""
+    """Close ``conn`` in a worker thread (closing a remote connection waits for the daemon).
+
+    Streams of ``conn`` still open fail with :class:`ConnectionLostError`.
+    Closing a connection that was lost works, and is needed to free it.
+    """
     _sockets.pop(conn, None)  # its fd number may soon name another socket
-    close: Callable[[], int] = conn.close
+    watch = watch_connection(conn)
+
+    def close() -> int:
+        watch.mark_lost(libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT)
+        watch.unregister_close_callback(conn)  # a round trip: after the streams were told
+        result: int = conn.close()
+        return result
+
     with map_libvirt_errors(context="closing the connection"):
         await run_to_the_end(close)

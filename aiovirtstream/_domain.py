@@ -51,7 +51,7 @@ import anyio
 import anyio.to_thread
 import libvirt
 
-from ._exceptions import map_libvirt_errors
+from ._lifeline import map_connection_errors
 from ._stream import AsyncStream, open_stream
 from ._workqueue import run_to_the_end
 
@@ -88,7 +88,7 @@ async def lookup_domain(
                     raise
         return conn.lookupByName(key)
 
-    with map_libvirt_errors(context=f"cannot find domain {key!r}"):
+    with map_connection_errors(conn, context=f"cannot find domain {key!r}"):
         return await run_to_the_end(lookup)
 
 

@@ -43,7 +43,9 @@ __all__ = [
 ]
 
 import contextlib
+import traceback
 from collections.abc import Iterator
+from typing import TypeVar
 
 import anyio
 import libvirt
@@ -120,11 +122,12 @@ class StreamBrokenError(StreamError, anyio.BrokenResourceError):
     """The other side failed: the daemon reported an error, or the connection broke."""
 
 
-class ConnectionLostError(StreamBrokenError, ConnectionError):
+class ConnectionLostError(StreamBrokenError, ConnectError):
     """The connection to the daemon was lost while the stream was in use.
 
     The daemon died or closed the connection, the network broke, or the
-    keepalive gave up on a daemon that stopped answering. Every stream of
+    keepalive gave up on a daemon that stopped answering. It is both a
+    :class:`StreamBrokenError` and a :class:`ConnectError`. Every stream of
     that connection fails with it (and only those); the connection cannot
     be used again: close it with :func:`aiovirtstream.aclose_connection`
     and open a new one. ``uri`` names the host, ``reason`` says what
@@ -288,3 +291,23 @@ def map_libvirt_errors(*, stream: bool = False, context: str | None = None) -> I
         yield
     except libvirt.libvirtError as error:
         raise libvirt_error_to_exception(error, stream=stream, context=context) from error
+
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def detach_traceback(error: _E) -> _E:
+    """Make ``error`` safe to keep past the frame that caught it.
+
+    An exception handed to a future or another thread keeps its traceback,
+    whose frames keep their locals (and, through ``f_back``, the locals of
+    the frame that caught it), among them whatever holds that future: a
+    reference cycle that keeps a stream and its connection alive until the
+    garbage collector runs. The frames are dropped; where the error was
+    raised is kept as a note (shown in printed tracebacks).
+    """
+    tb = error.__traceback__
+    if tb is not None and tb.tb_next is not None:
+        where = "".join(traceback.format_tb(tb.tb_next)).rstrip()
+        error.add_note(f"raised in:\n{where}")
+    return error.with_traceback(None)

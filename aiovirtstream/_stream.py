@@ -50,14 +50,17 @@ import libvirtmod
 
 from ._events import bind_event_loop, get_event_impl
 from ._exceptions import (
+    AioVirtStreamError,
+    ConnectionLostError,
     EventLoopNotRegisteredError,
     SparseNotSupportedError,
     StreamBrokenError,
     StreamBusyError,
     StreamClosedError,
+    detach_traceback,
     libvirt_error_to_exception,
-    map_libvirt_errors,
 )
+from ._lifeline import map_connection_errors, watch_connection
 from ._native import Buffer, Receiver, receiver_for
 from ._workqueue import (
     WorkQueue,
@@ -223,6 +226,9 @@ class AsyncStream(anyio.abc.ByteStream):
                 "was opened). Open it with aiovirtstream.connect(), or call "
                 "aiovirtstream.register_event_impl() before libvirt.open()"
             )
+        # libvirt never fires a stream's event when its connection is lost.
+        self._connection = watch_connection(stream_connection(virstream))
+        self._unsubscribe_lost = self._connection.subscribe(_weak_connection_lost(self))
 
     def _send_item(self, item: StreamItem) -> int:
         """Send one queued item (sender thread: a remote send blocks)."""
@@ -304,6 +310,8 @@ class AsyncStream(anyio.abc.ByteStream):
     def _closed_error(self, action: str) -> StreamClosedError | StreamBrokenError:
         if self._state is _State.OPEN:
             return StreamClosedError(f"cannot {action}: the {self.description} is being closed")
+        if isinstance(self._broken_reason, ConnectionLostError):
+            return self._lost_error(self._connection.lost_now() or self._broken_reason, action)
         if self._state is _State.BROKEN:
             broken = StreamBrokenError(
                 f"cannot {action}: the {self.description} broke earlier: {self._broken_reason}"
@@ -313,7 +321,10 @@ class AsyncStream(anyio.abc.ByteStream):
         return StreamClosedError(f"cannot {action}: the {self.description} was {self._state.value}")
 
     def _mark_broken(self, error: libvirt.libvirtError | BaseException) -> StreamBrokenError:
-        if isinstance(error, libvirt.libvirtError):
+        lost = self._connection.lost_now() if isinstance(error, libvirt.libvirtError) else None
+        if lost is not None:
+            mapped: AioVirtStreamError = self._lost_error(lost)
+        elif isinstance(error, libvirt.libvirtError):
             mapped = libvirt_error_to_exception(error, stream=True, context=self.description)
         else:
             mapped = StreamBrokenError(f"{self.description}: {error}")
@@ -325,6 +336,30 @@ class AsyncStream(anyio.abc.ByteStream):
         broken = StreamBrokenError(str(mapped))
         broken.__cause__ = error
         return broken
+
+    def _lost_error(
+        self, lost: ConnectionLostError, action: str | None = None
+    ) -> ConnectionLostError:
+        what = f"cannot {action}: the {self.description}" if action else self.description
+        return ConnectionLostError(f"{what}: {lost}", uri=lost.uri, reason=lost.reason)
+
+    def connection_lost(self, error: ConnectionLostError) -> None:
+        """Fail every pending and later operation: the connection is gone (loop thread).
+
+        Called by the connection's :class:`~aiovirtstream.ConnectionWatch`.
+        A stream already finished or aborted is left alone.
+        """
+        if self._state is not _State.OPEN:
+            return
+        lost = self._lost_error(error)
+        self._state = _State.BROKEN
+        self._broken_reason = lost
+        for waiter in (self._read_waiter, self._write_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_result(_ERROR)
+        pump = self._pump
+        if pump is not None and not pump.done.done():
+            pump.done.set_exception(self._lost_error(error, "read"))
 
     @property
     def closed(self) -> bool:
@@ -483,6 +518,7 @@ class AsyncStream(anyio.abc.ByteStream):
             if not pump.done.done():
                 pump.done.cancel()
             self._resubscribe()
+            del pump  # the future holds the error, whose traceback holds this frame
 
     def _pump_pending(self, pump: _Pump) -> None:
         # Data a recv_hole() found and kept goes first.
@@ -558,10 +594,10 @@ class AsyncStream(anyio.abc.ByteStream):
             # Burst used up: libvirt's 0 ms timer fires again next iteration.
         except libvirt.libvirtError as error:
             broken = self._mark_broken(error)
-            broken.__cause__ = error
+            broken.__cause__ = detach_traceback(error)
             pump.done.set_exception(broken)
         except Exception as error:  # the sink's: pump() raises it
-            pump.done.set_exception(error)
+            pump.done.set_exception(detach_traceback(error))
 
     async def receive(self, max_bytes: int = DEFAULT_READ_SIZE) -> bytes:
         """anyio ``ByteReceiveStream.receive``: like :meth:`read`, raising ``EndOfStream``.
@@ -673,6 +709,7 @@ class AsyncStream(anyio.abc.ByteStream):
         # libvirt requires the callback gone before finish/abort.
         if self._callback_data is None:
             return
+        self._unsubscribe_lost()
         libvirtmod.virStreamEventRemoveCallback(self.virstream._o)
         self._callback_data.clear()
         self._callback_data = None
@@ -704,6 +741,7 @@ class AsyncStream(anyio.abc.ByteStream):
     def _settle_sender_finish(self) -> None:
         """Record what :meth:`_finish_from_sender` did (loop thread, after it)."""
         if self._callback_removed_by_sender and self._callback_data is not None:
+            self._unsubscribe_lost()
             self._callback_data.clear()
             self._callback_data = None
             self._subscribed = 0
@@ -737,13 +775,19 @@ class AsyncStream(anyio.abc.ByteStream):
             except libvirt.libvirtError as error:
                 broken = self._mark_broken(error)
                 if cancelled is not None:
-                    raise cancelled from broken
+                    try:
+                        raise cancelled from broken
+                    finally:
+                        del cancelled  # its traceback holds this frame: no cycle back to it
                 raise broken from error
             finally:
                 self._sender.release()
             self._state = _State.FINISHED
             if cancelled is not None:
-                raise cancelled
+                try:
+                    raise cancelled
+                finally:
+                    del cancelled  # its traceback holds this frame: no cycle back to it
 
     async def abort(self) -> None:
         """Abandon the transfer: drop queued data and tell the daemon. Idempotent."""
@@ -797,13 +841,18 @@ class AsyncStream(anyio.abc.ByteStream):
     ) -> None:
         """Finish on a clean exit; abort on an exception or a cancellation."""
         if exc_type is None and self._state is _State.OPEN:
-            await self.finish()
+            try:
+                await self.finish()
+            except asyncio.CancelledError:
+                await self.abort()  # asyncio's cancellation interrupted the queue's drain
+                raise
         else:
             await self.abort()
 
     def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
         if getattr(self, "_callback_data", None) is not None:
             _warn(f"unclosed {self.description} {self!r}", ResourceWarning, stacklevel=2)
+            self._unsubscribe_lost()
             try:
                 libvirtmod.virStreamEventRemoveCallback(self.virstream._o)
             finally:
@@ -811,6 +860,23 @@ class AsyncStream(anyio.abc.ByteStream):
 
     def __repr__(self) -> str:
         return f"<AsyncStream {self.description} {self._state.value}>"
+
+
+def _weak_connection_lost(stream: AsyncStream) -> Callable[[ConnectionLostError], None]:
+    ref = weakref.ref(stream)
+
+    def connection_lost(error: ConnectionLostError) -> None:
+        target = ref()
+        if target is not None:
+            target.connection_lost(error)
+
+    return connection_lost
+
+
+def stream_connection(virstream: libvirt.virStream) -> libvirt.virConnect:
+    """The connection a ``virStream`` was made on (libvirt-python keeps it)."""
+    conn: libvirt.virConnect = virstream._conn
+    return conn
 
 
 def _on_stream_event(
@@ -838,6 +904,7 @@ async def open_stream(
     :attr:`AsyncStream.start_result`.
     """
     check_stream_events(conn)
+    check_connection(conn, description)
     # The start call cannot be interrupted: a cancellation waits for it, and
     # a stream it opened is aborted before the cancellation goes on.
     virstream, result = await run_or_back_out(
@@ -865,6 +932,15 @@ def check_stream_events(conn: libvirt.virConnect) -> None:
         )
 
 
+def check_connection(conn: libvirt.virConnect, description: str) -> None:
+    """Raise :class:`ConnectionLostError` if ``conn`` is known to be lost."""
+    lost = watch_connection(conn).lost
+    if lost is not None:
+        raise ConnectionLostError(
+            f"cannot open the {description}: {lost}", uri=lost.uri, reason=lost.reason
+        )
+
+
 def start_stream_blocking(
     conn: libvirt.virConnect, start: Callable[[libvirt.virStream], object], description: str
 ) -> tuple[libvirt.virStream, object]:
@@ -873,9 +949,9 @@ def start_stream_blocking(
     Returns the stream and what ``start`` returned, for :func:`adopt_stream`
     on the loop. Call :func:`check_stream_events` on the loop first.
     """
-    with map_libvirt_errors(context=f"cannot create the {description}"):
+    with map_connection_errors(conn, context=f"cannot create the {description}"):
         virstream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
-    with map_libvirt_errors(context=f"cannot open the {description}"):
+    with map_connection_errors(conn, context=f"cannot open the {description}"):
         return virstream, start(virstream)
 
 

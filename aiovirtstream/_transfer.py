@@ -1302,7 +1302,10 @@ class _RangeStream:
             if cancelled is not None:
                 if starting.exception() is None:
                     self._virstream = starting.result()  # aclose() aborts it
-                raise cancelled
+                try:
+                    raise cancelled
+                finally:
+                    del cancelled  # its traceback holds this frame: no cycle back to it
             self._virstream = starting.result()  # a start's error is raised here
         virstream, self._virstream = self._virstream, None
         assert virstream is not None

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import libvirt
 
-from ._exceptions import map_libvirt_errors
+from ._lifeline import map_connection_errors
 from ._stream import DEFAULT_WRITE_BUFFER, AsyncStream, open_stream, start_stream_blocking
 from ._volumesize import (
     check_download_range,
@@ -181,5 +181,5 @@ async def lookup_volume(
         return conn.storageVolLookupByKey(name_or_path)
 
     where = f"in pool {pool!r}" if pool is not None else "by path or key"
-    with map_libvirt_errors(context=f"cannot find volume {name_or_path!r} {where}"):
+    with map_connection_errors(conn, context=f"cannot find volume {name_or_path!r} {where}"):
         return await run_to_the_end(lookup)

@@ -23,7 +23,8 @@ from xml.etree import ElementTree
 
 import libvirt
 
-from ._exceptions import InvalidRangeError, map_libvirt_errors
+from ._exceptions import InvalidRangeError
+from ._lifeline import map_connection_errors
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +71,7 @@ def volume_size(vol: libvirt.virStorageVol) -> VolumeSize:
     libvirt 3.0; before, the file's size is asked with
     ``VIR_STORAGE_VOL_GET_PHYSICAL``, which also came with 3.0).
     """
-    with map_libvirt_errors(context="cannot read the volume's size"):
+    with map_connection_errors(vol.connect(), context="cannot read the volume's size"):
         name = str(vol.name())
         text = vol.XMLDesc(0)
     description = ElementTree.fromstring(text)

@@ -27,6 +27,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from ._exceptions import detach_traceback
+
 T = TypeVar("T")
 
 #: What ``process`` returns when the sink is full (a local stream's -2):
@@ -310,7 +312,7 @@ class WorkQueue(Generic[T]):
                 consumed = self._process(item)
             except BaseException as error:  # noqa: BLE001 - handed to the loop
                 with self._lock:
-                    self.error = error
+                    self.error = detach_traceback(error)
                     self._queue.clear()
                     self._queued = 0
                     self._running = False

@@ -681,13 +681,6 @@ async def test_destination_disk_full(
     assert digest == expected, "the connection is not usable after the error"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a write error of the write-behind makes a reference cycle (WorkQueue -> OSError -> "
-    "traceback -> _drain's frame -> WorkQueue) that keeps the stream and the connection alive "
-    "until the cyclic GC runs",
-)
 async def test_destination_disk_full_leaves_no_cycle(
     libvirt_sandbox: Sandbox, small_disk: Path, tmp_path: Path
 ) -> None:
