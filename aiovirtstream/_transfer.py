@@ -362,6 +362,13 @@ def _upload_plan(options: _Options, amount: int | None, name: str, size: VolumeS
         # the volume its size back.
         assert room is not None
         return _UploadPlan(offset, room, room, True)
+    if size.fully_allocated:
+        logger.warning(
+            "the volume is fully allocated (%d bytes: a preallocated file, or a block "
+            "device): holes are sent as zeroes, and it stays fully allocated",
+            size.allocation,
+        )
+        return _UploadPlan(None, room, amount or room or 0, False)
     logger.warning(
         "the volume holds data (%d bytes allocated): holes are sent as zeroes, "
         "since libvirt would keep the old data inside them; to keep the upload "
@@ -391,7 +398,7 @@ def _empty_before_overwriting(
     capacity, allocation = size.capacity, size.allocation
     if not (options.sparse and allocation and options.offset == 0 and amount == capacity):
         return size
-    if allocation // 512 >= capacity // 512 or not size.raw_file:
+    if size.fully_allocated or not size.raw_file:
         return size  # no holes (libvirt would write zeroes over all of it), or not raw
     try:
         vol.wipe(libvirt.VIR_STORAGE_VOL_WIPE_ALG_ZERO)

@@ -48,6 +48,14 @@ class VolumeSize:
         return self.kind == "file" and self.format == "raw"
 
     @property
+    def fully_allocated(self) -> bool:
+        """No hole to keep: a preallocated file, or a block device (a ``dir``
+        pool lists a device node in its folder as a raw file whose allocation
+        is its size: virStorageBackendRefreshLocal sets every volume's type to
+        file)."""
+        return self.allocation // 512 >= self.capacity // 512
+
+    @property
     def streamed(self) -> int | None:
         """Bytes a download from offset 0 carries (None: not known)."""
         return self.physical if self.container else self.capacity
