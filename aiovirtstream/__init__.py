@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from ._connect import aclose_connection, connect, connection_socket
-from ._domain import lookup_domain, open_channel, open_console, screenshot, screenshot_to_file
+from ._domain import (
+    SCREENSHOT_MAX_BYTES,
+    ScreenshotTooLargeError,
+    lookup_domain,
+    open_channel,
+    open_console,
+    screenshot,
+    screenshot_to_file,
+)
 from ._events import EventImplStats, bind_event_loop, get_event_impl, register_event_impl
 from ._exceptions import *  # noqa: F403
 from ._exceptions import __all__ as _exceptions_all
@@ -44,6 +52,8 @@ __all__ = [
     "open_channel",
     "screenshot",
     "screenshot_to_file",
+    "ScreenshotTooLargeError",
+    "SCREENSHOT_MAX_BYTES",
     "upload",
     "download",
     "TransferResult",

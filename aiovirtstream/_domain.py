@@ -39,6 +39,8 @@ __all__ = [
     "open_channel",
     "screenshot",
     "screenshot_to_file",
+    "ScreenshotTooLargeError",
+    "SCREENSHOT_MAX_BYTES",
 ]
 
 import contextlib
@@ -51,9 +53,18 @@ import anyio
 import anyio.to_thread
 import libvirt
 
+from ._exceptions import StreamError
 from ._lifeline import map_connection_errors
 from ._stream import AsyncStream, open_stream
 from ._workqueue import run_to_the_end
+
+#: The default limit of a screenshot's size: an uncompressed 4096 x 4096
+#: RGBA image; a 4K screen in PPM (uncompressed RGB) is 24 MiB.
+SCREENSHOT_MAX_BYTES = 64 * 1024 * 1024
+
+
+class ScreenshotTooLargeError(StreamError, ValueError):
+    """The daemon sent a screenshot larger than ``max_bytes``; the stream was aborted."""
 
 
 def _domain_name(domain: libvirt.virDomain) -> str:
@@ -144,22 +155,44 @@ async def _open_screenshot(domain: libvirt.virDomain, screen: int) -> tuple[Asyn
     return stream, str(stream.start_result or "application/octet-stream")
 
 
-async def screenshot(domain: libvirt.virDomain, screen: int = 0) -> tuple[str, bytes]:
+def _check_size(received: int, max_bytes: int | None, screen: int) -> None:
+    if max_bytes is not None and received > max_bytes:
+        raise ScreenshotTooLargeError(
+            f"the screenshot of screen {screen} is larger than max_bytes={max_bytes} "
+            "(the daemon sent more): the stream was aborted; pass a larger max_bytes "
+            "(or None) if such a screen is expected"
+        )
+
+
+async def screenshot(
+    domain: libvirt.virDomain, screen: int = 0, *, max_bytes: int | None = SCREENSHOT_MAX_BYTES
+) -> tuple[str, bytes]:
     """Take a screenshot of ``screen``: ``(mime type, image bytes)``, e.g. ``image/png``.
 
     The format is the hypervisor's choice (QEMU: PNG, or PPM from older
-    ones). For large screens prefer :func:`screenshot_to_file`.
+    ones). For large screens prefer :func:`screenshot_to_file`. An image
+    larger than ``max_bytes`` (default :data:`SCREENSHOT_MAX_BYTES`, 64
+    MiB; None: no limit) raises :class:`ScreenshotTooLargeError` as soon as
+    that much arrived, and the stream is aborted: the image is held in
+    memory, and its size is the daemon's to say.
     """
     stream, mime = await _open_screenshot(domain, screen)
     chunks: list[bytes] = []
+    received = 0
     async with stream:
         async for chunk in stream:
+            received += len(chunk)
+            _check_size(received, max_bytes, screen)
             chunks.append(chunk)
     return mime, b"".join(chunks)
 
 
 async def screenshot_to_file(
-    domain: libvirt.virDomain, path: str | os.PathLike[str], screen: int = 0
+    domain: libvirt.virDomain,
+    path: str | os.PathLike[str],
+    screen: int = 0,
+    *,
+    max_bytes: int | None = SCREENSHOT_MAX_BYTES,
 ) -> str:
     """Stream a screenshot of ``screen`` into ``path``; returns the mime type.
 
@@ -167,19 +200,24 @@ async def screenshot_to_file(
     worker threads), renamed over ``path`` only once the daemon finished the
     stream: ``path`` is either the whole new image or untouched. The new
     file's permissions follow the umask, as ``open`` would make them.
+    ``max_bytes`` limits the image's size as for :func:`screenshot`.
     """
     dest = Path(path)
     tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
 
     def create() -> int:
-        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.open(tmp, flags, 0o666)
 
     stream, mime = await _open_screenshot(domain, screen)
     try:
         async with stream:
             fd = await anyio.to_thread.run_sync(create)
             try:
+                received = 0
                 async for chunk in stream:
+                    received += len(chunk)
+                    _check_size(received, max_bytes, screen)
                     await anyio.to_thread.run_sync(_write_all, fd, chunk)
                 await anyio.to_thread.run_sync(os.fsync, fd)
             finally:

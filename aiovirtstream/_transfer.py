@@ -28,6 +28,7 @@ __all__ = [
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import functools
 import hashlib
 import logging
@@ -520,15 +521,31 @@ def _has_fileno(obj: object) -> bool:
 
 
 def _open_source(source: str | os.PathLike[str] | IO[bytes]) -> tuple[int, int, bool, str]:
-    """(fd, start position, whether we opened it, name) of an upload source."""
+    """(fd, start position, whether we opened it, name) of an upload source.
+
+    A path is opened with ``O_NONBLOCK``, so that a FIFO without a writer
+    does not block the open: a regular file or a block device is then made
+    blocking again, anything else is read only once poll says it is
+    readable (:func:`_iter_special`), so a cancellation ends the wait.
+    """
     if isinstance(source, (str, os.PathLike)):
         name = os.fspath(source)
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError as error:
             raise SourceNotFoundError(f"upload source {name!r} does not exist") from error
         except IsADirectoryError as error:
             raise TransferError(f"upload source {name!r} is a directory") from error
+        except OSError as error:
+            if error.errno == errno.ENXIO and stat.S_ISSOCK(os.stat(name).st_mode):
+                raise TransferError(
+                    f"upload source {name!r} is a unix socket, which cannot be opened as a "
+                    "file: connect to it and pass the connection as an async byte stream"
+                ) from error
+            raise
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+            os.set_blocking(fd, True)
         return fd, 0, True, name
     fd = source.fileno()
     try:
@@ -607,7 +624,7 @@ async def _upload_file(
     try:
         if plan is None:
             if owned:
-                return await _upload_iterable(vol, _iter_fd(fd), options)
+                return await _upload_iterable(vol, _iter_special(fd), options)
             return await _upload_iterable(vol, _iter_file(cast(IO[bytes], source)), options)
         virstream, start.virstream = start.virstream, None
         assert virstream is not None
@@ -834,9 +851,30 @@ async def _iter_file(file_obj: IO[bytes]) -> AsyncIterable[bytes]:
         yield data
 
 
-async def _iter_fd(fd: int) -> AsyncIterable[bytes]:
-    """Read a pipe or socket we opened, in a worker thread."""
-    while data := await anyio.to_thread.run_sync(os.read, fd, 4 * MAX_CHUNK):
+async def _iter_special(fd: int) -> AsyncIterable[bytes]:
+    """Read a FIFO or a character device we opened with ``O_NONBLOCK``.
+
+    Each read waits for poll to say the file is readable, on the loop, so
+    that a cancellation ends the wait (a FIFO that no writer opened yet is
+    not readable: its reads would return EOF). A device that cannot be
+    polled (``/dev/zero``) is always readable; one that says EAGAIN anyway
+    is retried after a short sleep.
+    """
+    pollable = True
+    while True:
+        if pollable:
+            try:
+                await anyio.wait_readable(fd)
+            except PermissionError:  # epoll refuses files without poll support
+                pollable = False
+        try:
+            data = await anyio.to_thread.run_sync(os.read, fd, 4 * MAX_CHUNK)
+        except BlockingIOError:
+            if not pollable:
+                await anyio.sleep(0.01)
+            continue
+        if not data:
+            return
         yield data
 
 
@@ -978,13 +1016,24 @@ def _download_for(
 
 
 def _check_destination(dest: Path, overwrite: bool) -> None:
-    if dest.is_dir():
+    """Refuse a folder, or anything in ``dest``'s place without ``overwrite``.
+
+    A symbolic link is never followed: it exists (dangling or not), and with
+    ``overwrite`` the rename replaces the link itself, not its target.
+    """
+    try:
+        mode: int | None = os.lstat(dest).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and stat.S_ISDIR(mode):
         raise DestinationIsDirectoryError(
             f"download destination {str(dest)!r} is a directory: name a file inside it"
         )
-    if dest.exists() and not overwrite:
+    if mode is not None and not overwrite:
+        link = " (a symbolic link: replaced itself, never written through)"
         raise DestinationExistsError(
-            f"download destination {str(dest)!r} exists: pass overwrite=True to replace it"
+            f"download destination {str(dest)!r} exists"
+            f"{link if stat.S_ISLNK(mode) else ''}: pass overwrite=True to replace it"
         )
     if not dest.parent.is_dir():
         raise TransferError(f"the folder of download destination {str(dest)!r} does not exist")
@@ -1022,13 +1071,38 @@ def _sync_folder_of(dest: Path) -> None:
 
 
 def _make_temporary(dest: Path, overwrite: bool) -> tuple[int, Path]:
-    """Check ``dest`` and create the temporary file beside it (worker thread)."""
+    """Check ``dest`` and create the temporary file beside it (worker thread).
+
+    mkstemp creates it with ``O_EXCL|O_NOFOLLOW`` and mode 0600: private
+    while it is written; :func:`_final_mode` is set just before the rename.
+    """
     _check_destination(dest, overwrite)
     fd, temp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # as if made by open(), not mkstemp's 0600
     return fd, Path(temp_name)
+
+
+def current_umask() -> int:
+    """The process's umask, read from ``/proc/self/status``: never set to learn it
+    (``os.umask`` changes it for every thread). 0o077 if it cannot be read."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o077  # unknown: the final file stays private rather than too open
+
+
+def _final_mode(dest: Path, overwrite: bool) -> int:
+    """The mode of a finished download: that of the regular file it replaces
+    (permission bits only), else what ``open()`` would give a new file."""
+    if overwrite:
+        with contextlib.suppress(OSError):
+            info = os.lstat(dest)
+            if stat.S_ISREG(info.st_mode):
+                return info.st_mode & 0o777
+    return 0o666 & ~current_umask()
 
 
 def _put_in_place(temp: Path, dest: Path, overwrite: bool) -> None:
@@ -1068,7 +1142,7 @@ def _make_destination_files(dest: Path, overwrite: bool, direct_io: bool) -> tup
     direct_fd = -1
     try:
         if direct_io:
-            direct_fd = open_direct(temp)
+            direct_fd = open_direct(fd)  # the file itself, not whatever temp names now
     except BaseException:
         _discard((fd, -1), temp)
         raise
@@ -1093,6 +1167,7 @@ async def _download_path(
         nonlocal closed
         if options.fsync:
             _flush_to_disk(fd, str(dest))
+        os.fchmod(fd, _final_mode(dest, overwrite))
         _close_all((fd, direct_fd))
         closed = True
         _put_in_place(temp, dest, overwrite)
@@ -1171,9 +1246,12 @@ async def _download_fd(
         ranges = started.ranges(vol, options.sparse, owned)
         hasher = options.hasher()
         writers = []
-        for part_offset, _ in started.parts:
+        for part_offset, part_length in started.parts:
             part_start = start + part_offset - options.offset
-            writers.append(FileWriter(fd, part_start, size > part_start, hasher, direct_fd))
+            stop = None if started.total is None else part_start + part_length
+            writers.append(
+                FileWriter(fd, part_start, size > part_start, hasher, direct_fd, stop=stop)
+            )
         worker = WriteWorker(name)  # one writer thread per file (see WriteWorker)
         try:
             data, holes = await _download_parts(
@@ -1480,6 +1558,15 @@ class _SocketBackpressure:
             self._impl.resume_reading(self._socket)
 
 
+def _check_not_past(received: int, more: int, expected: int | None) -> None:
+    """Raise at once when the daemon sends more than the range it was asked for."""
+    if expected is not None and received + more > expected:
+        raise TransferError(
+            f"the daemon sent more than the {expected} bytes asked for (at least "
+            f"{received + more}): the download was aborted"
+        )
+
+
 def _check_complete(received: int, expected: int | None) -> None:
     if expected is not None and received != expected:
         raise TransferError(
@@ -1518,6 +1605,8 @@ async def _download_stream(
             async with stream:
                 items = stream.iter_items() if options.sparse else stream.iter_data()
                 async for item in items:
+                    size = item.length if isinstance(item, Hole) else len(item)
+                    _check_not_past(data_bytes + hole_bytes, size, total)
                     if isinstance(item, Hole):
                         remaining = item.length
                         while remaining > 0:

@@ -116,36 +116,63 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
 
 
-def open_direct(path: str | os.PathLike[str]) -> int:
-    """A second descriptor on ``path`` for direct writes; -1 if its file system refuses.
+def open_direct(target: int | str | os.PathLike[str]) -> int:
+    """A second descriptor for direct writes on the file open as ``target`` (an fd)
+    or at ``target`` (a path); -1 if its file system refuses.
 
-    The caller closes it. Refused with EINVAL by file systems without
+    An fd is reopened through ``/proc/self/fd``: the file itself, whatever
+    its name now points to. A path is opened without following a link. The
+    caller closes the result. Refused with EINVAL by file systems without
     ``O_DIRECT`` (FUSE without it, tmpfs before Linux 6.6).
     """
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
         return -1
+    flags = os.O_WRONLY | os.O_CLOEXEC | flag
     try:
-        return os.open(path, os.O_WRONLY | os.O_CLOEXEC | flag)
+        if not isinstance(target, int):
+            return os.open(target, flags | os.O_NOFOLLOW)
+        direct_fd = os.open(f"/proc/self/fd/{target}", flags)
+    except FileNotFoundError:
+        if not isinstance(target, int):
+            raise
+        logger.debug("no /proc/self/fd: no direct I/O on fd %d", target)
+        return -1
     except OSError as error:
         if error.errno not in _DIRECT_REFUSED:
             raise
-        logger.debug("no direct I/O on %s: %s", path, error)
+        logger.debug("no direct I/O on %s: %s", target, error)
         return -1
+    first, second = os.fstat(target), os.fstat(direct_fd)
+    if (first.st_dev, first.st_ino) != (second.st_dev, second.st_ino):  # pragma: no cover
+        os.close(direct_fd)
+        raise OSError(errno.ESTALE, f"fd {target} reopened as another file")
+    return direct_fd
 
 
 class FileWriter:
     """Writes downloaded data and holes at increasing offsets (worker thread)."""
 
     def __init__(
-        self, fd: int, start: int, punch: bool, hasher: Hasher | None, direct_fd: int = -1
+        self,
+        fd: int,
+        start: int,
+        punch: bool,
+        hasher: Hasher | None,
+        direct_fd: int = -1,
+        *,
+        stop: int | None = None,
     ) -> None:
         """``punch``: the file may hold data from ``start`` on, so holes are punched.
 
         ``direct_fd``: the same file opened by :func:`open_direct` (or -1):
-        the block-aligned part of each write goes through it.
+        the block-aligned part of each write goes through it. ``stop``: the
+        file offset this writer's range ends at (None: no end known); data
+        or a hole past it raises :class:`TransferError` before anything of
+        it is written.
         """
         self._fd = fd
+        self.stop = stop
         self._direct_fd = direct_fd
         self._pos = start
         self._punch = punch
@@ -167,6 +194,7 @@ class FileWriter:
         """
         view = memoryview(item).cast("B")
         size = view.nbytes
+        self.check_room(self._pos, size, "data")
         if aligned and self._direct_fd >= 0:
             head = min(size, -self._pos % DIRECT_ALIGN)
             middle = (size - head) // DIRECT_ALIGN * DIRECT_ALIGN
@@ -183,6 +211,7 @@ class FileWriter:
         """Write ``views`` one after the other, each a whole number of blocks
         at a block-aligned address: one ``pwritev`` when direct, not one
         write per slot (each direct write waits for the device)."""
+        self.check_room(self._pos, sum(view.nbytes for view in views), "data")
         if self._pos % DIRECT_ALIGN:  # the file and the memory do not line up
             for view in views:
                 self.write(view)
@@ -224,7 +253,17 @@ class FileWriter:
         for view in views:
             self._write_cached(view)
 
+    def check_room(self, pos: int, length: int, what: str) -> None:
+        """Raise :class:`TransferError` if ``length`` bytes at ``pos`` pass :attr:`stop`."""
+        if self.stop is not None and pos + length > self.stop:
+            raise TransferError(
+                f"the daemon sent {what} past the end of the range asked for (up to "
+                f"offset {pos + length}, where the range ends at {self.stop}): the "
+                "download was aborted"
+            )
+
     def hole(self, length: int) -> None:
+        self.check_room(self._pos, length, "a hole")
         if self._punch and not punch_hole(self._fd, self._pos, length):
             self._write_zeroes(length)
         self._pos += length
@@ -422,6 +461,7 @@ class WriteBehind:
         return slot, begin, SLOT_SIZE - begin
 
     def received(self, nbytes: int) -> None:
+        self.writer.check_room(self._end, nbytes, "data")  # at once, not at the size check
         self._fill += nbytes
         self._end += nbytes
         self.received_bytes += nbytes
@@ -429,6 +469,7 @@ class WriteBehind:
             self._push_slot()
 
     def hole(self, length: int) -> None:
+        self.writer.check_room(self._end, length, "a hole")
         self._push_slot()
         self._end += length
         self._batch.append(Hole(length))
