@@ -457,8 +457,10 @@ async def upload(
 ) -> TransferResult:
     """Upload ``source`` into ``vol`` at ``offset``; returns what was sent.
 
-    ``source`` is a path or an open binary file (read from its start, or a
-    file object's current position, with its holes found by
+    ``source`` is a path (a FIFO or a character device is read as poll says
+    it is readable, so a cancellation ends a wait for its writer; a unix
+    socket raises :class:`TransferError`) or an open binary file (read from
+    its start, or a file object's current position, with its holes found by
     SEEK_DATA/SEEK_HOLE and sent as holes when ``sparse``), or an async
     iterable of bytes / an anyio byte stream. ``detect_zeroes`` also sends
     aligned runs of zeroes (4 KiB blocks) inside data as holes. ``length``
@@ -950,9 +952,11 @@ async def download(
 ) -> TransferResult:
     """Download ``vol`` from ``offset`` (``length`` 0: to its end) into ``dest``.
 
-    ``dest`` is a path (written to a temporary file next to it and renamed
-    into place only when the stream finished; an existing file is replaced
-    only with ``overwrite=True``), an open binary file (written from its
+    ``dest`` is a path (written to a temporary file next to it, mode 0600,
+    and renamed into place only when the stream finished, with the mode of
+    the file it replaces or ``0666 & ~umask``; an existing file, or a
+    symbolic link, is replaced only with ``overwrite=True``: a link is
+    replaced itself, never written through), an open binary file (written from its
     current position; holes are punched where it had data), or an anyio byte
     stream (holes are sent as zeroes). With ``sparse`` the volume's holes
     stay holes in the destination. ``parallel=N`` splits a download into a
