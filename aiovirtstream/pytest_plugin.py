@@ -4,7 +4,7 @@ Installing aiovirtstream registers this plugin (``pytest11`` entry point);
 disable it with ``-p no:aiovirtstream``. Fixtures:
 
 * ``libvirt_sandbox`` (session): a storage-only :class:`~aiovirtstream.testing.Sandbox`
-  with a loopback TCP listener: ``sb.uri``, ``sb.tcp_uri``.
+  with a loopback TLS listener only this user can use: ``sb.uri``, ``sb.tcp_uri``.
 * ``libvirt_pool`` (function): a fresh transient dir pool in ``libvirt_sandbox``,
   a :class:`~aiovirtstream.testing.PoolInfo`, deleted with its volumes after the test.
 * ``libvirt_sandbox_full`` (session): a sandbox with every driver, qemu included,
@@ -91,8 +91,9 @@ def _sandbox(config: pytest.Config, mode: SandboxMode) -> Iterator[Sandbox]:
 def libvirt_sandbox(pytestconfig: pytest.Config) -> Iterator[Sandbox]:
     """A private storage-only libvirtd for the whole session, with unix and TCP access.
 
-    ``libvirt_sandbox.uri`` (unix socket) and ``.tcp_uri`` (127.0.0.1, no
-    auth) take ``storage+`` URIs; open stream connections with
+    ``libvirt_sandbox.uri`` (unix socket) and ``.tcp_uri`` (TLS on 127.0.0.1,
+    with a client certificate only this user can read) take ``storage+``
+    URIs; open stream connections with
     ``await aiovirtstream.connect(libvirt_sandbox.uri)``. It is shared by all
     tests: prefer ``libvirt_pool`` for a clean pool per test.
     """
@@ -103,7 +104,7 @@ def libvirt_sandbox(pytestconfig: pytest.Config) -> Iterator[Sandbox]:
 def libvirt_sandbox_full(pytestconfig: pytest.Config) -> Iterator[Sandbox]:
     """A private libvirtd with every driver (qemu included) for the whole session.
 
-    Its ``uri``/``tcp_uri`` are ``qemu+unix``/``qemu+tcp`` session URIs;
+    Its ``uri``/``tcp_uri`` are ``qemu+unix``/``qemu+tls`` session URIs;
     guests run under TCG as the daemon's user (``daemon_user``) and are
     killed when the session ends.
     """
@@ -204,14 +205,12 @@ def pytest_runtest_makereport(
                 report.sections.append((f"libvirtd log ({name})", tail))
         guest = funcargs.get("libvirt_guest")
         if guest is not None:
-            from .testing import _tail
-
             owner = _guest_sandboxes.get(guest.name)
             if owner is not None and "libvirt_sandbox_full" not in funcargs:
                 tail = owner.log_tail()
                 if tail:
                     report.sections.append(("libvirtd log (libvirt_sandbox_full)", tail))
-            tail = _tail(guest.log_path, 40)
+            tail = owner._read_file(guest.log_path) if owner is not None else ""
             if tail:
                 report.sections.append((f"QEMU log of test guest {guest.name}", tail))
     return report

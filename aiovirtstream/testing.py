@@ -5,7 +5,7 @@ fresh temporary folder, so several can run at once, next to (and without
 touching) the machine's own libvirt::
 
     async with Sandbox(tcp=True) as sb:
-        conn = await aiovirtstream.connect(sb.uri)
+        conn = await aiovirtstream.connect(sb.tcp_uri)  # TLS, for this user only
         pool = await sb.acreate_pool()
         vol = await sb.acreate_volume(pool, "disk.img", 1 << 30)
 
@@ -45,7 +45,6 @@ __all__ = [
 
 import contextlib
 import functools
-import inspect
 import os
 import pwd
 import re
@@ -75,7 +74,7 @@ import anyio
 import anyio.to_thread
 import libvirt
 
-from . import _testguest
+from . import _testguest, _watchdog
 from ._exceptions import SandboxError, map_libvirt_errors
 from ._testguest import GuestPackageMissingError
 from ._workqueue import run_to_the_end
@@ -223,10 +222,6 @@ def _traversable(path: Path, uid: int, gid: int) -> bool:
     return True
 
 
-# _alive, _processes_using and _reap use only the modules of _WATCHDOG_HEADER:
-# the watchdog process runs their source.
-
-
 def _alive(pid: int) -> bool:
     """Whether pid exists and is not a zombie (reparented zombies may never be reaped)."""
     try:
@@ -240,9 +235,8 @@ def _alive(pid: int) -> bool:
 def _processes_using(folder: str, uid: int) -> list[int]:
     """Live processes of uid (but this one) whose command line or environment names folder.
 
-    Session-mode libvirtd starts QEMU and virtlogd as daemons (new session,
-    parent init) that outlive it: QEMU's command line and HOME point into the
-    sandbox's config folder, virtlogd's XDG_RUNTIME_DIR into its run folder.
+    For tests and diagnostics only: the sandbox ends the processes it
+    started by their pids (:mod:`aiovirtstream._watchdog`), never by name.
     """
     pattern = re.compile(re.escape(os.fsencode(folder)) + rb"(?![A-Za-z0-9_.-])")
     found = []
@@ -250,9 +244,6 @@ def _processes_using(folder: str, uid: int) -> list[int]:
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
-            # The real uid from status, not the owner of /proc/PID: a process
-            # that has just changed its uids is not dumpable, and its /proc
-            # entries belong to root until it calls exec.
             with open(f"/proc/{entry}/status", "rb") as status:
                 uids = [line.split()[1] for line in status if line.startswith(b"Uid:")]
             if uids != [str(uid).encode()]:
@@ -268,51 +259,56 @@ def _processes_using(folder: str, uid: int) -> list[int]:
     return found
 
 
-def _reap(folder: str, uid: int) -> None:
-    """SIGKILL uid's processes that name folder (libvirtd, QEMU, virtlogd), then remove it."""
-    deadline = time.monotonic() + 5.0
-    while (pids := _processes_using(folder, uid)) and time.monotonic() < deadline:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.02)
-    for _ in range(5):
-        shutil.rmtree(folder, ignore_errors=True)
-        if not os.path.exists(folder):
-            return
-        time.sleep(0.1)
-
-
-_WATCHDOG_HEADER = "import contextlib, os, re, shutil, signal, sys, time\n"
-_WATCHDOG_MAIN = """
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-sys.stdin.buffer.read()  # returns at EOF: the sandbox was stopped, or its process died
-folder = bytes.fromhex(sys.argv[1]).decode()
-if os.path.exists(folder):
-    _reap(folder, int(sys.argv[2]))
-"""
-
-
-def _start_watchdog(folder: Path, uid: int) -> subprocess.Popen[bytes] | None:
+def _start_watchdog(folders: list[Path], uid: int) -> subprocess.Popen[bytes] | None:
     """A process that reaps the sandbox if this one dies without stopping it (SIGKILL, crash).
 
-    It waits for EOF on a pipe whose only writer is this process. The folder
-    goes as hex so that the watchdog itself does not match _processes_using.
+    It reads the pids of the sandbox's libvirtd processes from a pipe whose
+    only writer is this process, until EOF.
     """
     if not sys.executable:
         return None
-    try:
-        functions = [inspect.getsource(f) for f in (_alive, _processes_using, _reap)]
-    except (OSError, TypeError):  # no source at hand (frozen or zipped install)
-        return None
-    code = "\n\n".join([_WATCHDOG_HEADER, *functions, _WATCHDOG_MAIN])
+    package_parent = Path(__file__).resolve().parent.parent
     return subprocess.Popen(
-        [sys.executable, "-I", "-S", "-c", code, os.fsencode(folder).hex(), str(uid)],
+        [sys.executable, "-E", "-s", "-m", "aiovirtstream._watchdog", str(uid), *folders],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        cwd=package_parent,  # -m looks in the working folder first
         start_new_session=True,
     )
+
+
+def _open_beneath(dir_fd: int, relpath: str, flags: int, mode: int = 0o600) -> int:
+    """Open relpath below the folder dir_fd without following any link on the way."""
+    *folders, name = relpath.split("/")
+    fd = dir_fd
+    try:
+        for folder in folders:
+            flags_dir = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            new = os.open(folder, flags_dir, dir_fd=fd)
+            if fd != dir_fd:
+                os.close(fd)
+            fd = new
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
+    finally:
+        if fd != dir_fd:
+            os.close(fd)
+
+
+def _read_regular(fd: int, uid: int | None, lines: int, offset: int | None) -> str:
+    """The last lines (or everything from offset) of the regular file fd; '' if it is not one.
+
+    With uid, the file must belong to uid (no hard link to another's file).
+    """
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (uid is not None and st.st_uid != uid):
+        return ""
+    if offset is None:
+        offset = max(0, st.st_size - 256 * lines)
+    os.lseek(fd, offset, os.SEEK_SET)
+    data = os.read(fd, 1 << 20)
+    text = data.decode(errors="replace")
+    return text if lines <= 0 else "\n".join(text.splitlines()[-lines:])
 
 
 def _probe(uri: str, timeout: float) -> str | None:
@@ -341,18 +337,117 @@ def _probe(uri: str, timeout: float) -> str | None:
     return outcome[0] if outcome else f"no answer within {timeout:g} s"
 
 
+_SANDBOX_USER = "aiovirtstream-sandbox"
+_CERT_DAYS = 30
+_OPENSSL_CONFIG = """[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = {cn}
+[ext]
+{extensions}
+"""
+_CA_EXTENSIONS = "basicConstraints = critical, CA:TRUE\nkeyUsage = critical, keyCertSign, cRLSign"
+_LEAF_EXTENSIONS = (
+    "basicConstraints = critical, CA:FALSE\n"
+    "keyUsage = critical, digitalSignature, keyEncipherment\n"
+    "extendedKeyUsage = {usage}\n"
+)
+
+
+def _openssl(work: Path, *args: str) -> None:
+    result = subprocess.run(
+        ["openssl", *args], cwd=work, capture_output=True, stdin=subprocess.DEVNULL, check=False
+    )
+    if result.returncode != 0:
+        message = result.stderr.decode(errors="replace").strip()
+        raise SandboxError(f"openssl {args[0]} failed making the sandbox's certificates: {message}")
+
+
+def _sandbox_user() -> str:
+    """The dedicated user for root's sandboxes, made if missing; ``nobody`` if it cannot be."""
+    with contextlib.suppress(KeyError):
+        return pwd.getpwnam(_SANDBOX_USER).pw_name
+    useradd = shutil.which("useradd", path=os.pathsep.join(_STANDARD_PATH))
+    if useradd is not None:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(
+                [useradd, "--system", "--user-group", "--no-create-home",
+                 "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin",
+                 "--comment", "aiovirtstream test sandboxes", _SANDBOX_USER],
+                capture_output=True, stdin=subprocess.DEVNULL, timeout=30, check=False,
+            )  # fmt: skip
+    try:  # made now, or by a concurrent sandbox
+        return pwd.getpwnam(_SANDBOX_USER).pw_name
+    except KeyError:
+        return "nobody"
+
+
+def _make_certificates(work: Path, client_cn: str) -> None:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, in work.
+
+    Leaves cacert.pem, servercert.pem, serverkey.pem, clientcert.pem and
+    clientkey.pem (keys 0600); the CA's key is deleted once both are signed.
+    """
+    if shutil.which("openssl") is None:
+        raise DaemonNotInstalledError("openssl not found (the TLS listener needs it)", "openssl")
+    newkey = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    leaves = {
+        "ca": ("aiovirtstream sandbox CA", _CA_EXTENSIONS),
+        "server": (
+            "127.0.0.1",
+            _LEAF_EXTENSIONS.format(usage="serverAuth")
+            + "subjectAltName = IP:127.0.0.1, DNS:localhost",
+        ),
+        "client": (client_cn, _LEAF_EXTENSIONS.format(usage="clientAuth")),
+    }
+    for name, (cn, extensions) in leaves.items():
+        (work / f"{name}.cnf").write_text(_OPENSSL_CONFIG.format(cn=cn, extensions=extensions))
+    days = str(_CERT_DAYS)
+    _openssl(work, "req", "-x509", "-config", "ca.cnf", "-extensions", "ext", *newkey,
+             "-keyout", "cakey.pem", "-out", "cacert.pem", "-days", days)  # fmt: skip
+    for serial, name in enumerate(("server", "client"), 1):
+        _openssl(work, "req", "-new", "-config", f"{name}.cnf", *newkey,
+                 "-keyout", f"{name}key.pem", "-out", f"{name}.csr")  # fmt: skip
+        _openssl(work, "x509", "-req", "-in", f"{name}.csr", "-CA", "cacert.pem",
+                 "-CAkey", "cakey.pem", "-set_serial", str(serial), "-days", days,
+                 "-extfile", f"{name}.cnf", "-extensions", "ext",
+                 "-out", f"{name}cert.pem")  # fmt: skip
+    for leftover in ("cakey.pem", "ca.cnf", "server.cnf", "client.cnf", "server.csr", "client.csr"):
+        (work / leftover).unlink()
+    for key in ("serverkey.pem", "clientkey.pem"):
+        (work / key).chmod(0o600)
+
+
 class _Daemon:
-    """A sandbox's resources, kept apart from it so that weakref.finalize can free them."""
+    """A sandbox's resources, kept apart from it so that weakref.finalize can free them.
+
+    ``root`` is the daemon user's folder (``root_fd`` an open descriptor of it:
+    files in it are opened below it without following links), ``private`` the
+    owner's (the TLS client's key, libvirtd's stderr); ``leaders`` the pids of
+    every libvirtd it spawned.
+    """
 
     def __init__(self, uid: int, gid: int, stop_timeout: float) -> None:
         self.uid = uid
         self.gid = gid
         self.stop_timeout = stop_timeout
         self.root: Path | None = None
+        self.root_fd: int | None = None
+        self.private: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
+        self.leaders: list[int] = []
         self.watchdog: subprocess.Popen[bytes] | None = None
-        self.killed_group: int | None = None  # the process group of a daemon kill() ended
         self.lock = threading.Lock()
+
+    def record(self, proc: subprocess.Popen[bytes]) -> None:
+        """Remember a libvirtd this sandbox spawned, here and in the watchdog."""
+        self.proc = proc
+        self.leaders.append(proc.pid)
+        if self.watchdog is not None and self.watchdog.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.watchdog.stdin.write(b"%d\n" % proc.pid)
+                self.watchdog.stdin.flush()
 
     def kill(self) -> bool:
         """SIGKILL libvirtd and reap it, as a crash would; False if it was not running."""
@@ -363,17 +458,12 @@ class _Daemon:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             proc.wait()
-            self.killed_group = proc.pid
             return True
 
     def cleanup(self) -> None:
-        """Stop libvirtd (SIGTERM, then SIGKILL), kill what it left running, remove the folder."""
+        """Stop libvirtd (SIGTERM, then SIGKILL), end what it started, remove the folders."""
         with self.lock:
             proc, self.proc = self.proc, None
-            group, self.killed_group = self.killed_group, None
-            if group is not None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(group, signal.SIGKILL)
             if proc is not None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.terminate()
@@ -384,20 +474,25 @@ class _Daemon:
                     with contextlib.suppress(ProcessLookupError):
                         proc.kill()
                     proc.wait()
-                # What libvirtd forked and did not reap (a helper stopped
-                # between fork and exec, seen when a start was cancelled) is
-                # in its process group: libvirtd leads a session of its own.
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-            root, self.root = self.root, None
-            if root is not None:
-                _reap(str(root), self.uid)
-                if root.exists():
-                    warnings.warn(f"could not remove sandbox folder {root}", ResourceWarning, 2)
+            if self.root_fd is not None:
+                os.close(self.root_fd)
+                self.root_fd = None
+            folders = [f for f in (self.root, self.private) if f is not None]
+            self.root = self.private = None
+            if folders:
+                # What libvirtd forked and did not reap (a helper stopped between
+                # fork and exec, seen when a start was cancelled) is in its session.
+                _watchdog.reap([str(f) for f in folders], self.uid, self.leaders)
+                for folder in folders:
+                    if folder.exists():
+                        warnings.warn(
+                            f"could not remove sandbox folder {folder}", ResourceWarning, 2
+                        )
             watchdog, self.watchdog = self.watchdog, None
             if watchdog is not None:
                 assert watchdog.stdin is not None
-                watchdog.stdin.close()  # EOF: it finds the folder gone and exits
+                with contextlib.suppress(OSError):
+                    watchdog.stdin.close()  # EOF: it finds the folders gone and exits
                 try:
                     watchdog.wait(10)
                 except subprocess.TimeoutExpired:
@@ -419,10 +514,13 @@ class Sandbox:
       a second); ``mode="full"`` loads every driver, qemu included. Files
       given to guests must be readable by :attr:`daemon_user`;
       :meth:`start_test_guest` boots the test guest.
-    * ``tcp=True`` adds a listener on 127.0.0.1 (no auth, no TLS):
-      :attr:`tcp_uri`.
-    * As root the daemon runs as ``user`` (default ``nobody``) and its
-      primary group; otherwise as the caller.
+    * ``tcp=True`` adds a TLS listener on 127.0.0.1 that takes only the
+      client certificate made for this sandbox, kept in :attr:`pki_path`
+      (a folder only the caller may read): :attr:`tcp_uri`. Needs openssl.
+    * As root the daemon runs as ``user`` (default: the system user
+      ``aiovirtstream-sandbox``, made with useradd if missing, else
+      ``nobody``) and its primary group; otherwise as the caller. Root reads
+      files in the daemon's folder without following links.
     * ``libvirtd`` is the binary (a path, or a name looked up on
       ``env_path``); ``env_path`` is the daemon's PATH (default: the
       caller's plus the usual sbin folders).
@@ -465,7 +563,7 @@ class Sandbox:
         self._port: int | None = None
         self._port_attempts = 0
         self._libvirtd: Path | None = None
-        self._spawn_offsets: dict[str, int] = {}
+        self._spawn_offsets: dict[Path, int] = {}
         self._guest_lock = threading.Lock()
         self._guest_files_cache: _testguest.GuestFiles | None = None
 
@@ -490,7 +588,7 @@ class Sandbox:
 
     @property
     def tcp_port(self) -> int:
-        """The loopback TCP port (only with ``tcp=True``)."""
+        """The loopback port of the TLS listener (only with ``tcp=True``)."""
         if not self.tcp:
             raise SandboxError("this sandbox has no TCP listener: create it with Sandbox(tcp=True)")
         if self._port is None:
@@ -499,8 +597,29 @@ class Sandbox:
 
     @property
     def tcp_uri(self) -> str:
-        """The URI over the loopback TCP listener, e.g. ``storage+tcp://127.0.0.1:N/session``."""
-        return f"{self._scheme}+tcp://127.0.0.1:{self.tcp_port}/session"
+        """The URI of the loopback TLS listener, for the owner only.
+
+        ``storage+tls://127.0.0.1:N/session?pkipath=P`` (``qemu+tls`` in full
+        mode): libvirt's client takes the sandbox's CA and the client
+        certificate and key from :attr:`pki_path`, a folder only the owner
+        may read.
+        """
+        port = self.tcp_port
+        return f"{self._scheme}+tls://127.0.0.1:{port}/session?pkipath={self.pki_path}"
+
+    @property
+    def pki_path(self) -> Path:
+        """The owner's folder (0700) with cacert.pem, clientcert.pem and clientkey.pem."""
+        if not self.tcp:
+            raise SandboxError("this sandbox has no TCP listener: create it with Sandbox(tcp=True)")
+        return self._private_path / "pki"
+
+    @property
+    def _private_path(self) -> Path:
+        private = self._daemon.private
+        if private is None:
+            raise SandboxError("the sandbox was not started")
+        return private
 
     @property
     def log_path(self) -> Path:
@@ -538,11 +657,54 @@ class Sandbox:
         if self._root is None:
             return ""
         parts = []
-        for name in ("libvirtd.stderr", "libvirtd.log"):
-            text = _tail(self._root / name, lines)
+        for path in (self._stderr_path, self.log_path):
+            text = self._read_file(path, lines)
             if text.strip():
-                parts.append(f"--- {self._root / name} (last lines) ---\n{text}")
+                parts.append(f"--- {path} (last lines) ---\n{text}")
         return "\n".join(parts)
+
+    @property
+    def _stderr_path(self) -> Path:
+        return self._private_path / "libvirtd.stderr"
+
+    def _read_file(
+        self, path: Path, lines: int = _LOG_TAIL_LINES, offset: int | None = None
+    ) -> str:
+        """The last lines of a file of the sandbox (or all from offset); '' if unreadable.
+
+        A file in the daemon user's folder is opened below it without
+        following links and read only if it is a regular file of that user.
+        """
+        opened = self._open_file(path)
+        if opened is None:
+            return ""
+        fd, uid = opened
+        try:
+            return _read_regular(fd, uid, lines, offset)
+        except OSError:
+            return ""
+        finally:
+            os.close(fd)
+
+    def _file_size(self, path: Path) -> int:
+        opened = self._open_file(path)
+        if opened is None:
+            return 0
+        try:
+            return os.fstat(opened[0]).st_size
+        finally:
+            os.close(opened[0])
+
+    def _open_file(self, path: Path) -> tuple[int, int | None] | None:
+        root_fd = self._daemon.root_fd
+        try:
+            if root_fd is not None and self._root is not None and path.is_relative_to(self._root):
+                rel = path.relative_to(self._root).as_posix()
+                return _open_beneath(root_fd, rel, os.O_RDONLY | os.O_NONBLOCK), self._daemon.uid
+            flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+            return os.open(path, flags), None
+        except (OSError, ValueError):
+            return None
 
     # --- start and stop -------------------------------------------------------
 
@@ -661,7 +823,7 @@ class Sandbox:
             if user not in (None, me.pw_name):
                 raise SandboxError(f"only root can run the sandbox as {user!r}")
             return me.pw_uid, os.getegid(), me.pw_name
-        name = user or "nobody"
+        name = user or _sandbox_user()
         try:
             entry = pwd.getpwnam(name)
         except KeyError:
@@ -711,9 +873,12 @@ class Sandbox:
             raise SandboxError(
                 f"user {self._user} cannot enter {parents[0]}: pass tmp_dir= a folder it can enter"
             )
+        private = Path(tempfile.mkdtemp(prefix="aiovirtstream-owner-", dir=usable[0]))
+        self._daemon.private = private
         root = Path(tempfile.mkdtemp(prefix="aiovirtstream-", dir=usable[0]))
         self._daemon.root = root
-        self._daemon.watchdog = _start_watchdog(root, self._daemon.uid)
+        self._daemon.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._daemon.watchdog = _start_watchdog([root, private], self._daemon.uid)
         sock = root / "run" / "libvirt" / "libvirt-sock"
         if len(os.fsencode(sock)) > _SUN_PATH_MAX:
             raise SandboxError(f"socket path {sock} is too long for a unix socket: use tmp_dir=")
@@ -735,34 +900,62 @@ class Sandbox:
             (root / "drivers" / "libvirt_driver_storage.so").symlink_to(
                 driver_dir / "libvirt_driver_storage.so"
             )
-        (root / "libvirtd.stderr").touch()
+        self._stderr_path.touch(0o600)
+        if self.tcp:
+            self._make_pki(root)
         root.chmod(0o700)
         if os.geteuid() == 0:
-            for folder, dirs, files in os.walk(root):
-                for name in [".", *dirs, *files]:
-                    os.chown(
-                        os.path.join(folder, name),
-                        self._daemon.uid,
-                        self._daemon.gid,
-                        follow_symlinks=False,
-                    )
+            # The folder itself last: until then its new owner cannot enter it.
+            for folder, dirs, files in os.walk(root, topdown=False):
+                for name in [*dirs, *files, *(["."] if folder != str(root) else [])]:
+                    os.lchown(os.path.join(folder, name), self._daemon.uid, self._daemon.gid)
+            os.lchown(root, self._daemon.uid, self._daemon.gid)
         self._spawn()
+
+    def _make_pki(self, root: Path) -> None:
+        """Certificates for the TLS listener: the server's in root/pki, the client's private."""
+        pki = self.pki_path
+        pki.mkdir(mode=0o700)
+        _make_certificates(pki, self._client_dn.removeprefix("CN="))
+        (root / "pki").mkdir(mode=0o700)
+        for name in ("servercert.pem", "serverkey.pem"):
+            os.replace(pki / name, root / "pki" / name)
+        shutil.copyfile(pki / "cacert.pem", root / "pki" / "cacert.pem")
+
+    @property
+    def _client_dn(self) -> str:
+        return f"CN=aiovirtstream-client-{self._private_path.name}"
 
     def _write_config(self) -> None:
         lines = [f'log_outputs = "3:file:{self.log_path}"']
         if self.tcp:
             self._port = _free_port()
+            pki = self.path / "pki"
             lines += [
-                "listen_tcp = 1",
+                "listen_tcp = 0",
+                "listen_tls = 1",
                 'listen_addr = "127.0.0.1"',
-                f'tcp_port = "{self._port}"',
-                'auth_tcp = "none"',
-                "listen_tls = 0",
+                f'tls_port = "{self._port}"',
+                'auth_tls = "none"',  # the client certificate is the authentication
+                f'ca_file = "{pki / "cacert.pem"}"',
+                f'cert_file = "{pki / "servercert.pem"}"',
+                f'key_file = "{pki / "serverkey.pem"}"',
+                "tls_no_verify_certificate = 0",
+                f'tls_allowed_dn_list = ["{self._client_dn}"]',
             ]
-        conf = self.path / "config" / "libvirt" / "libvirtd.conf"
-        conf.write_text("\n".join(lines) + "\n")
-        if os.geteuid() == 0:
-            os.chown(conf, self._daemon.uid, self._daemon.gid)
+        # The daemon's user owns the folder (and may have run already): no link is followed.
+        assert self._daemon.root_fd is not None
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        fd = _open_beneath(self._daemon.root_fd, "config/libvirt/libvirtd.conf", flags, 0o600)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise SandboxError(f"{self.path}/config/libvirt/libvirtd.conf was tampered with")
+            os.write(fd, ("\n".join(lines) + "\n").encode())
+            if os.geteuid() == 0:
+                os.fchown(fd, self._daemon.uid, self._daemon.gid)
+        finally:
+            os.close(fd)
 
     def _spawn(self) -> None:
         assert self._libvirtd is not None
@@ -770,8 +963,7 @@ class Sandbox:
         self._port_attempts += 1
         root = self.path
         self._spawn_offsets = {
-            name: (root / name).stat().st_size if (root / name).exists() else 0
-            for name in ("libvirtd.stderr", "libvirtd.log")
+            path: self._file_size(path) for path in (self._stderr_path, self.log_path)
         }
         env = {
             "PATH": self._env_path,
@@ -787,8 +979,8 @@ class Sandbox:
             env["LIBVIRT_DRIVER_DIR"] = str(root / "drivers")
         as_root = os.geteuid() == 0
         stderr: IO[bytes]
-        with open(root / "libvirtd.stderr", "ab") as stderr:
-            self._daemon.proc = subprocess.Popen(
+        with open(self._stderr_path, "ab") as stderr:
+            proc = subprocess.Popen(
                 [str(self._libvirtd), *(["--listen"] if self.tcp else [])],
                 env=env,
                 cwd=root,
@@ -800,14 +992,10 @@ class Sandbox:
                 group=self._daemon.gid if as_root else None,
                 extra_groups=[] if as_root else None,
             )
+        self._daemon.record(proc)
 
     def _output_since_spawn(self) -> str:
-        chunks = []
-        for name, offset in self._spawn_offsets.items():
-            with contextlib.suppress(OSError), open(self.path / name, "rb") as f:
-                f.seek(offset)
-                chunks.append(f.read(1 << 20).decode(errors="replace"))
-        return "\n".join(chunks)
+        return "\n".join(self._read_file(p, 0, off) for p, off in self._spawn_offsets.items())
 
     def _fail(self, message: str) -> SandboxStartError:
         return SandboxStartError(f"libvirtd of {self!r} {message}", self.log_tail())
@@ -974,7 +1162,7 @@ class Sandbox:
                 with contextlib.suppress(libvirt.libvirtError):
                     dom.destroy()
                 if isinstance(error, _GuestNotReadyError):
-                    log = _tail(log_path, _LOG_TAIL_LINES)
+                    log = self._read_file(log_path)
                     raise SandboxError(
                         f"test guest {name!r} of {self!r} {error}\n--- {log_path} ---\n{log}"
                     ) from None
@@ -1015,7 +1203,7 @@ class Sandbox:
         """SIGKILL the QEMU of domain ``name`` of this sandbox; False if it was not found."""
         pid_file = self.path / "run" / "libvirt" / "qemu" / "run" / f"{name}.pid"
         try:
-            pid = int(pid_file.read_text().strip())
+            pid = int(self._read_file(pid_file, 1).strip())
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmdline = f.read()
             owner = os.stat(f"/proc/{pid}").st_uid
@@ -1026,8 +1214,7 @@ class Sandbox:
             return False
         if os.fsencode(self.path) not in cmdline:
             return False
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        _watchdog.kill_process(pid, self._daemon.uid)
         return True
 
     async def astart_test_guest(

@@ -107,7 +107,9 @@ def test_storage_sandbox_over_unix_and_tcp() -> None:
     with Sandbox(tcp=True) as sb:
         path, pid = sb.path, sb.pid
         assert sb.uri == f"storage+unix:///session?socket={path}/run/libvirt/libvirt-sock"
-        assert sb.tcp_uri == f"storage+tcp://127.0.0.1:{sb.tcp_port}/session"
+        assert sb.tcp_uri == (
+            f"storage+tls://127.0.0.1:{sb.tcp_port}/session?pkipath={sb.pki_path}"
+        )
         assert sb.socket_path.is_socket()
         _exercise(sb, sb.uri, "over-unix")
         _exercise(sb, sb.tcp_uri, "over-tcp")
@@ -117,7 +119,7 @@ def test_storage_sandbox_over_unix_and_tcp() -> None:
             status = Path(f"/proc/{pid}/status").read_text()
             uid = pwd.getpwnam(sb.daemon_user).pw_uid
             assert f"Uid:\t{uid}\t" in status
-            assert sb.daemon_user == "nobody"
+            assert sb.daemon_user in ("aiovirtstream-sandbox", "nobody")
         started = time.monotonic()
     assert time.monotonic() - started < 5, "SIGTERM should stop libvirtd quickly"
     assert not sb.running
@@ -359,7 +361,7 @@ def test_full_mode_answers_and_kills_its_qemu() -> None:
     with Sandbox("full", tcp=True) as sb:
         path, pid = sb.path, sb.pid
         assert sb.uri.startswith("qemu+unix:///session?socket=")
-        assert sb.tcp_uri.startswith("qemu+tcp://127.0.0.1:")
+        assert sb.tcp_uri.startswith("qemu+tls://127.0.0.1:")
         for uri in (sb.uri, sb.tcp_uri):
             conn = libvirt.open(uri)
             assert conn.getType() == "QEMU"
