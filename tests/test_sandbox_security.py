@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -149,5 +150,5 @@ def test_stop_spares_a_bystander_naming_the_folder() -> None:
         time.sleep(0.2)
         assert bystander.poll() is None, "the sandbox's stop ended a process it did not start"
     finally:
-        bystander.kill()
+        os.killpg(bystander.pid, signal.SIGKILL)  # sh and its sleep
         bystander.wait()
