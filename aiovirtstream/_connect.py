@@ -13,7 +13,7 @@ import libvirt
 
 from ._events import bind_event_loop
 from ._exceptions import ConnectError, map_libvirt_errors
-from ._lifeline import watch_connection
+from ._lifeline import release_collected, watch_connection
 from ._workqueue import run_to_the_end
 
 # The socket fd of each connection opened by connect(), for backpressure
@@ -146,6 +146,7 @@ async def aclose_connection(conn: libvirt.virConnect) -> None:
     Closing a connection that was lost works, and is needed to free it.
     """
     _sockets.pop(conn, None)  # its fd number may soon name another socket
+    release_collected()
     watch = watch_connection(conn)
 
     def close() -> int:

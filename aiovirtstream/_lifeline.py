@@ -10,7 +10,13 @@ is subscribed, and calls its subscribers on their loops.
 
 from __future__ import annotations
 
-__all__ = ["ConnectionWatch", "watch_connection", "map_connection_errors", "LOST_POLL_INTERVAL"]
+__all__ = [
+    "ConnectionWatch",
+    "watch_connection",
+    "map_connection_errors",
+    "release_collected",
+    "LOST_POLL_INTERVAL",
+]
 
 import asyncio
 import contextlib
@@ -25,6 +31,7 @@ from typing import Any
 import libvirt
 import libvirtmod
 
+from ._events import get_event_impl
 from ._exceptions import ConnectionLostError, libvirt_error_to_exception
 from ._workqueue import submit_to_worker
 
@@ -106,10 +113,8 @@ class ConnectionWatch:
         if libvirtmod.virConnectRegisterCloseCallback(conn._o, data) == -1:
             return False
         self._close_callback_data = data
-        _start_releaser()
-        # A weakref callback may run inside any lock (the garbage collector
-        # runs where it allocates): it only queues, SimpleQueue.put is reentrant.
-        weakref.finalize(conn, _releases.put, functools.partial(self._release, conn._o))
+        weakref.finalize(conn, _release_later, functools.partial(self._release, conn._o))
+        release_collected()
         return True
 
     def unregister_close_callback(self, conn: libvirt.virConnect) -> None:
@@ -269,28 +274,29 @@ def _nothing() -> None:
 
 
 _releases: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-_releaser: threading.Thread | None = None
-_releaser_lock = threading.Lock()
 
 
-def _start_releaser() -> None:
-    global _releaser
-    with _releaser_lock:
-        if _releaser is None:
-            _releaser = threading.Thread(
-                target=_release_forever, name="aiovirtstream-release", daemon=True
-            )
-            _releaser.start()
-
-
-def _release_forever() -> None:
-    while True:
-        release = _releases.get()
+def _release_later(release: Callable[[], None]) -> None:
+    # A weakref callback runs wherever the garbage collector does, inside
+    # any lock (the executor's included): it takes none. SimpleQueue.put is
+    # reentrant, and so is asyncio's call_soon_threadsafe.
+    _releases.put(release)
+    loop = get_event_impl().loop
+    if loop is not None:
         try:
-            release()
-        except Exception:  # noqa: BLE001 - nobody to report to but the log
-            logger.exception("giving back a collected connection's close callback failed")
-        del release
+            loop.call_soon_threadsafe(release_collected)
+        except RuntimeError:
+            pass  # closed: the next connect() or aclose_connection() does it
+
+
+def release_collected() -> None:
+    """Give back the close callbacks of connections collected unclosed (any thread)."""
+    while True:
+        try:
+            release = _releases.get_nowait()
+        except queue.Empty:
+            return
+        submit_to_worker(release)
 
 
 _watches: weakref.WeakKeyDictionary[libvirt.virConnect, ConnectionWatch] = (

@@ -122,27 +122,17 @@ async def run_to_the_end(func: Callable[[], T]) -> T:
     ``task.cancel()``: a cancelled ``Sandbox`` start cleaned up while its
     thread went on spawning libvirtd, and that daemon outlived the sandbox.
     """
-    future = run_in_worker(func)
-    if (cancelled := await wait_through_cancellation(future)) is not None:
-        if not future.cancelled():
-            future.exception()  # retrieved: the cancellation is what is raised
-        try:
-            raise cancelled
-        finally:
-            del cancelled  # its traceback holds this frame: no cycle back to it
-    try:
-        return future.result()
-    finally:
-        del future  # an error's traceback holds this frame: no cycle back to it
+    return await run_or_back_out(func, None)
 
 
-async def run_or_back_out(func: Callable[[], T], back_out: Callable[[T], None]) -> T:
+async def run_or_back_out(func: Callable[[], T], back_out: Callable[[T], None] | None) -> T:
     """:func:`run_to_the_end` for a start that made something (a started stream,
     a temporary file): cancelled meanwhile, ``back_out(its result)`` runs in a
     worker before the cancellation is raised."""
     future = run_in_worker(func)
     if (cancelled := await wait_through_cancellation(future)) is not None:
-        if future.exception() is None:
+        # Retrieved either way: the cancellation is what is raised.
+        if not future.cancelled() and future.exception() is None and back_out is not None:
             result = future.result()
             await run_to_the_end(lambda: back_out(result))
         try:

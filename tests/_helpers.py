@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio.abc
 import libvirt
 import pytest
 
@@ -174,3 +175,19 @@ async def left_behind(
         gc.collect()
         return await left_behind(baseline, folder)
     return more
+
+
+class Collect(anyio.abc.ByteSendStream):
+    """An anyio byte stream (a download's destination) that keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    async def send(self, item: bytes) -> None:
+        self.data += item
+
+    async def send_eof(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass

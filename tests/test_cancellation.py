@@ -20,7 +20,7 @@ import anyio
 import anyio.abc
 import libvirt
 import pytest
-from _helpers import Footprint, fd_count, left_behind
+from _helpers import Collect, Footprint, fd_count, left_behind
 
 import aiovirtstream as avs
 import aiovirtstream._transfer as transfer_module
@@ -62,22 +62,6 @@ class Bench:
     content: bytes
     source: Path
     folder: Path  # downloads go here; nothing else may stay in it
-
-
-class Collect(anyio.abc.ByteSendStream):
-    """An anyio byte stream that keeps what it is sent."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    async def send(self, item: bytes) -> None:
-        self.data += item
-
-    async def send_eof(self) -> None:
-        pass
-
-    async def aclose(self) -> None:
-        pass
 
 
 async def chunks(content: bytes) -> AsyncIterator[bytes]:
@@ -329,7 +313,11 @@ async def test_cancellation_is_exact(
                     assert not (more := await left_behind(idle, folder)), f"{what}: {more}"
                     assert sorted(os.listdir(folder)) == [], what
         await asyncio.sleep(0.05)
-        assert threading.active_count() <= threads + 2, "worker threads piled up"
+        # The shared executor keeps the threads a burst made (it never shrinks):
+        # a few more are fine; a thread per cancelled transfer would be hundreds
+        # (and a worker still blocked is caught by left_behind above).
+        attempts = ROUNDS * len(TRANSFERS) * len(DELAYS)
+        assert threading.active_count() <= threads + 8 < attempts, "worker threads piled up"
     finally:
         del bench  # its volumes hold the connection
         await avs.aclose_connection(own)

@@ -9,9 +9,9 @@ import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import anyio.abc
 import libvirt
 import pytest
+from _helpers import Collect
 
 import aiovirtstream as avs
 import aiovirtstream._transfer as transfer_module
@@ -114,20 +114,6 @@ async def chunks(data: bytes) -> AsyncIterator[bytes]:
 
 async def allocation(vol: libvirt.virStorageVol) -> int:
     return int((await asyncio.to_thread(vol.info))[2])
-
-
-class Collect(anyio.abc.ByteSendStream):
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    async def send(self, item: bytes) -> None:
-        self.data += item
-
-    async def send_eof(self) -> None:
-        pass
-
-    async def aclose(self) -> None:
-        pass
 
 
 async def test_a_qcow2_download_gives_the_file_virsh_gives(

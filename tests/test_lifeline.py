@@ -46,6 +46,26 @@ async def _read_until_lost(stream: avs.AsyncStream) -> avs.ConnectionLostError:
     return caught.value
 
 
+async def _read_while_killed(
+    stream: avs.AsyncStream, sandbox: Sandbox
+) -> tuple[avs.ConnectionLostError, float]:
+    """Read until the error, the daemon killed 0.2 s in; the error, seconds from kill to it."""
+    killed_at = 0.0
+
+    async def kill_soon() -> None:
+        nonlocal killed_at
+        await anyio.sleep(0.2)
+        killed_at = time.monotonic()
+        os.kill(sandbox.pid, signal.SIGKILL)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(kill_soon)
+            lost = await _read_until_lost(stream)
+    assert killed_at, "the read ended before the kill"
+    return lost, time.monotonic() - killed_at
+
+
 def _counts(stats: avs.EventImplStats) -> tuple[int, int]:
     return stats.watches, stats.timers
 
@@ -70,20 +90,8 @@ async def test_a_killed_daemon_ends_a_waiting_read(own_sandbox: Sandbox) -> None
         conn = await avs.connect(own_sandbox.uri)
         vol = await avs.lookup_volume(conn, "v", pool="p")
         stream = await _waiting_download(conn, own_sandbox)
-        killed_at = 0.0
-
-        async def kill_soon() -> None:
-            nonlocal killed_at
-            await anyio.sleep(0.2)
-            killed_at = time.monotonic()
-            os.kill(own_sandbox.pid, signal.SIGKILL)
-
-        with anyio.fail_after(10):
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(kill_soon)
-                lost = await _read_until_lost(stream)
-        elapsed = time.monotonic() - killed_at
-        assert killed_at and elapsed < 1.0, f"the read ended {elapsed:.3f} s after the kill"
+        lost, elapsed = await _read_while_killed(stream, own_sandbox)
+        assert elapsed < 1.0, f"the read ended {elapsed:.3f} s after the kill"
         assert own_sandbox.uri in str(lost)
         assert lost.reason in ("eof", "error")
         assert isinstance(lost, avs.StreamBrokenError)
@@ -113,19 +121,7 @@ async def test_a_connection_without_our_close_callback_is_polled(
         conn.registerCloseCallback(lambda *_: None, None)
     try:
         stream = await _waiting_download(conn, own_sandbox)
-        killed_at = 0.0
-
-        async def kill_soon() -> None:
-            nonlocal killed_at
-            await anyio.sleep(0.2)
-            killed_at = time.monotonic()
-            os.kill(own_sandbox.pid, signal.SIGKILL)
-
-        with anyio.fail_after(10):
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(kill_soon)
-                lost = await _read_until_lost(stream)
-        elapsed = time.monotonic() - killed_at
+        lost, elapsed = await _read_while_killed(stream, own_sandbox)
         assert elapsed < 2 * LOST_POLL_INTERVAL + 0.5, f"told after {elapsed:.3f} s"
         assert lost.reason == "error"
         assert own_sandbox.uri in str(lost)

@@ -18,7 +18,7 @@ import anyio
 import anyio.abc
 import libvirt
 import pytest
-from _helpers import page_cache_bytes, refuse_direct_open, require_direct_io
+from _helpers import Collect, page_cache_bytes, refuse_direct_open, require_direct_io
 from conftest import MakeVolume
 
 import aiovirtstream as avs
@@ -106,22 +106,6 @@ async def test_detect_zeroes_makes_holes(make_volume: MakeVolume, tmp_path: Path
     dest = tmp_path / "back.img"
     await avs.download(vol, dest)
     assert dest.read_bytes() == source.read_bytes()
-
-
-class Collect(anyio.abc.ByteSendStream):
-    """A byte stream destination that keeps what it gets."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    async def send(self, item: bytes) -> None:
-        self.data += item
-
-    async def send_eof(self) -> None:
-        pass
-
-    async def aclose(self) -> None:
-        pass
 
 
 async def test_iterable_source_and_stream_destination(
