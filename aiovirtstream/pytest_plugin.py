@@ -3,12 +3,13 @@
 Installing aiovirtstream registers this plugin (``pytest11`` entry point);
 disable it with ``-p no:aiovirtstream``. Fixtures:
 
-* ``libvirt_sandbox`` (session): a storage-only :class:`~aiovirtstream.testing.Sandbox`
-  with a loopback TLS listener only this user can use: ``sb.uri``, ``sb.tcp_uri``.
+* ``libvirt_sandbox`` (session): a storage-only :class:`~aiovirtstream.testing.Sandbox`:
+  ``sb.uri``; with the ``libvirt_sandbox_tls`` ini option set, also a loopback
+  TLS listener only this user can use: ``sb.tcp_uri``.
 * ``libvirt_pool`` (function): a fresh transient dir pool in ``libvirt_sandbox``,
   a :class:`~aiovirtstream.testing.PoolInfo`, deleted with its volumes after the test.
-* ``libvirt_sandbox_full`` (session): a sandbox with every driver, qemu included,
-  and a TCP listener.
+* ``libvirt_sandbox_full`` (session): a sandbox with every driver, qemu included
+  (and the TLS listener, with the option).
 * ``libvirt_guest`` (function): a freshly booted test guest in
   ``libvirt_sandbox_full`` (a :class:`~aiovirtstream.testing.GuestInfo`), killed
   after the test. Without QEMU, the kernel or busybox it skips, loudly; with
@@ -19,7 +20,9 @@ event loop (pytest-asyncio's loop per test included). Options (or environment
 variables): ``--libvirtd=PATH`` (``AIOVIRTSTREAM_LIBVIRTD``) picks the
 libvirtd binary; ``--libvirt-missing=skip`` (``AIOVIRTSTREAM_LIBVIRT_MISSING``)
 skips, instead of failing, the tests that need a libvirt that is not
-installed. When such a test fails, its report shows the tail of libvirtd's log.
+installed. The ini option ``libvirt_sandbox_tls = true`` (off by default)
+gives the session sandboxes their network listener. When such a test
+fails, its report shows the tail of libvirtd's log.
 """
 
 from __future__ import annotations
@@ -52,8 +55,14 @@ _SANDBOX_FIXTURES = ("libvirt_sandbox", "libvirt_sandbox_full")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    """Add ``--libvirtd`` and ``--libvirt-missing``."""
+    """Add ``--libvirtd``, ``--libvirt-missing`` and the ``libvirt_sandbox_tls`` ini option."""
     group = parser.getgroup("aiovirtstream", "aiovirtstream libvirt sandbox")
+    parser.addini(
+        "libvirt_sandbox_tls",
+        "give the session sandboxes a loopback TLS listener (tcp_uri), for this user only",
+        type="bool",
+        default=False,
+    )
     group.addoption(
         "--libvirtd",
         default=os.environ.get("AIOVIRTSTREAM_LIBVIRTD"),
@@ -74,7 +83,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def _sandbox(config: pytest.Config, mode: SandboxMode) -> Iterator[Sandbox]:
     from .testing import DaemonNotInstalledError, Sandbox
 
-    sandbox = Sandbox(mode, tcp=True, libvirtd=config.getoption("--libvirtd"))
+    tls = bool(config.getini("libvirt_sandbox_tls"))
+    sandbox = Sandbox(mode, tcp=tls, libvirtd=config.getoption("--libvirtd"))
     try:
         sandbox.start()
     except DaemonNotInstalledError as error:

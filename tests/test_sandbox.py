@@ -434,11 +434,39 @@ def test_plugin_in_a_user_project(pytester: pytest.Pytester) -> None:
 
         def test_zz_sandbox_path_kept(libvirt_sandbox):
             assert libvirt_sandbox.path == names[1]
+
+        def test_no_network_listener_unless_asked(libvirt_sandbox):
+            import pytest
+            from aiovirtstream.testing import SandboxError
+
+            assert libvirt_sandbox.tcp is False
+            with pytest.raises(SandboxError):
+                libvirt_sandbox.tcp_uri
         """
     )
     result = pytester.runpytest_inprocess()
-    result.assert_outcomes(passed=4, failed=1)
+    result.assert_outcomes(passed=5, failed=1)
     result.stdout.fnmatch_lines(["*libvirtd log (libvirt_sandbox)*"])
+
+
+def test_plugin_network_listener_is_opt_in(pytester: pytest.Pytester) -> None:
+    """``libvirt_sandbox_tls = true`` gives the session sandbox its TLS listener."""
+    pytester.makeini(INNER_INI + "libvirt_sandbox_tls = true\n")
+    pytester.makepyfile(
+        """
+        import libvirt
+
+        def test_tls(libvirt_sandbox):
+            assert libvirt_sandbox.tcp_uri.startswith("storage+tls://127.0.0.1:")
+            conn = libvirt.open(libvirt_sandbox.tcp_uri)
+            try:
+                assert conn.isAlive()
+            finally:
+                conn.close()
+        """
+    )
+    result = pytester.runpytest_inprocess()
+    result.assert_outcomes(passed=1)
 
 
 def test_plugin_skip_when_libvirt_missing(pytester: pytest.Pytester) -> None:
