@@ -216,6 +216,29 @@ class EventImpl:
         with self._lock:
             self._bind_locked(loop)
 
+    def bind_ahead(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve libvirt from ``loop``, from any thread, whether it runs yet or not.
+
+        For libvirtaio's ``virEventRegisterAsyncIOImpl(loop)``, which may come
+        before the loop runs. Raises :class:`EventLoopError` if ``loop`` is
+        closed, if another loop runs in this thread (it would take the
+        implementation over at its next hook), or if the bound loop still runs.
+        """
+        running = _running_loop()
+        if running is loop:
+            self.bind(loop)
+            return
+        if loop.is_closed():
+            raise EventLoopError("cannot bind libvirt's event implementation to a closed loop")
+        if running is not None:
+            raise EventLoopError(
+                "another asyncio loop runs in this thread: bind libvirt's event "
+                "implementation to the running loop"
+            )
+        with self._lock:
+            # Only state changes here; the flush queued on loop applies them there.
+            self._bind_locked(loop)
+
     def _bind_locked(self, loop: asyncio.AbstractEventLoop) -> None:
         old = self._loop
         if old is loop:
@@ -268,16 +291,22 @@ class EventImpl:
         (libvirt makes several per packet). From another thread the loop is
         woken only for an ``urgent`` change, once until the flush runs.
         """
-        if self._loop is None or self._flush_scheduled:
+        if self._flush_scheduled:
             return
-        if self._maybe_rebind_locked():
+        if self._loop is None and _running_loop() is None:
+            return  # applied when a loop is bound
+        on_loop_thread = self._maybe_rebind_locked()  # binds the running loop if unbound
+        loop = self._loop
+        if loop is None:
+            return
+        if on_loop_thread:
             if not self._flush_scheduled:
                 self._flush_scheduled = True
-                self._loop.call_soon(self._flush)
+                loop.call_soon(self._flush)
         elif urgent:
             self._flush_scheduled = True
             try:
-                self._loop.call_soon_threadsafe(self._flush)
+                loop.call_soon_threadsafe(self._flush)
             except RuntimeError:
                 self._flush_scheduled = False  # closed: the next bind applies everything
 
@@ -586,6 +615,34 @@ class EventImpl:
         self._frees[next(self._free_ids)] = opaque
         self._request_flush_locked(urgent=True)
 
+    def is_idle(self) -> bool:
+        """True when no watch, no timer (enabled or not) and no deferred free is left."""
+        with self._lock:
+            return not (self._watches or self._timers or self._frees)
+
+    async def wait_idle(self) -> None:
+        """Wait until :meth:`is_idle` (libvirt removes and frees everything it added).
+
+        Every removal queues a free and so a flush, which wakes this to look again.
+        """
+        self.bind()
+        while True:
+            with self._lock:
+                if not (self._watches or self._timers or self._frees):
+                    return
+                waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._idle_waiters.append(waiter)
+            await waiter
+
+    def _free_now(self, opaque: Any) -> None:
+        """Run the deferred free of ``opaque`` at once (only where no hook is running)."""
+        with self._lock:
+            key = next((k for k, v in self._frees.items() if v is opaque), None)
+            if key is None:
+                return
+            del self._frees[key]
+        self._invoke_free(opaque)
+
     async def wait_frees(self) -> None:
         """Wait until every deferred free function has run."""
         self.bind()
@@ -679,10 +736,14 @@ class EventImpl:
         # timer added through libvirt now reaches our hooks.
         before = next(self._timer_ids)
         probe = libvirt.virEventAddTimeout(-1, _ignore_timer, None)
-        ours = probe > before and probe in self._timers
+        with self._lock:
+            timer = self._timers.get(probe) if probe > before else None
         libvirt.virEventRemoveTimeout(probe)
-        if not ours:
+        if timer is None:
             raise already
+        # The probe's free is libvirt-python's own, for a timer added here, outside
+        # any hook: run it now, so that a fresh registration leaves nothing pending.
+        self._free_now(timer.opaque)
         self.registered_with_libvirt = True
 
 
