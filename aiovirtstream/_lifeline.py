@@ -21,7 +21,6 @@ __all__ = [
 import asyncio
 import contextlib
 import functools
-import logging
 import queue
 import threading
 import weakref
@@ -34,8 +33,6 @@ import libvirtmod
 from ._events import get_event_impl
 from ._exceptions import ConnectionLostError, libvirt_error_to_exception
 from ._workqueue import submit_to_worker
-
-logger = logging.getLogger(__name__)
 
 #: Seconds between ``virConnectIsAlive`` checks of a connection that has no
 #: close callback of ours, while something is subscribed to it.
@@ -95,7 +92,6 @@ class ConnectionWatch:
         self._subscribers: dict[int, tuple[LostCallback, asyncio.AbstractEventLoop]] = {}
         self._next_key = 0
         self._close_callback_data: dict[str, Any] | None = None
-        self._poll_handle: asyncio.TimerHandle | None = None
         self._polling = False
 
     # -- libvirt's close callback
@@ -248,7 +244,7 @@ class ConnectionWatch:
             if not self._subscribers or self.lost is not None:
                 self._polling = False
                 return
-        self._poll_handle = loop.call_later(LOST_POLL_INTERVAL, self._poll, loop)
+        loop.call_later(LOST_POLL_INTERVAL, self._poll, loop)
 
     def _poll(self, loop: asyncio.AbstractEventLoop) -> None:
         conn = self._conn()
