@@ -18,7 +18,10 @@ Cancellation and timeouts (the caller's, e.g. ``asyncio.timeout``):
 * leaving ``async with`` by an exception or a cancellation aborts the stream;
   ``abort`` waits at most :attr:`AsyncStream.abort_wait` for the daemon;
 * ``finish`` and the call that starts a stream cannot be interrupted in
-  libvirt: cancelled, they wait for that call, then raise ``CancelledError``.
+  libvirt: cancelled, they wait for that call, then re-raise the
+  cancellation that arrived (the same instance, so anyio knows its own);
+* a lost connection fails every pending and later operation with
+  :class:`ConnectionLostError` (told by its :class:`ConnectionWatch`).
 """
 
 from __future__ import annotations
