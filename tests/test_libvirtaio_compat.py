@@ -25,6 +25,8 @@ from _helpers import download_all, upload_all
 
 import aiovirtstream as avs
 import aiovirtstream.libvirtaio as libvirtaio
+from aiovirtstream._events import EventImpl
+from aiovirtstream._exceptions import EventLoopError
 from aiovirtstream.testing import PoolInfo, Sandbox
 
 REPO = Path(__file__).resolve().parent.parent
@@ -190,6 +192,8 @@ IDLE_SCRIPT = """
 import asyncio, os, sys
 import libvirt
 import aiovirtstream.libvirtaio as libvirtaio
+from aiovirtstream._events import EventImpl
+from aiovirtstream._exceptions import EventLoopError
 import aiovirtstream as avs
 
 async def main(uri, pool, name):
@@ -232,3 +236,40 @@ async def test_idle_and_drain_around_a_connection(
         timeout=60,
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
+
+
+# ---------------------------------------------------------------- EventImpl's new parts, alone
+
+
+def test_bind_ahead_and_the_first_hook_binding() -> None:
+    frees: list[object] = []
+    impl = EventImpl(invoke_free=frees.append)
+    loop = asyncio.new_event_loop()
+    try:
+        impl.bind_ahead(loop)
+        assert impl.loop is loop
+
+        async def other_loop_running() -> None:
+            with pytest.raises(EventLoopError):
+                impl.bind_ahead(loop)
+
+        asyncio.run(other_loop_running())
+    finally:
+        loop.close()
+    with pytest.raises(EventLoopError):
+        impl.bind_ahead(loop)
+
+    unbound = EventImpl(invoke_free=frees.append)
+
+    async def first_hook() -> None:
+        timer = unbound.add_timeout(5000, lambda *_: None, "t")
+        assert unbound.loop is asyncio.get_running_loop()
+        assert not unbound.is_idle()
+        waiting = asyncio.ensure_future(unbound.wait_idle())
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        unbound.remove_timeout(timer)
+        await asyncio.wait_for(waiting, 5)
+        assert unbound.is_idle() and frees == ["t"]
+
+    asyncio.run(first_hook())
