@@ -10,7 +10,7 @@ DEB_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvir
 	qemu-system-x86 busybox-static cpio linux-image-cloud-amd64 openssl
 PYTEST_ARGS ?=
 
-.PHONY: all deps debs venv test demo bench docs lint clean
+.PHONY: all deps debs venv test test-matrix demo bench docs lint clean
 
 all: test
 
@@ -37,6 +37,12 @@ deps: venv
 
 test: deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The suite on every supported Python found here (.venv-3.X each) and on Debian 13's libvirt
+# 11.x and Python 3.13 in a debootstrap-built root file system (cached in .cache/trixie-root,
+# needs root); CI=true makes a missing interpreter or root file system a failure.
+test-matrix: debs
+	DEB_PACKAGES="$(DEB_PACKAGES)" PYTEST_ARGS="$(PYTEST_ARGS)" .ci/test-matrix all
 
 demo: deps
 	$(PY) -m aiovirtstream demo
