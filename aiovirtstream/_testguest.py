@@ -78,11 +78,11 @@ import io
 import lzma
 import os
 import re
+import secrets
 import shutil
 import stat
 import subprocess
-import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -360,17 +360,47 @@ class _Newc:
         return self.out.getvalue()
 
 
-def _write_atomically(dest: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+def _write_atomically(dir_fd: int, name: str, data: bytes) -> None:
+    """Put ``name`` (0644) in the folder ``dir_fd`` through a temporary file renamed over it.
+
+    Everything goes below the descriptor and the temporary file is made with
+    ``O_EXCL|O_NOFOLLOW``: no link is followed, whoever may change the path.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        tmp = f".{name}.{secrets.token_hex(8)}"
+        try:
+            fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
+            os.fchmod(f.fileno(), 0o644)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         raise
+
+
+def _read_regular(dir_fd: int, name: str) -> bytes | None:
+    """The content of the regular file ``name`` below ``dir_fd`` (no link followed), or None."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read() if stat.S_ISREG(os.fstat(fd).st_mode) else None
+
+
+def _is_regular(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 def _make_dir(dest_dir: Path) -> None:
@@ -379,13 +409,33 @@ def _make_dir(dest_dir: Path) -> None:
         dest_dir.chmod(0o755)  # the daemon's user must enter it, whatever the umask
 
 
+@contextlib.contextmanager
+def _folder(dest_dir: Path, dir_fd: int | None) -> Iterator[int]:
+    """``dir_fd`` if given (a descriptor of ``dest_dir``), else ``dest_dir`` made and opened."""
+    if dir_fd is not None:
+        yield dir_fd
+        return
+    _make_dir(dest_dir)
+    fd = os.open(dest_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
 def build_initramfs(
-    dest_dir: Path, *, kernel: Path | None = None, busybox: Path = _BUSYBOX
+    dest_dir: Path,
+    *,
+    kernel: Path | None = None,
+    busybox: Path = _BUSYBOX,
+    dir_fd: int | None = None,
 ) -> Path:
     """Write the guest's gzip'd newc initramfs into ``dest_dir`` and return its path.
 
     The file name carries a hash of everything in it: an existing file is reused.
     ``kernel`` (default :func:`find_kernel`) chooses the modules' version.
+    ``dir_fd``: an open descriptor of ``dest_dir``; the file is then written
+    below it, without following links, and ``dest_dir`` is not made.
     """
     if not busybox.is_file():
         raise GuestPackageMissingError(f"{busybox} not found", _BUSYBOX_PACKAGE)
@@ -403,10 +453,17 @@ def build_initramfs(
         digest.update(hashlib.sha256(part).digest())
     for name, data in modules:
         digest.update(name.encode() + hashlib.sha256(data).digest())
-    dest = dest_dir / f"aiovirtstream-guest-{digest.hexdigest()[:16]}.cpio.gz"
-    if dest.is_file():
-        return dest
+    name = f"aiovirtstream-guest-{digest.hexdigest()[:16]}.cpio.gz"
+    with _folder(dest_dir, dir_fd) as fd:
+        if not _is_regular(fd, name):
+            _write_atomically(fd, name, _initramfs(busybox_data, applets, modules, init))
+    return dest_dir / name
 
+
+def _initramfs(
+    busybox_data: bytes, applets: list[str], modules: list[tuple[str, bytes]], init: bytes
+) -> bytes:
+    """The gzip'd newc archive of the guest's root."""
     cpio = _Newc()
     dirs = set("bin sbin usr usr/bin usr/sbin dev proc sys tmp root lib lib/modules".split())
     dirs |= {str(Path(link).parent) for link in applets} - {"."}
@@ -420,9 +477,7 @@ def build_initramfs(
     for name, data in modules:
         cpio.file(f"lib/modules/{name}.ko", data)
     cpio.file("init", init, 0o755)
-    _make_dir(dest_dir)
-    _write_atomically(dest, gzip.compress(cpio.finish(), compresslevel=6, mtime=0))
-    return dest
+    return gzip.compress(cpio.finish(), compresslevel=6, mtime=0)
 
 
 def check_requirements(*, busybox: Path = _BUSYBOX) -> None:
@@ -441,21 +496,23 @@ def _readable_by_others(path: Path) -> bool:
     return all(p.stat().st_mode & stat.S_IXOTH for p in path.resolve().parents)
 
 
-def prepare_guest_files(dest_dir: Path) -> GuestFiles:
+def prepare_guest_files(dest_dir: Path, *, dir_fd: int | None = None) -> GuestFiles:
     """Kernel and initramfs for :func:`domain_xml`, built into ``dest_dir`` if not there yet.
 
     The kernel is used in place when everyone may read it, else copied (0644) into
     ``dest_dir``. ``dest_dir`` and its parents must be enterable by the daemon's user.
+    ``dir_fd``: an open descriptor of ``dest_dir``; files are then written below it,
+    without following links, and ``dest_dir`` is not made.
     """
-    _make_dir(dest_dir)
-    kernel = find_kernel()
-    initrd = build_initramfs(dest_dir, kernel=kernel)
-    if not _readable_by_others(kernel):
-        copy = dest_dir / kernel.name  # keeps the vmlinuz-<version> name
-        data = kernel.read_bytes()
-        if not copy.is_file() or copy.read_bytes() != data:
-            _write_atomically(copy, data)
-        kernel = copy
+    with _folder(dest_dir, dir_fd) as fd:
+        kernel = find_kernel()
+        initrd = build_initramfs(dest_dir, kernel=kernel, dir_fd=fd)
+        if not _readable_by_others(kernel):
+            name = kernel.name  # keeps the vmlinuz-<version> name
+            data = kernel.read_bytes()
+            if _read_regular(fd, name) != data:
+                _write_atomically(fd, name, data)
+            kernel = dest_dir / name
     return GuestFiles(kernel=kernel, initrd=initrd)
 
 

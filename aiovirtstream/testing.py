@@ -424,8 +424,9 @@ class _Daemon:
 
     ``root`` is the daemon user's folder (``root_fd`` an open descriptor of it:
     files in it are opened below it without following links), ``private`` the
-    owner's (the TLS client's key, libvirtd's stderr); ``leaders`` the pids of
-    every libvirtd it spawned.
+    owner's (the TLS client's key, libvirtd's stderr), ``guest_files`` the
+    owner's folder (0755) of the test guest's kernel and initramfs (full mode);
+    ``leaders`` the pids of every libvirtd it spawned.
     """
 
     def __init__(self, uid: int, gid: int, stop_timeout: float) -> None:
@@ -435,6 +436,7 @@ class _Daemon:
         self.root: Path | None = None
         self.root_fd: int | None = None
         self.private: Path | None = None
+        self.guest_files: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.leaders: list[int] = []
         self.watchdog: subprocess.Popen[bytes] | None = None
@@ -477,8 +479,8 @@ class _Daemon:
             if self.root_fd is not None:
                 os.close(self.root_fd)
                 self.root_fd = None
-            folders = [f for f in (self.root, self.private) if f is not None]
-            self.root = self.private = None
+            folders = [f for f in (self.root, self.private, self.guest_files) if f is not None]
+            self.root = self.private = self.guest_files = None
             if folders:
                 # What libvirtd forked and did not reap (a helper stopped between
                 # fork and exec, seen when a start was cancelled) is in its session.
@@ -566,6 +568,7 @@ class Sandbox:
         self._spawn_offsets: dict[Path, int] = {}
         self._guest_lock = threading.Lock()
         self._guest_files_cache: _testguest.GuestFiles | None = None
+        self._channel_dir: Path | None = None
 
     # --- properties -----------------------------------------------------------
 
@@ -878,7 +881,19 @@ class Sandbox:
         root = Path(tempfile.mkdtemp(prefix="aiovirtstream-", dir=usable[0]))
         self._daemon.root = root
         self._daemon.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._daemon.watchdog = _start_watchdog([root, private], self._daemon.uid)
+        folders = [root, private]
+        if self.mode == "full":
+            # The test guest's kernel and initramfs: the caller's, the daemon's user
+            # may only read them (root never writes in the daemon's folder for them).
+            guest_files = Path(tempfile.mkdtemp(prefix="aiovirtstream-guest-", dir=usable[0]))
+            self._daemon.guest_files = guest_files
+            fd = os.open(guest_files, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fchmod(fd, 0o755)
+            finally:
+                os.close(fd)
+            folders.append(guest_files)
+        self._daemon.watchdog = _start_watchdog(folders, self._daemon.uid)
         sock = root / "run" / "libvirt" / "libvirt-sock"
         if len(os.fsencode(sock)) > _SUN_PATH_MAX:
             raise SandboxError(f"socket path {sock} is too long for a unix socket: use tmp_dir=")
@@ -1117,16 +1132,62 @@ class Sandbox:
     # --- helpers: the test guest (full mode) ----------------------------------
 
     def _guest_files(self) -> _testguest.GuestFiles:
-        """Kernel and initramfs in ``<path>/guests``, built once per sandbox."""
+        """Kernel and initramfs, built once per sandbox into the caller's guest-files folder.
+
+        That folder (beside :attr:`path`, 0755) is the caller's: the daemon's
+        user may read it but not change it, so root never writes, chmods or
+        chowns in a folder that user controls. Files are written below its
+        descriptor, without following links.
+        """
         with self._guest_lock:
             if self._guest_files_cache is None:
-                folder = self.path / "guests"
-                files = _testguest.prepare_guest_files(folder)
-                if os.geteuid() == 0:
-                    # QEMU (the daemon's user) binds the channels' sockets here.
-                    os.chown(folder, self._daemon.uid, self._daemon.gid)
+                folder = self._daemon.guest_files
+                if folder is None:
+                    raise SandboxError(f"{self!r} is not running")
+                flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+                fd = os.open(folder, flags)
+                try:
+                    st = os.fstat(fd)
+                    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                        raise SandboxError(f"{folder} was tampered with")
+                    files = _testguest.prepare_guest_files(folder, dir_fd=fd)
+                finally:
+                    os.close(fd)
                 self._guest_files_cache = files
             return self._guest_files_cache
+
+    def _channels_folder(self) -> Path:
+        """``<path>/guests``, where QEMU (the daemon's user) binds the channels' sockets.
+
+        Made below the descriptor of the daemon's folder and, as root, given to
+        the daemon's user through a descriptor of its own: no link is followed.
+        A ``guests`` that is not a folder (a planted link) is a SandboxError.
+        """
+        with self._guest_lock:
+            if self._channel_dir is not None:
+                return self._channel_dir
+            root_fd = self._daemon.root_fd
+            if root_fd is None:
+                raise SandboxError(f"{self!r} is not running")
+            folder = self.path / "guests"
+            with contextlib.suppress(FileExistsError):
+                os.mkdir("guests", 0o700, dir_fd=root_fd)
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                fd = os.open("guests", flags, dir_fd=root_fd)
+            except OSError as error:
+                raise SandboxError(f"{folder} is not a folder (tampered with?): {error}") from None
+            try:
+                st = os.fstat(fd)
+                uid = self._daemon.uid
+                if st.st_uid == os.geteuid() and uid != st.st_uid and st.st_nlink == 2:
+                    os.fchown(fd, uid, self._daemon.gid)  # the empty folder just made
+                elif st.st_uid != uid:
+                    raise SandboxError(f"{folder} is not the daemon user's (tampered with?)")
+            finally:
+                os.close(fd)
+            self._channel_dir = folder
+            return folder
 
     def start_test_guest(self, name: str = "guest", *, ready_timeout: float = 60.0) -> GuestInfo:
         """Boot the tiny test guest as a transient domain; return once it answers.
@@ -1134,8 +1195,10 @@ class Sandbox:
         Full mode only. The guest (:mod:`aiovirtstream._testguest`: TCG, no
         KVM, about 2 s to boot) has a pty serial console that upper-cases what
         it reads and a virtio-serial channel that swaps letters' case. Its
-        files are built into ``<path>/guests``; its display is VNC on a unix
-        socket (no TCP port for concurrent daemons to race for). The ready
+        kernel and initramfs are built (once per sandbox) into a folder of the
+        caller's beside :attr:`path` that the daemon's user may only read; its
+        channel's socket is ``<path>/guests/<name>.chan``; its display is VNC
+        on a unix socket (no TCP port for concurrent daemons to race for). The ready
         marker is consumed here: the console opened next shows only answers.
         Raises :class:`GuestPackageMissingError` naming a missing package, or
         :class:`SandboxError` with the guest's console output and log if it
@@ -1146,7 +1209,7 @@ class Sandbox:
         if not _NAME_RE.fullmatch(name):
             raise ValueError(f"guest name {name!r}: use letters, digits and _.+-")
         files = self._guest_files()
-        channel_path = self.path / "guests" / f"{name}.chan"
+        channel_path = self._channels_folder() / f"{name}.chan"
         if len(os.fsencode(channel_path)) > _SUN_PATH_MAX:
             raise SandboxError(f"channel socket path {channel_path} is too long: use tmp_dir=")
         xml = _testguest.domain_xml(

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +17,8 @@ import libvirt
 import pytest
 
 import aiovirtstream as avs
-from aiovirtstream.pytest_plugin import _in_ci
-from aiovirtstream.testing import Sandbox, _make_certificates
+from aiovirtstream.pytest_plugin import _in_ci, require_test_guest
+from aiovirtstream.testing import Sandbox, SandboxError, _make_certificates
 
 OTHER_USER = "aiovirtstream-test-other"
 
@@ -152,3 +153,47 @@ def test_stop_spares_a_bystander_naming_the_folder() -> None:
     finally:
         os.killpg(bystander.pid, signal.SIGKILL)  # sh and its sleep
         bystander.wait()
+
+
+def _state(folder: Path) -> list[tuple[str, int, int, int]]:
+    """What root could have changed in folder: its entries, owners and modes, itself too."""
+    paths = [folder, *sorted(folder.rglob("*"))]
+    return [(str(p), (st := p.lstat()).st_uid, st.st_gid, st.st_mode) for p in paths]
+
+
+def test_guest_files_do_not_follow_a_planted_link(request: pytest.FixtureRequest) -> None:
+    """The daemon's user swaps ``guests`` for a link to a root folder before the first guest."""
+    _needs_root("plant a link as the daemon's user would")
+    require_test_guest(request.config)
+    target = Path(tempfile.mkdtemp(prefix="aiovirtstream-target-"))
+    try:
+        (target / "keep").write_text("root's\n")
+        target.chmod(0o755)  # the daemon's user may enter it: only root may write there
+        before = _state(target)
+        with Sandbox("full") as sb:
+            entry = pwd.getpwnam(sb.daemon_user)
+            link = sb.path / "guests"
+            os.symlink(target, link)
+            os.lchown(link, entry.pw_uid, entry.pw_gid)
+            with pytest.raises(SandboxError, match="tampered"):
+                sb.start_test_guest("planted")
+            assert _state(target) == before
+
+            # Without the link the guest starts; root's files are outside the daemon's folder.
+            link.unlink()
+            guest = sb.start_test_guest("planted")
+            assert guest.channel_path.parent == link and not link.is_symlink()
+            assert link.stat().st_uid == entry.pw_uid
+            files = sb._guest_files()
+            for path in (files.initrd, files.kernel):
+                if path.is_relative_to(Path("/boot")):
+                    continue  # a kernel everyone may read is used in place
+                assert not path.is_relative_to(sb.path)
+                assert path.stat().st_uid == 0 and path.parent.stat().st_uid == 0
+                assert path.parent.stat().st_mode & 0o777 == 0o755
+            sb.stop_test_guest(guest, wait=False)
+            guest_folder = files.initrd.parent
+        assert not guest_folder.exists(), "the guest files' folder outlived the sandbox"
+        assert _state(target) == before
+    finally:
+        shutil.rmtree(target)
