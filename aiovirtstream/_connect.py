@@ -66,7 +66,7 @@ async def connect(
     if send_buffer is not None and send_buffer < 1:
         raise ValueError("send_buffer must be a positive number of bytes (or None)")
     impl = bind_event_loop()
-    # anyio loads its asyncio backend on first use: a 15-18 ms import here,
+    # anyio loads its asyncio backend on first use: an import of its own,
     # once per process, better paid now than inside the first transfer.
     anyio.get_current_task()
     watched_before = impl.watched_fds()
@@ -111,11 +111,10 @@ async def connect(
 def widen_send_buffer(fd: int, size: int) -> bool:
     """Raise a unix socket's ``SO_SNDBUF`` to ``size`` (never lower it); True if set.
 
-    A 1 GiB upload took 1.2x less time with 1 MiB asked (2 MiB given) than
-    with the default 208 KiB (docs/benchmarks.md): a packet (256 KiB) no
-    longer waits for the daemon to drain the one before, and libvirt's
-    sending loop wakes half as often. On TCP, setting it would turn
-    autotuning off.
+    With the default (208 KiB on a stock kernel) each 256 KiB packet waits
+    for the daemon to drain the one before; with 1 MiB asked (the kernel
+    doubles it) it does not, and libvirt's sending loop wakes half as often
+    (docs/internals.md). On TCP, setting it would turn autotuning off.
     """
     try:
         sock = socket.socket(fileno=fd)

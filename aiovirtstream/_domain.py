@@ -1,34 +1,7 @@
 """Domain streams: serial consoles, virtio-serial channels and screenshots.
 
-A console or a channel is a bidirectional :class:`~aiovirtstream.AsyncStream`
-(an anyio ``ByteStream``): read what the guest writes, write what it should
-read. Put anyio's ``TextStream`` or ``BufferedByteReceiveStream`` on top for
-lines and prompts. How such a stream ends (verified against QEMU guests
-through a daemon, see ``tests/test_console.py``):
-
-* The guest goes away (destroyed, its QEMU killed or exited): ``read`` returns
-  ``b""`` (``receive`` raises ``anyio.EndOfStream``, ``async for`` ends), at
-  once, also for a read that was already waiting.
-* Another client takes the console over (``force=True``) or the daemon fails
-  it: ``read`` raises :class:`~aiovirtstream.StreamBrokenError` (an
-  ``anyio.BrokenResourceError``; libvirt says "stream had I/O failure").
-* Closing it ourselves (``aclose``, ``abort``, leaving ``async with``) while
-  another task waits in ``read``: that read raises
-  :class:`~aiovirtstream.StreamClosedError` (an ``anyio.ClosedResourceError``).
-
-Leaving ``async with`` *finishes* the stream on a normal exit, as ``virsh
-console`` does when you detach (``Ctrl-]``: ``virStreamFinish``): input
-already written is delivered to the guest first, and a console that was taken
-over raises :class:`~aiovirtstream.StreamBrokenError` there if its end was not
-seen by a read yet. An exception or a cancellation aborts it instead (what
-virsh does on errors): queued input is dropped; ``aclose()`` does the same,
-e.g. to leave a guest that stopped reading its console. A console ended by
-the guest (``b""`` seen) closes without error either way. Either way the
-stream's callback is removed and nothing keeps the stream alive: the console
-can be opened again at once, without ``force``.
-
-libvirt errors never reach stderr: aiovirtstream routes them to
-:mod:`logging` (logger ``aiovirtstream.libvirt``).
+A console or a channel is a bidirectional :class:`~aiovirtstream.AsyncStream`;
+how one ends (the guest gone, a takeover, our own close) is in docs/consoles.md.
 """
 
 from __future__ import annotations

@@ -1,31 +1,7 @@
 """libvirt's event hooks, implemented on the running asyncio loop.
 
-libvirt needs an event implementation (``virEventRegisterImpl``) to do any
-asynchronous I/O: a connection's socket watch, its keepalive timer and the
-0 ms timers that deliver stream events. This module has one process-wide
-implementation, registered with libvirt once, and bound to whichever asyncio
-loop is running: when that loop closes and another one runs (successive
-``asyncio.run`` calls, pytest-asyncio's loop per test), binding the new loop
-moves every live watch and timer over.
-
-What libvirt asks of it, and how each is met here:
-
-* The hooks are called from any thread and re-entered (every blocking call a
-  worker thread makes disables and re-enables the connection's socket watch).
-  Ids are allocated under a lock and returned at once; the hooks only record
-  the change, and one flush per loop iteration applies what changed to the
-  loop (on the loop's thread only). A change made from another thread wakes
-  the loop (``call_soon_threadsafe``, once until the flush runs) only when it
-  *widens* what is registered on the loop, removes an fd or frees something;
-  narrowing is applied lazily, when an event nobody wants fires. Waking the
-  loop for each of the two updates per blocking call cost 2-4x in upload
-  speed when measured (LIBVIRT-NOTES.md).
-* Callbacks and free functions are never called from inside a hook: ``ff`` is
-  always deferred to the loop, and called exactly once, also across a change
-  of loop.
-* Ids start at 1: parts of libvirt treat 0 as "none".
-* Timers are ``call_soon``/``call_later`` handles, re-armed after each firing:
-  a 0 ms timer fires once per loop iteration, never spins.
+One process-wide implementation, registered with libvirt once and bound to
+whichever loop runs; how hook calls from other threads reach it is in docs/events.md.
 """
 
 from __future__ import annotations
@@ -371,8 +347,8 @@ class EventImpl:
                 # has registered, from a thread without a loop, the general
                 # path below comes to this and nothing more: the narrowing is
                 # applied lazily (_on_fd_ready), no wake-up. This path spares
-                # three Python calls per update (measured: the hooks were 8-9 %
-                # of a dense upload's CPU).
+                # three Python calls per update, on a path a dense upload takes
+                # twice per packet.
                 entry.wanted = events
                 self._dirty_fds.add(fd)
                 return

@@ -1,17 +1,7 @@
 """Every exception aiovirtstream raises, and the one place that maps libvirt's.
 
-Stream errors subclass the matching anyio exception, so code written against
-anyio's ``ByteStream`` catches them unchanged:
-
-* :class:`StreamClosedError` (an :class:`anyio.ClosedResourceError`): *we*
-  closed the stream (finish, abort, aclose) and then used it again.
-* :class:`StreamBrokenError` (an :class:`anyio.BrokenResourceError`): the other
-  side failed: the daemon reported an error mid-stream, the connection dropped.
-* :class:`StreamBusyError` (an :class:`anyio.BusyResourceError`): two tasks read
-  (or write) one stream at once.
-
-libvirt's own ``libvirtError`` never escapes: :func:`map_libvirt_errors` turns
-it into one of ours and keeps the original as ``__cause__``.
+Stream errors subclass the matching anyio exception; :func:`map_libvirt_errors`
+turns a ``libvirtError`` into one of ours, the original kept as ``__cause__``.
 """
 
 from __future__ import annotations

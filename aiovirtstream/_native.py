@@ -1,17 +1,8 @@
 """Receiving stream data into memory we own, through libvirt's C API.
 
-libvirt-python's ``virStream.recv(n)`` allocates and zeroes a buffer of ``n``
-bytes on every call, copies the data into it and then copies it again into
-a new ``bytes``. A download receives 4,096 packets per GiB, so that is a
-``calloc`` and two copies of 256 KiB each time (measured: about a fifth of
-the receiving thread's CPU). ``virStreamRecv`` and ``virStreamRecvFlags``
-themselves write into any buffer: called through :mod:`ctypes` on the
-``virStreamPtr`` that libvirt-python keeps in a capsule, they receive
-straight into a reusable ``bytearray``.
-
-When that is not possible (libvirt's library not found by its soname, a
-libvirt-python that stores its pointer differently), :func:`receiver_for`
-falls back to the binding's own calls and a copy, with the same results.
+``virStreamRecvFlags`` called through :mod:`ctypes` fills a reusable buffer,
+where libvirt-python's ``recv`` zeroes a new one and copies twice per call;
+:func:`receiver_for` falls back to the binding's calls when that is not possible.
 """
 
 from __future__ import annotations

@@ -1,25 +1,8 @@
 """Receive slots for downloads: page-aligned memory, kept for the next download.
 
-A download receives into slots of :data:`SLOT_SIZE` bytes (see
-:mod:`aiovirtstream._writebehind`). A new slot is dear on the development
-machine (a VM that gives freed memory back to its host, so the first touch
-of a page costs a fault on the host): 250-280 µs to fault one in on its
-first write and 75 µs to unmap it, against 5 µs to fill one again. A
-download uses 24-34 slots (two streams, 1 GiB dense or 2 GiB sparse), so
-fresh slots cost it 7-10 ms, on the loop's thread, inside libvirt's recv:
-6-8 % of a 2 GiB sparse download. So a finished download gives its slots
-back to one pool per process, for the next download, which keeps up to
-:data:`KEEP_SLOTS` and drops all of them once no download has used it for
-:data:`IDLE_SECONDS`.
-
-Making the slots ahead, in a worker thread while the streams open, was
-tried and left out: the loop's lag p99 during a sparse download went from
-0.8-1.3 to 2.1-2.4 ms (two sets of 15 rounds in one process, the pool
-emptied before each), for no gain in time that the noise let through. The
-worker holds the GIL between slots and, with ``MAP_POPULATE``, within the
-``mmap`` call too (a thread mapping 64 slots stalled the loop for up to
-6.5 ms); with the pages touched by ``ctypes.memset``, which releases it,
-the lag stayed.
+A fresh slot costs page faults (on a VM that returns freed memory to its host,
+faults on the host too), so finished downloads give theirs to one pool per
+process (docs/internals.md, "Download").
 """
 
 from __future__ import annotations

@@ -1,27 +1,8 @@
 """AsyncStream: a NONBLOCK ``virStream`` as an anyio ``ByteStream``.
 
-Reading happens on the loop thread: a NONBLOCK ``recv`` only copies from
-the client's queue, and answers -2 when the queue is empty, which here means
-"await the stream's READABLE event".
-
-Writing never happens on the loop thread: libvirt's remote ``send`` blocks the
-calling thread until the packet is on the socket (it never returns -2), for as
-long as the daemon is slow. Writes go through a bounded queue to a sender in a
-worker thread; ``write`` awaits while the queue is full (backpressure).
-
-Cancellation and timeouts (the caller's, e.g. ``asyncio.timeout``):
-
-* a cancelled ``read`` consumed nothing: the stream stays usable;
-* a cancelled ``write`` leaves the stream usable if none of its data was
-  queued yet; otherwise the write side is broken (part of the data may have
-  been sent) and further writes raise :class:`StreamBrokenError`;
-* leaving ``async with`` by an exception or a cancellation aborts the stream;
-  ``abort`` waits at most :attr:`AsyncStream.abort_wait` for the daemon;
-* ``finish`` and the call that starts a stream cannot be interrupted in
-  libvirt: cancelled, they wait for that call, then re-raise the
-  cancellation that arrived (the same instance, so anyio knows its own);
-* a lost connection fails every pending and later operation with
-  :class:`ConnectionLostError` (told by its :class:`ConnectionWatch`).
+Reads run on the loop's thread; writes go through a bounded queue to a worker
+thread, since libvirt's remote ``send`` blocks (docs/internals.md). Cancellation
+and timeouts: docs/streams.md.
 """
 
 from __future__ import annotations
@@ -80,7 +61,7 @@ _R = TypeVar("_R")
 MAX_CHUNK = 262_120
 #: One daemon packet's worth: libvirt-python zeroes a buffer of the full size
 #: asked for on every recv, and a recv returns at most one packet (262,120
-#: bytes), so asking for more only costs (measured: 1 MiB reads 25% slower).
+#: bytes), so asking for more only costs.
 DEFAULT_READ_SIZE = 256 * 1024
 #: Seconds abort() waits for the daemon's answer before leaving it to a thread.
 DEFAULT_ABORT_WAIT = 2.0
@@ -92,7 +73,7 @@ _WRITABLE = libvirt.VIR_STREAM_EVENT_WRITABLE
 _ERROR = libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP
 _HOLE_WEIGHT = 64  # a hole costs the queue a few bytes, not its length
 #: recv calls one stream event may make in :meth:`AsyncStream.pump` before it
-#: lets the loop run (measured: 16 took the loop lag p99 to 3 ms with two streams).
+#: lets the loop run (a longer burst raises the loop's lag).
 _PUMP_BURST = 4
 
 
@@ -268,7 +249,8 @@ class AsyncStream(anyio.abc.ByteStream):
 
     def _resubscribe(self) -> None:
         # Stream events come from a 0 ms timer that fires on every loop pass
-        # while WRITABLE is wanted (LIBVIRT-NOTES.md): subscribe only to what a
+        # while WRITABLE is wanted (virNetClientStreamEventTimerUpdate in libvirt's
+        # src/rpc/virnetclientstream.c): subscribe only to what a
         # coroutine is waiting for right now.
         wanted = 0
         if self._read_waiter is not None and not self._read_waiter.done():

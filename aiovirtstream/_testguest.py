@@ -1,56 +1,28 @@
 """A tiny QEMU/TCG guest for console, channel and screenshot tests (no KVM needed).
 
-Everything is built at run time from installed Debian packages, nothing binary is
-kept in the repository: the kernel is the distribution's cloud kernel
-(``linux-image-cloud-amd64``), the initramfs is a gzip'd newc cpio written here in
-pure Python holding the static busybox (``busybox-static``), the virtio modules of
-that kernel and a shell ``/init``.
-
-What the guest does (see :data:`READY_MARKER`, :func:`console_transform`,
-:func:`channel_transform`):
-
-* Serial console (``ttyS0``, set ``raw -echo``): prints :data:`READY_MARKER` once,
-  when the channel servers run, then returns every byte it reads UPPER-CASED
-  (``tr a-z A-Z``). Open the console right after ``createXML`` to see the marker:
-  it is written only once and QEMU's pty backend drops output while nobody holds
-  the pty. A console opened later: send a line, wait for its upper-cased echo.
-  Send nothing before the marker (see below).
-* Every virtio-serial port (``<channel>``): returns every byte it reads with
-  ASCII letters' case SWAPPED (``tr a-zA-Z A-Za-z``: ``b"Hello"`` -> ``b"hELLO"``),
-  so a channel answer can never be mistaken for a console one. Both transforms
-  keep the length and do not translate line endings.
-
-Facts verified here (Debian 12, libvirt 9.0.0, QEMU 7.2, kernel 6.1.0 cloud,
-TCG, session libvirtd as ``nobody``, console and channel read with blocking
-``st.recv`` in a thread):
-
-* The marker arrives 1.9-2.3 s after ``createXML`` returns. The first
-  ``createXML`` of a fresh daemon itself takes about 2 s more (QEMU capability
-  probe); later ones about 0.2 s.
-* busybox ``tr`` does not buffer (one ``write()`` per ``read()``): a 1-byte
-  write comes back in 5-10 ms on the console, 1-2 ms on the channel, 64 KiB on
-  the channel in about 3 ms. The first bytes on a freshly opened channel take
-  up to 50 ms more (the guest's poll for the host end, below).
-* ``virDomainOpenChannel`` rejects ``<channel type='pty'>`` ("channel ... is not
-  using a UNIX socket"): the channel is ``type='unix'`` (bind), which works,
-  also when closed and opened again.
-* ``virDomainScreenshot`` answers ``image/png`` (720x400, VGA text mode) with
-  VNC on TCP, VNC on a unix socket or no ``<graphics>`` at all.
-* The module order in the notes (virtio before virtio_ring) fails on 6.1
-  ("unknown symbol"): ``modules.dep`` says virtio needs virtio_ring, so the
-  order (and any further dependency) comes from ``modules.dep``.
-* A virtio port read returns 0 at once while no host end is connected, so the
-  guest polls virtio_console's debugfs ``host_connected`` every 50 ms with shell
-  builtins only (no fork): about 5 % of a host core while idle and
-  disconnected (13 % with a fork per poll), about 1 % when connected.
-* Closing a virtio port in the guest discards the data the host sent that was
-  not read yet: a new host end (a FORCE takeover, a quick close and reopen) can
-  send before the guest's ``tr`` saw the old one go, so the guest keeps the port
-  open and restarts ``tr`` on the same descriptor. (Data that reaches a port
-  nobody in the guest holds open is discarded too.)
-* Input sent before the marker gets partly echoed, partly lost (the line
-  discipline is not raw yet): ``early\n`` sent at boot gave ``y\r\n`` then ``Y\n``.
+Built at run time from installed Debian packages; the console answers upper-cased,
+every channel case-swapped (docs/testing.md, "Test guests").
 """
+
+# How the guest is built, and facts it relies on (Debian 12, libvirt 9.0.0, QEMU 7.2):
+# * The kernel is the distribution's cloud kernel (linux-image-cloud-amd64); the
+#   initramfs is a gzip'd newc cpio written here in pure Python holding the static
+#   busybox (busybox-static), that kernel's virtio modules and a shell /init.
+# * The console (ttyS0, raw -echo) prints READY_MARKER once, when the channel
+#   servers run; QEMU's pty backend drops output while nobody holds the pty, so
+#   open the console right after createXML to see it. Input sent before the
+#   marker is partly echoed, partly lost (the line discipline is not raw yet).
+# * busybox tr does not buffer: one write() per read().
+# * virDomainOpenChannel rejects <channel type='pty'> ("channel ... is not using
+#   a UNIX socket"): the channel is type='unix' (bind).
+# * virDomainScreenshot answers image/png with or without <graphics>.
+# * The module load order comes from modules.dep (virtio needs virtio_ring).
+# * A virtio port read returns 0 at once while no host end is connected, so the
+#   guest polls virtio_console's debugfs host_connected with shell builtins only
+#   (no fork per poll).
+# * Closing a virtio port in the guest discards data the host sent and nobody
+#   read yet: a new host end (a takeover, a quick reopen) can send before tr saw
+#   the old one go, so the guest keeps the port open and restarts tr on it.
 
 from __future__ import annotations
 

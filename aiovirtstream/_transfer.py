@@ -99,18 +99,16 @@ DownloadDestination = str | os.PathLike[str] | IO[bytes] | anyio.abc.ByteSendStr
 
 #: Bytes of downloaded data waiting for the disk before the loop stops reading,
 #: for the whole download: its streams share it (each keeps at least 4 MiB,
-#: see WriteBehind). Two streams of 16 MiB each took as long as two of 8 MiB
-#: (1 GiB, 6 alternated runs: 1.553 against 1.545 s) and touched twice the
-#: memory (8,355 page faults against 4,256, at 3-8 us each on this VM).
+#: see WriteBehind). Two streams of 16 MiB each were no faster than two of
+#: 8 MiB and touched twice the memory.
 WRITE_BEHIND = 16 * 1024 * 1024
 #: Uploads ask the kernel to read this much ahead of what they send.
 READ_AHEAD = 32 * MAX_CHUNK
 #: ``parallel`` splits a download only into ranges at least this large.
 PARALLEL_MIN_PART = 64 * 1024 * 1024
 #: ``parallel=None`` downloads over :data:`AUTO_PARALLEL` streams ranges at
-#: least this large: two streams finished a dense 1 GiB 1.2-1.3x faster than
-#: one, with a third less CPU in libvirtd, and a 2 GiB sparse volume holding
-#: 56 MiB about 1.2x faster (docs/benchmarks.md).
+#: least this large: on a small machine one stream is bound by the daemon,
+#: which keeps one packet in flight per stream (docs/internals.md).
 AUTO_PARALLEL_MIN = 256 * 1024 * 1024
 AUTO_PARALLEL = 2
 MiB = 1024 * 1024
@@ -386,15 +384,15 @@ def _empty_before_overwriting(
     """Empty a volume the source overwrites whole, if that is cheap; returns its size now.
 
     Holes can be sent only into a volume that holds no data (:func:`_upload_plan`);
-    into one that does they go as zeroes, which costs seconds a GiB (4.5 s for
-    the benchmark's 2 GiB volume) and allocates them. When every byte of the
-    volume comes from the source anyway, and the volume is a raw file with
-    holes, libvirt's zero wipe empties it in milliseconds: for a regular file
-    with st_blocks < st_size / 512 it truncates the file to 0 and back to its
-    size (storageBackendVolWipeLocalFile, libvirt 9.0). A fully allocated file
-    it would overwrite with zeroes, and such a volume was preallocated on
-    purpose: that one is left alone. The allocation is read again afterwards:
-    holes go as holes only if it is 0.
+    into one that does they go as zeroes, which costs seconds a GiB and
+    allocates them. When every byte of the volume comes from the source
+    anyway, and the volume is a raw file with holes, libvirt's zero wipe
+    empties it in milliseconds: for a regular file with st_blocks < st_size /
+    512 it truncates the file to 0 and back to its size
+    (storageBackendVolWipeLocalFile in libvirt's src/storage/storage_util.c).
+    A fully allocated file it would overwrite with zeroes, and such a volume
+    was preallocated on purpose: that one is left alone. The allocation is
+    read again afterwards: holes go as holes only if it is 0.
     """
     capacity, allocation = size.capacity, size.allocation
     if not (options.sparse and allocation and options.offset == 0 and amount == capacity):
@@ -767,7 +765,7 @@ class _FileReader:
         if self._direct:
             # Sent from this thread, like libvirt's own sendAll: a second
             # thread between reading and sending only added GIL hand-offs
-            # (measured 10-25% slower). The kernel's read-ahead (fadvise)
+            # and was slower. The kernel's read-ahead (fadvise)
             # keeps the disk busy while the send blocks.
             sent = self._send(item)
             weight = len(item) if isinstance(item, bytes) else None
@@ -795,8 +793,7 @@ class _FileReader:
         """Ask the kernel to read ``[pos, pos + length)`` ahead, unless it is cached.
 
         ``POSIX_FADV_WILLNEED`` walks the range's pages even when all of them
-        are in the page cache: 57 calls took 2 ms of a 2 GiB sparse upload's
-        80 (cProfile of the sending thread), time in which nothing was sent.
+        are in the page cache, time in which nothing is sent.
         A one-byte ``RWF_NOWAIT`` read of the range's last page tells cheaply
         whether the range has been read already (it fails with EAGAIN when
         that page is not cached).
@@ -1156,7 +1153,7 @@ def _make_destination_files(dest: Path, overwrite: bool, direct_io: bool) -> tup
 async def _download_path(
     vol: libvirt.virStorageVol, dest: Path, overwrite: bool, options: _Options
 ) -> TransferResult:
-    # Each thread hop costs 0.1-0.3 ms here (a wake-up of an idle vCPU): the
+    # Each thread hop costs a wake-up of an idle CPU: the
     # temporary file and the streams' start are one hop, and closing and
     # renaming run in the writer thread right after the last write.
     (fd, direct_fd, temp), started = await _start_download(
@@ -1343,8 +1340,7 @@ def _start_download_blocking(
 
     The first range's stream starts in this thread, the others at the same
     time in threads of their own; each range is received as soon as its
-    stream is there (a range that waited for the others before being
-    received made a 2 GiB sparse download 7-8 % slower, measured).
+    stream is there (waiting for the others first made downloads slower).
     """
     total = check_download_range(volume_size(vol), options.offset, options.length)
     streams = 1 if one_stream or total is None else _streams_for(options, total)
@@ -1506,9 +1502,9 @@ async def _download_range(
 
     The stream's pump receives on the loop, from inside the stream's events,
     into the write-behind's slots (no coroutine wakes per packet); a worker
-    thread writes full slots. Receiving in a worker thread instead was
-    measured no faster, and let libvirt's unbounded client queue grow to
-    290 MiB when the worker fell behind the loop's socket reads. While the
+    thread writes full slots. Receiving in a worker thread instead was no
+    faster, and let libvirt's unbounded client queue grow when the worker
+    fell behind the loop's socket reads. While the
     write-behind has no free slot, the connection's socket is not served
     (connections from :func:`aiovirtstream.connect`), so the daemon waits.
     """

@@ -2,7 +2,7 @@
 
 libvirt takes no lock on a volume while a stream runs: with libvirt 9.0, a
 second upload, a download, a wipe, a resize and even a delete of a volume
-all succeed while an upload into it is under way (measured). Two uploads
+all succeed while an upload into it is under way. Two uploads
 into one volume then interleave their bytes, and a download during an
 upload reads a half-written volume, with no error from anyone. Across
 processes nothing can be done about it; within one, :func:`claim_volume`

@@ -1,47 +1,8 @@
 """Write-behind for downloads: received data goes to disk in a worker thread.
 
-:class:`WriteBehind` is the :class:`~aiovirtstream.ReceiveSink` of a
-download. The stream's pump receives into fixed slots of 256 KiB on the
-loop's thread; full slots are handed, a batch at a time, to a worker thread
-that ``pwrite``s them and gives the slots back. The slots bound the memory
-(``limit``); while none is free the pump pauses and the connection's socket
-is not served, so the daemon waits instead of libvirt's unbounded client
-queue growing.
-
-Why these sizes (measured on the development machine: ext4, Linux 6.18 in
-a VM whose freed memory goes back to the host, so a page the kernel has not
-used lately costs a fault on the host when touched again):
-
-* Writes go out in pieces of 128 KiB, from one worker per download
-  (:class:`WriteWorker`, shared by the download's streams). With a
-  worker per stream (two for a 1 GiB download), the threads writing one
-  file took turns at its inode lock, and ext4's waiter spins for it
-  (``rwsem_spin_on_owner``, 6 % of CPU samples, perf): whole 256 KiB slots
-  then spent 1.1-1.3 s of CPU per GiB, 32 KiB pieces 0.62-0.68 s. With one
-  writer, larger pieces cost less CPU: in two runs of 24 downloads of 1 GiB
-  each (medians), 0.67 and 0.87 s in 128 KiB pieces against 0.81 and
-  0.90 s in 32 KiB ones, in the same time in one run and 16 % more in the
-  other; a 2 GiB sparse download took 72 ms instead of 83. Whole slots
-  saved no more CPU and took up to 20 % longer: a write's page-cache
-  folios are as large as the write allows, and large ones come from free
-  memory that this VM has given back to its host.
-* A batch of 8 slots per hand-off wakes the worker once per 2 MiB instead
-  of once per packet.
-
-Direct I/O (``O_DIRECT``, :func:`open_direct`), when the download asks for
-it, skips the page cache: the kernel writes the slots to the device instead
-of copying them into new page-cache pages. That copy was the largest part
-of a download's CPU here (perf: ``copy_folio_from_iter_atomic``, a third to
-a half of the samples), and filling the cache with an image evicts what the
-host's guests use. Direct writes must start and end on block boundaries in
-the file and in memory, so the slots are page-aligned ``mmap`` memory
-(from the process's pool, :mod:`aiovirtstream._slots`), each slot begins
-at the offset its first byte has within a block, and the unaligned head
-and tail of a slot (after an odd-sized hole, at the end of the file) go
-through the page cache. Full slots in a row go out in one
-``pwritev`` a batch: a direct write returns only when the device has the
-data (``dd oflag=direct`` here: 1.1 GB/s in 256 KiB writes, 1.7 GB/s in
-1 MiB ones).
+The pump fills 256 KiB slots on the loop's thread; one writer thread per file
+``pwrite``s them (with ``O_DIRECT`` when asked) and gives them back. Why these
+sizes and threads: docs/internals.md, "Download".
 """
 
 from __future__ import annotations

@@ -1,28 +1,7 @@
 """pytest fixtures giving each test run a private libvirt daemon (see :mod:`aiovirtstream.testing`).
 
-Installing aiovirtstream registers this plugin (``pytest11`` entry point);
-disable it with ``-p no:aiovirtstream``. Fixtures:
-
-* ``libvirt_sandbox`` (session): a storage-only :class:`~aiovirtstream.testing.Sandbox`:
-  ``sb.uri``; with the ``libvirt_sandbox_tls`` ini option set, also a loopback
-  TLS listener only this user can use: ``sb.tcp_uri``.
-* ``libvirt_pool`` (function): a fresh transient dir pool in ``libvirt_sandbox``,
-  a :class:`~aiovirtstream.testing.PoolInfo`, deleted with its volumes after the test.
-* ``libvirt_sandbox_full`` (session): a sandbox with every driver, qemu included
-  (and the TLS listener, with the option).
-* ``libvirt_guest`` (function): a freshly booted test guest in
-  ``libvirt_sandbox_full`` (a :class:`~aiovirtstream.testing.GuestInfo`), killed
-  after the test. Without QEMU, the kernel or busybox it skips, loudly; with
-  ``CI=true`` in the environment it fails instead.
-
-They are sync fixtures, so they serve sync tests and async tests under any
-event loop (pytest-asyncio's loop per test included). Options (or environment
-variables): ``--libvirtd=PATH`` (``AIOVIRTSTREAM_LIBVIRTD``) picks the
-libvirtd binary; ``--libvirt-missing=skip`` (``AIOVIRTSTREAM_LIBVIRT_MISSING``)
-skips, instead of failing, the tests that need a libvirt that is not
-installed. The ini option ``libvirt_sandbox_tls = true`` (off by default)
-gives the session sandboxes their network listener. When such a test
-fails, its report shows the tail of libvirtd's log.
+Fixtures ``libvirt_sandbox``, ``libvirt_pool``, ``libvirt_sandbox_full`` and
+``libvirt_guest``, and their options: docs/testing.md, "pytest fixtures".
 """
 
 from __future__ import annotations

@@ -1,30 +1,7 @@
 """A private, unprivileged libvirt daemon for tests, the demo and users' test suites.
 
-:class:`Sandbox` runs ``libvirtd`` in session mode with all of its state in a
-fresh temporary folder, so several can run at once, next to (and without
-touching) the machine's own libvirt::
-
-    async with Sandbox(tcp=True) as sb:
-        conn = await aiovirtstream.connect(sb.tcp_uri)  # TLS, for this user only
-        pool = await sb.acreate_pool()
-        vol = await sb.acreate_volume(pool, "disk.img", 1 << 30)
-
-A full-mode sandbox also boots a tiny QEMU/TCG test guest whose console and
-channel answer what they read, transformed (:meth:`Sandbox.start_test_guest`)::
-
-    async with Sandbox("full") as sb:
-        guest = await sb.astart_test_guest()
-        conn = await aiovirtstream.connect(guest.uri)
-        dom = await aiovirtstream.lookup_domain(conn, guest.name)
-
-For resilience tests, :meth:`Sandbox.kill` crashes the daemon,
-:meth:`Sandbox.frozen` hangs it for a block, and :class:`TcpRelay` cuts the
-network between a client and it.
-
-The helpers (:meth:`Sandbox.create_pool`, ...) use plain blocking libvirt
-connections of their own; open the connections whose streams you use with
-:func:`aiovirtstream.connect`. The pytest fixtures are in
-:mod:`aiovirtstream.pytest_plugin`.
+:class:`Sandbox` runs ``libvirtd`` in session mode in a fresh temporary folder,
+with helpers for pools, volumes, a test guest and faults (docs/testing.md).
 """
 
 from __future__ import annotations
