@@ -21,8 +21,8 @@ async def test_upload_past_its_length(tls: bool) -> None:
     """More data than an upload's ``length``: libvirt 9.0 fails the stream and the
     connection lives on; libvirt 11.x's daemon (11.3 measured) spins at 100 % CPU in its
     main loop for good (over unix: keepalive declares the connection lost; seen once over
-    TLS too) or closes the connection (TLS, most runs). Either way the caller gets a typed error, never a hang; on 11.x the
-    daemon is lost, so this runs on a private one."""
+    TLS too) or closes the connection (TLS, most runs). Either way the caller gets a typed
+    error, never a hang; on 11.x the daemon is lost, so this runs on a private one."""
     async with Sandbox(tcp=tls) as sb:
         pool = await sb.acreate_pool("p")
         await sb.acreate_volume(pool, "v", 8 * MiB)
