@@ -131,14 +131,17 @@ async def run_or_back_out(func: Callable[[], T], back_out: Callable[[T], None] |
     worker before the cancellation is raised."""
     future = run_in_worker(func)
     if (cancelled := await wait_through_cancellation(future)) is not None:
-        # Retrieved either way: the cancellation is what is raised.
-        if not future.cancelled() and future.exception() is None and back_out is not None:
-            result = future.result()
-            await run_to_the_end(lambda: back_out(result))
+        # Its traceback holds wait_through_cancellation's frame, whose f_back (Python 3.12+)
+        # is this one: deleted on every way out (a back-out cancelled again included), else
+        # a cycle holds it and what this frame holds.
         try:
+            # Retrieved either way: the cancellation is what is raised.
+            if not future.cancelled() and future.exception() is None and back_out is not None:
+                result = future.result()
+                await run_to_the_end(lambda: back_out(result))
             raise cancelled
         finally:
-            del cancelled  # its traceback holds this frame: no cycle back to it
+            del cancelled
     try:
         return future.result()
     finally:
