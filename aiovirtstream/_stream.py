@@ -316,8 +316,10 @@ class AsyncStream(anyio.abc.ByteStream):
         if self._state is _State.OPEN:
             self._state = _State.BROKEN
             self._broken_reason = mapped
-        if isinstance(mapped, StreamBrokenError):
-            return mapped
+        # The caller raises what this returns: never the kept reason itself,
+        # whose traceback would then hold this stream (a reference cycle).
+        if lost is not None:
+            return self._lost_error(lost)
         broken = StreamBrokenError(str(mapped))
         broken.__cause__ = error
         return broken
