@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._connect import aclose_connection, connect, connection_socket
+from ._copy import copy
 from ._domain import (
     SCREENSHOT_MAX_BYTES,
     ScreenshotTooLargeError,
@@ -56,6 +57,7 @@ __all__ = [
     "SCREENSHOT_MAX_BYTES",
     "upload",
     "download",
+    "copy",
     "TransferResult",
     "TransferProgress",
     "ProgressTarget",
