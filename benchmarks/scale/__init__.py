@@ -51,6 +51,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--guests", type=int, default=4, help="console case: guests")
     parser.add_argument("--channels", type=int, default=15, help="console case: channels a guest")
     parser.add_argument("--console-seconds", type=float, default=None, help="loaded window")
+    parser.add_argument(
+        "--console-pause", type=float, default=0.1, help="pause between a port's round trips"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write every run's figures here")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -202,7 +205,7 @@ def _run_consoles(bench: Bench, setup: dict[str, Any]) -> None:
         "upload": bench.jobs("upload", 1, 8),
         "seconds": args.console_seconds,
         "idle_seconds": min(2.0, args.console_seconds),
-        "pause": 0.01,
+        "pause": args.console_pause,
         "ready_timeout": 180.0,
     }
     os.sync()

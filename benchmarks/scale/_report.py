@@ -172,7 +172,9 @@ def report(
         console_lines = ["", f"Console case not run: {consoles}"]
         targets.append(_Target("consoles: not run", float("nan"), 0, False))
     elif consoles is not None:
-        console_lines, console_targets = _consoles(runs[Row.consoles(), "ours"], pool)
+        console_lines, console_targets = _consoles(
+            runs[Row.consoles(), "ours"], pool, args.console_pause
+        )
         targets += console_targets
     lines += console_lines
     lines += ["", "| target (issue 24) | measured | limit | |", "| --- | ---: | ---: | --- |"]
@@ -180,7 +182,9 @@ def report(
     return "\n".join(lines), all(target.passed for target in targets)
 
 
-def _consoles(results: list[dict[str, Any]], pool: int) -> tuple[list[str], list[_Target]]:
+def _consoles(
+    results: list[dict[str, Any]], pool: int, pause: float
+) -> tuple[list[str], list[_Target]]:
     def med(*keys: str) -> float:
         values = []
         for result in results:
@@ -194,8 +198,9 @@ def _consoles(results: list[dict[str, Any]], pool: int) -> tuple[list[str], list
     spread = med("loaded", "count_max") / max(med("loaded", "count_min"), 1)
     lines = [
         "",
-        f"Consoles: {ports} consoles and channels open at once, one connection; "
-        "16 transfers (8 downloads, 8 uploads, repeated) on another, same loop.",
+        f"Consoles: {ports} consoles and channels open at once on one connection, each "
+        f"sending a line and awaiting its echo every {pause * 1e3:g} ms; 16 transfers "
+        "(8 downloads, 8 uploads, repeated) on another connection, same loop.",
         "",
         "| window | seconds | transfers | round trip p50/p99/max ms | worst port p99 ms "
         "| round trips a port min/median/max |",
