@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEB_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc \
 	python3-venv python3-dev qemu-utils \
-	qemu-system-x86 busybox-static cpio linux-image-cloud-amd64 openssl
+	qemu-system-x86 busybox-static cpio linux-image-cloud-amd64 openssl chromium
 PYTEST_ARGS ?=
 
 .PHONY: all deps debs venv test test-matrix demo bench docs lint clean
