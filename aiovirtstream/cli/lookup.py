@@ -73,7 +73,14 @@ async def find_volume(
     if pool is not None:
         with avs.map_libvirt_errors(context=f"cannot find pool {pool!r}"):
             pool = await anyio.to_thread.run_sync(_pool_name, conn, pool)
-        return await avs.lookup_volume(conn, volume, pool=pool), pool
+        try:
+            return await avs.lookup_volume(conn, volume, pool=pool), pool
+        except avs.NotFoundError as error:
+            if error.code != libvirt.VIR_ERR_NO_STORAGE_POOL:
+                raise
+            raise CommandError(
+                f"no storage pool {pool!r} (by name or UUID): list them with virsh pool-list"
+            ) from error
     try:
         return await avs.lookup_volume(conn, volume), None
     except avs.NotFoundError:
