@@ -267,9 +267,11 @@ class ImageService:
         )
 
     async def head(self, request: web.Request) -> web.StreamResponse:
+        """The headers a GET would have: the size, and that ranges are served."""
         _, size = await self.volume(request)
-        response = web.Response(headers=_download_headers())
+        response = web.StreamResponse(headers=_download_headers())
         response.content_length = size.streamed
+        await response.prepare(request)
         return response
 
     async def get(self, request: web.Request) -> web.StreamResponse:
