@@ -36,6 +36,7 @@ import logging
 import re
 import signal
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from xml.etree import ElementTree
@@ -191,7 +192,7 @@ class ImageService:
         self.uri = uri
         self._conn: libvirt.virConnect | None = None
         self._connecting = asyncio.Lock()
-        self._uploading: set[tuple[str, str]] = set()
+        self._uploading: Counter[tuple[str, str]] = Counter()  # PUTs under way, by volume
 
     async def connection(self) -> libvirt.virConnect:
         async with self._connecting:
@@ -233,7 +234,7 @@ class ImageService:
                 f"({size.streamed} bytes): resize it or send less"
             )
         key = (request.match_info["pool"], request.match_info["name"])
-        self._uploading.add(key)
+        self._uploading[key] += 1
         try:
             result = await avs.upload(
                 vol,
@@ -243,10 +244,16 @@ class ImageService:
                 detect_zeroes=True,
             )
         except BaseException as error:
-            logger.error("PUT %s/%s: the upload was aborted (%s)", *key, type(error).__name__)
+            logger.error(
+                "PUT %s/%s: not stored, the upload was refused or aborted (%s)",
+                *key,
+                type(error).__name__,
+            )
             raise
         finally:
-            self._uploading.discard(key)
+            self._uploading[key] -= 1
+            if not self._uploading[key]:
+                del self._uploading[key]
         logger.info(
             "PUT %s/%s: %d bytes at offset %d stored (%d data, %d as holes) in %.2f s",
             *key,
