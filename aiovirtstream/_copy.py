@@ -14,7 +14,9 @@ __all__ = ["copy", "COPY_BUFFER"]
 import contextlib
 import dataclasses
 import functools
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -60,12 +62,12 @@ from ._volumeuse import claim_volume
 from ._workqueue import run_or_back_out, run_to_the_end
 
 MiB = 1024 * 1024
-#: Bytes a copy holds between the two daemons: the queue between its two
-#: tasks plus the destination stream's send queue.
+#: Bytes a copy holds between the two daemons, at most: the queue between
+#: its two tasks, the destination stream's send queue, and what libvirt
+#: received from the source before its socket was paused.
 COPY_BUFFER = 16 * MiB
-#: The largest item read from the source at a time.
-READ_SIZE = 1 * MiB
-_QUEUE_ITEMS = (COPY_BUFFER - DEFAULT_WRITE_BUFFER) // READ_SIZE
+_IN_FLIGHT = 4 * MiB
+_QUEUE_ITEMS = (COPY_BUFFER - DEFAULT_WRITE_BUFFER - _IN_FLIGHT) // MAX_CHUNK
 _ZEROES = bytes(MAX_CHUNK)
 
 
@@ -250,20 +252,25 @@ async def _move(
     async def read_side() -> None:
         pause = _SourcePause(source)
         received = 0
+
+        async def forward(item: StreamItem) -> None:
+            nonlocal received
+            size = item.length if isinstance(item, Hole) else len(item)
+            _check_room(received + size, total, plan, options.offset)
+            received += size
+            if hasher is not None:
+                await _hash(hasher, item)
+            try:
+                send.send_nowait(item)
+            except anyio.WouldBlock:
+                pause.pause()
+                await send.send(item)
+                pause.resume()
+
         try:
             async with send:
-                while item := await _read(source, options.sparse):
-                    size = item.length if isinstance(item, Hole) else len(item)
-                    _check_room(received + size, total, plan, options.offset)
-                    received += size
-                    if hasher is not None:
-                        await _hash(hasher, item)
-                    try:
-                        send.send_nowait(item)
-                    except anyio.WouldBlock:
-                        pause.pause()
-                        await send.send(item)
-                        pause.resume()
+                async for item in _chunks(source, options.sparse):
+                    await forward(item)
         finally:
             pause.resume()
         if total is not None and received != total:
@@ -285,20 +292,62 @@ async def _move(
         if last_hole := _size_restoring_hole(plan, written):
             await dest.send_hole(last_hole)
 
-    try:
-        async with anyio.create_task_group() as group:
-            group.start_soon(read_side)
-            group.start_soon(write_side)
-    except BaseExceptionGroup as errors:
-        # Both tasks are the copy's own: one error, as for one stream.
-        raise _first_error(errors)  # noqa: B904
+    await _together(read_side, write_side)
     return written
 
 
-async def _read(source: AsyncStream, sparse: bool) -> StreamItem:
-    if sparse:
-        return await source.read(READ_SIZE, stop_at_hole=True)
-    return await source.read(READ_SIZE)
+async def _together(*jobs: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``jobs`` at once; the first to fail cancels the others and its error is raised.
+
+    The jobs are the copy's own: one error comes out, as for one stream,
+    and neither the task group nor its exception group stays referenced
+    from the error's traceback (a reference cycle that held the streams,
+    and their connections, until the garbage collector ran).
+    """
+    group = anyio.create_task_group()
+    try:
+        async with group:
+            for job in jobs:
+                group.start_soon(job)
+        return
+    except BaseExceptionGroup as errors:
+        error = _first_error(errors)
+    finally:
+        del group
+    try:
+        raise error
+    finally:
+        del error
+
+
+async def _chunks(source: AsyncStream, sparse: bool) -> AsyncIterator[StreamItem]:
+    """The source's data in pieces of :data:`MAX_CHUNK` bytes (shorter only before a
+    hole and at the end), and its holes.
+
+    The daemon sends each 256 KiB it reads as two packets, of MAX_CHUNK and
+    24 bytes; forwarded as they come, the destination would get twice as
+    many packets, half of them tiny.
+    """
+    buffer = bytearray(MAX_CHUNK)
+    view = memoryview(buffer)
+    filled = 0
+    try:
+        while True:
+            got = await source.read_into(view[filled:], stop_at_hole=sparse)
+            if isinstance(got, Hole) or got == 0:
+                if filled:
+                    yield bytes(view[:filled])
+                    filled = 0
+                if not isinstance(got, Hole):
+                    return
+                yield got
+                continue
+            filled += got
+            if filled == MAX_CHUNK:
+                yield bytes(buffer)
+                filled = 0
+    finally:
+        view.release()
 
 
 def _check_room(end: int, total: int | None, plan: _UploadPlan, offset: int) -> None:

@@ -251,7 +251,9 @@ def _qcow2(path: Path, capacity: int) -> bytes:
     )
     for pattern, offset in ((0x11, 0), (0x22, 40 * MiB)):
         command = f"write -P {pattern} {offset} {MiB}"
-        subprocess.run(["qemu-io", "-f", "qcow2", "-c", command, str(path)], check=True)
+        subprocess.run(
+            ["qemu-io", "-f", "qcow2", "-c", command, str(path)], check=True, capture_output=True
+        )
     return path.read_bytes()
 
 
