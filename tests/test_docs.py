@@ -205,3 +205,12 @@ def test_cli_page_has_every_verb() -> None:
     page = (DOCS / "cli.md").read_text(encoding="utf-8")
     missing = [verb for verb in verbs if f"aiovirtstream {verb}" not in page]
     assert not missing, f"verbs of 'aiovirtstream --help' not in docs/cli.md: {missing}"
+
+
+def test_cli_page_has_every_option() -> None:
+    page = (DOCS / "cli.md").read_text(encoding="utf-8")
+    missing = []
+    for verb in _cli_verbs():
+        options = set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", _cli_help(verb))) - {"--help"}
+        missing += [f"{verb} {option}" for option in sorted(options) if option not in page]
+    assert not missing, f"options of 'aiovirtstream VERB --help' not in docs/cli.md: {missing}"
