@@ -11,9 +11,9 @@ the server stops; SIGINT/SIGTERM stop it too, telling every tab.
 Needs aiohttp (``pip install 'aiovirtstream[examples]'``). Against a private
 daemon and the test guest (its console answers what it reads upper-cased)::
 
-    aiovirtstream sandbox --full --guest       # prints the URIs; Ctrl+C stops it
+    aiovirtstream sandbox --full --guest    # prints "uri: URI", "guest: guest"; Ctrl+C stops
     python examples/web_console.py --connect URI --domain guest --port 8080
-    # open http://127.0.0.1:8080/ in as many tabs as you like, type, Ctrl+J for a newline
+    # open http://127.0.0.1:8080/ in as many tabs as you like; Enter sends CR, Ctrl+J LF
 
 or from Python, with ``aiovirtstream.testing``::
 
