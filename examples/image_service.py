@@ -14,7 +14,9 @@ it (transfers under way get ``--shutdown-timeout`` seconds, then are aborted).
 
 Try it against a private libvirt daemon: ``aiovirtstream sandbox --pool
 images`` prints the sandbox's URI; pass it as ``--connect``, make a volume
-(``virsh -c URI vol-create-as images disk.img 1G --format raw``), then::
+(``virsh -c URI vol-create-as images disk.img 1G --allocation 0 --format raw``:
+without ``--allocation 0`` it is preallocated, and zeroes are then stored as data),
+then::
 
     curl -T disk.img http://127.0.0.1:8080/volumes/images/disk.img
     curl -r 0-1023 http://127.0.0.1:8080/volumes/images/disk.img | xxd | head
