@@ -292,4 +292,8 @@ async def main(
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    print(f"web console stopped: {anyio.run(main)}", flush=True)
+    try:
+        stopped = anyio.run(main)
+    except (avs.AioVirtStreamError, OSError) as error:  # no such domain, port taken, ...
+        sys.exit(f"web console: {error}")
+    print(f"web console stopped: {stopped}", flush=True)

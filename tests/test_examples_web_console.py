@@ -26,7 +26,7 @@ import anyio
 import pytest
 
 import aiovirtstream as avs
-from aiovirtstream.testing import GuestInfo, TcpRelay
+from aiovirtstream.testing import GuestInfo, Sandbox, TcpRelay
 
 try:
     import playwright.async_api as pw
@@ -288,3 +288,29 @@ async def test_websockets_from_other_origins_are_refused(libvirt_guest: GuestInf
             assert "script-src 'self'" in page.headers["Content-Security-Policy"]
         async with http.get(server.url + "web_console.py") as other:
             assert other.status == 404  # only the page and its two files are served
+
+
+async def test_an_unknown_domain_is_one_line_and_exit_code_1(libvirt_sandbox_full: Sandbox) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(EXAMPLE),
+        *("--connect", libvirt_sandbox_full.uri, "--domain", "no-such-guest", "--port", "0"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    with anyio.fail_after(30):
+        out, err = await proc.communicate()
+    assert proc.returncode == 1
+    assert out == b""
+    lines = err.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("web console: "), lines
+    assert "no-such-guest" in lines[0]
+
+
+def test_a_missing_browser_skips_loudly_or_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        _browser_unavailable("no chromium")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="NO BROWSER"):
+        _browser_unavailable("no chromium")
