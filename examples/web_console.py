@@ -23,7 +23,8 @@ or from Python, with ``aiovirtstream.testing``::
 
 It listens on 127.0.0.1 unless told otherwise: there is no authentication,
 anyone who can reach the port can type on the guest's console (WebSockets from
-pages of other origins are refused). ``--port 0`` picks a free port; the first
+pages of other origins, or on loopback to a name that is not a loopback one,
+are refused). ``--port 0`` picks a free port; the first
 line printed says which one (``serving http://HOST:PORT/``).
 """
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import logging
 import signal
@@ -120,9 +122,13 @@ class Tab:
 class ConsoleHub:
     """Fan the console's output out to every tab; any tab's input goes to the guest."""
 
-    def __init__(self, console: avs.AsyncStream, domain_name: str) -> None:
+    def __init__(
+        self, console: avs.AsyncStream, domain_name: str, *, loopback_only: bool = True
+    ) -> None:
         self.console = console
         self.domain_name = domain_name
+        #: Refuse WebSockets whose Host is not a loopback name (DNS rebinding).
+        self.loopback_only = loopback_only
         self.tabs: dict[Tab, asyncio.Task[None]] = {}
         self.history = bytearray()
         self.write_lock = asyncio.Lock()  # one writer at a time on the console
@@ -158,8 +164,9 @@ class ConsoleHub:
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         """GET /ws: guest output as binary frames out, binary frames in as input."""
-        if not _same_origin(request):
-            log.warning("refused a WebSocket from origin %s", request.headers.get("Origin"))
+        if not _allowed(request, loopback_only=self.loopback_only):
+            origin, host = request.headers.get("Origin"), request.host
+            log.warning("refused a WebSocket from origin %s to host %s", origin, host)
             raise web.HTTPForbidden(text="WebSocket from another origin refused\n")
         ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=MAX_FRAME)
         await ws.prepare(request)
@@ -205,12 +212,28 @@ def make_app(hub: ConsoleHub) -> web.Application:
     return app
 
 
-def _same_origin(request: web.Request) -> bool:
-    """A browser sends Origin with every WebSocket; it must name this server."""
+def _allowed(request: web.Request, *, loopback_only: bool) -> bool:
+    """A browser sends Origin with every WebSocket: it must be the page's own.
+
+    On loopback, the Host must be a loopback name too: a page whose DNS name
+    was rebound to 127.0.0.1 is same-origin with itself, not with us.
+    """
     origin = request.headers.get("Origin")
     if origin is None:
         return True  # not a browser: nothing to protect against
-    return urlsplit(origin).netloc.lower() == (request.host or "").lower()
+    host = (request.host or "").lower()
+    if urlsplit(origin).netloc.lower() != host:
+        return False
+    return not loopback_only or _is_loopback(urlsplit(f"//{host}").hostname or "")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _peer(request: web.Request) -> str:
@@ -251,7 +274,7 @@ async def main(
         # Leaving `async with` ends the console stream and releases it, so the
         # console can be opened again (without force) once we are gone.
         async with await avs.open_console(domain, args.device, force=args.force) as console:
-            hub = ConsoleHub(console, args.domain)
+            hub = ConsoleHub(console, args.domain, loopback_only=_is_loopback(args.host))
             runner = web.AppRunner(make_app(hub), handle_signals=False, access_log=None)
             await runner.setup()
             reason = "stopped"

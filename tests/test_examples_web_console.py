@@ -274,6 +274,10 @@ async def test_websockets_from_other_origins_are_refused(libvirt_guest: GuestInf
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await http.ws_connect(ws_url, origin="http://evil.example")
         assert refused.value.status == 403
+        rebound = f"evil.example:{urlsplit(ws_url).port}"  # DNS rebinding: same origin, wrong host
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(ws_url, origin=f"http://{rebound}", headers={"Host": rebound})
+        assert refused.value.status == 403
         async with http.ws_connect(ws_url, origin=server.url.rstrip("/")) as ws:
             hello = await ws.receive_json(timeout=15)
             assert hello == {"type": "hello", "domain": libvirt_guest.name}
