@@ -92,6 +92,12 @@ class Tab:
             self.farewell = {"type": kind, "reason": reason}
             self.wake.set()
 
+    def drop(self, reason: str) -> None:
+        """Forget the queued output, send ``{"type": "closed", "reason": reason}``, close."""
+        self.pending.clear()
+        self.pending_bytes = 0
+        self.say_goodbye("closed", reason)
+
     async def send_loop(self) -> None:
         """Deliver queued output in frames of up to MAX_FRAME; close after the farewell."""
         try:
@@ -143,7 +149,7 @@ class ConsoleHub:
                 for tab in list(self.tabs):
                     if tab.farewell is None and not tab.push(chunk):
                         log.warning("tab %s too slow: disconnected", tab.peer)
-                        tab.say_goodbye("closed", "this tab fell behind the console's output")
+                        tab.drop("this tab fell behind the console's output")
             reason = "the guest closed its console (domain shut down or destroyed)"
         except avs.ConnectionLostError as error:
             reason = f"the connection to libvirt was lost: {error}"
