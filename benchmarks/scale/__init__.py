@@ -253,7 +253,7 @@ def main(argv: list[str], *, direct: bool = False) -> int:
         # Another benchmark may have registered an event implementation in this process.
         return subprocess.call([sys.executable, "-m", "benchmarks.scale", *argv], cwd=REPO)
     rows = Row.sweep(args.streams, args.daemons) + [Row.mixed()]
-    started = time.perf_counter()
+    started, load = time.perf_counter(), os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="aiovirtstream-scale-"))
     try:
         with ExitStack() as stack:
@@ -281,5 +281,8 @@ def main(argv: list[str], *, direct: bool = False) -> int:
         )
     text, passed = report(bench.runs, rows, args, consoles)
     print(text)
-    print(f"\n{time.perf_counter() - started:.0f} s in all; {os.cpu_count()} CPUs")
+    print(
+        f"\n{time.perf_counter() - started:.0f} s in all; {os.cpu_count()} CPUs; "
+        f"load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+    )
     return 0 if passed else 1
