@@ -67,7 +67,10 @@ MiB = 1024 * 1024
 #: received from the source before its socket was paused.
 COPY_BUFFER = 16 * MiB
 _IN_FLIGHT = 4 * MiB
-_QUEUE_ITEMS = (COPY_BUFFER - DEFAULT_WRITE_BUFFER - _IN_FLIGHT) // MAX_CHUNK
+#: Chunks of data handed to the destination at once: its sender thread is
+#: woken once for them all.
+_BATCH = 4
+_QUEUE_ITEMS = (COPY_BUFFER - DEFAULT_WRITE_BUFFER - _IN_FLIGHT) // (_BATCH * MAX_CHUNK)
 _ZEROES = bytes(MAX_CHUNK)
 
 
@@ -245,7 +248,7 @@ async def _move(
     hasher: _Hasher | None,
 ) -> int:
     """Move the range's items from ``source`` to ``dest``; returns the bytes moved."""
-    send, receive = anyio.create_memory_object_stream[StreamItem](_QUEUE_ITEMS)
+    send, receive = anyio.create_memory_object_stream[list[bytes] | Hole](_QUEUE_ITEMS)
     total, plan = started.total, started.plan
     written = 0
 
@@ -253,13 +256,7 @@ async def _move(
         pause = _SourcePause(source)
         received = 0
 
-        async def forward(item: StreamItem) -> None:
-            nonlocal received
-            size = item.length if isinstance(item, Hole) else len(item)
-            _check_room(received + size, total, plan, options.offset)
-            received += size
-            if hasher is not None:
-                await _hash(hasher, item)
+        async def forward(item: list[bytes] | Hole) -> None:
             try:
                 send.send_nowait(item)
             except anyio.WouldBlock:
@@ -269,8 +266,24 @@ async def _move(
 
         try:
             async with send:
+                batch: list[bytes] = []
                 async for item in _chunks(source, options.sparse):
-                    await forward(item)
+                    size = item.length if isinstance(item, Hole) else len(item)
+                    _check_room(received + size, total, plan, options.offset)
+                    received += size
+                    if hasher is not None:
+                        await _hash(hasher, item)
+                    if isinstance(item, bytes):
+                        batch.append(item)
+                        if len(batch) < _BATCH:
+                            continue
+                    if batch:
+                        await forward(batch)
+                        batch = []
+                    if isinstance(item, Hole):
+                        await forward(item)
+                if batch:
+                    await forward(batch)
         finally:
             pause.resume()
         if total is not None and received != total:
@@ -287,8 +300,9 @@ async def _move(
                     await _write_hole(dest, plan, options.offset + written, item.length)
                     written += item.length
                 else:
-                    await dest.write(item)
-                    written += len(item)
+                    for chunk in item:
+                        await dest.write(chunk)
+                        written += len(chunk)
         if last_hole := _size_restoring_hole(plan, written):
             await dest.send_hole(last_hole)
 
