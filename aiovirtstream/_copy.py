@@ -11,10 +11,12 @@ from __future__ import annotations
 
 __all__ = ["copy", "COPY_BUFFER"]
 
+import asyncio
 import contextlib
 import dataclasses
 import functools
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections import deque
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +32,6 @@ from ._stream import (
     MAX_CHUNK,
     AsyncStream,
     Hole,
-    StreamItem,
     abort_quietly,
     adopt_stream,
     check_stream_events,
@@ -219,21 +220,103 @@ async def _copy(
     return options.result(data_bytes, position - data_bytes, hasher)
 
 
-class _SourcePause:
-    """Stops serving the source connection's socket while the queue is full."""
+class _Relay:
+    """The source's pump sink, and the queue from it to the writer.
 
-    def __init__(self, source: AsyncStream) -> None:
+    Data is cut into pieces of :data:`MAX_CHUNK` bytes (shorter only before
+    a hole and at the end): the daemon sends each 256 KiB it reads as two
+    packets, of MAX_CHUNK and 24 bytes, which forwarded as they come would
+    give the destination twice as many packets, half of them tiny. Pieces
+    are queued :data:`_BATCH` at a time. While the queue is full the pump
+    stops and the source connection's socket is not served, since libvirt's
+    client queues what it reads from a socket without limit.
+    """
+
+    def __init__(self, source: AsyncStream, check: Callable[[int], None]) -> None:
+        self._source = source
+        self._check = check  # raises for a byte count past what may come
+        self._buffer = bytearray(MAX_CHUNK)
+        self._view = memoryview(self._buffer)
+        self._filled = 0
+        self._batch: list[bytes] = []
+        self._queue: deque[list[bytes] | Hole] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._ended = False
         self._impl = get_event_impl()
         self._socket = connection_socket(source.virstream.connect())
         self._paused = False
+        self.count = 0  # bytes of data and holes received
 
-    def pause(self) -> None:
-        # libvirt's client queues what it reads from the socket without limit.
-        if self._socket is not None and not self._paused:
-            self._impl.pause_reading(self._socket)
-            self._paused = True
+    # -- the pump's side (loop thread, from inside the source's events)
 
-    def resume(self) -> None:
+    def buffer(self) -> tuple[bytearray, int, int] | None:
+        if len(self._queue) >= _QUEUE_ITEMS:
+            if self._socket is not None and not self._paused:
+                self._impl.pause_reading(self._socket)
+                self._paused = True
+            return None
+        return self._buffer, self._filled, MAX_CHUNK - self._filled
+
+    def received(self, nbytes: int) -> None:
+        self._check(self.count + nbytes)
+        self.count += nbytes
+        self._filled += nbytes
+        if self._filled == MAX_CHUNK:
+            self._batch.append(bytes(self._buffer))
+            self._filled = 0
+            if len(self._batch) == _BATCH:
+                self._push(self._batch)
+                self._batch = []
+
+    def hole(self, length: int) -> None:
+        self._check(self.count + length)
+        self.count += length
+        self.flush()
+        self._push(Hole(length))
+
+    def flush(self) -> None:
+        """Queue the data received so far."""
+        if self._filled:
+            self._batch.append(bytes(self._view[: self._filled]))
+            self._filled = 0
+        if self._batch:
+            self._push(self._batch)
+            self._batch = []
+
+    def end(self) -> None:
+        """The source is complete: the writer ends once it took everything."""
+        self.flush()
+        self._ended = True
+        self._wake()
+
+    def _push(self, item: list[bytes] | Hole) -> None:
+        self._queue.append(item)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # -- the writer's side
+
+    async def get(self) -> list[bytes] | Hole | None:
+        """The next item; None at the end."""
+        while not self._queue:
+            if self._ended:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = self._queue.popleft()
+        if self._paused and len(self._queue) < _QUEUE_ITEMS:
+            self.release()
+            self._source.resume_pump()
+        return item
+
+    def release(self) -> None:
+        """Serve the source's socket again."""
         if self._paused:
             self._paused = False
             assert self._socket is not None
@@ -248,61 +331,36 @@ async def _move(
     hasher: _Hasher | None,
 ) -> int:
     """Move the range's items from ``source`` to ``dest``; returns the bytes moved."""
-    send, receive = anyio.create_memory_object_stream[list[bytes] | Hole](_QUEUE_ITEMS)
     total, plan = started.total, started.plan
+    relay = _Relay(
+        source, functools.partial(_check_room, total=total, plan=plan, offset=options.offset)
+    )
     written = 0
 
     async def read_side() -> None:
-        pause = _SourcePause(source)
-        received = 0
-
-        async def forward(item: list[bytes] | Hole) -> None:
-            try:
-                send.send_nowait(item)
-            except anyio.WouldBlock:
-                pause.pause()
-                await send.send(item)
-                pause.resume()
-
         try:
-            async with send:
-                batch: list[bytes] = []
-                async for item in _chunks(source, options.sparse):
-                    size = item.length if isinstance(item, Hole) else len(item)
-                    _check_room(received + size, total, plan, options.offset)
-                    received += size
-                    if hasher is not None:
-                        await _hash(hasher, item)
-                    if isinstance(item, bytes):
-                        batch.append(item)
-                        if len(batch) < _BATCH:
-                            continue
-                    if batch:
-                        await forward(batch)
-                        batch = []
-                    if isinstance(item, Hole):
-                        await forward(item)
-                if batch:
-                    await forward(batch)
+            await source.pump(relay, stop_at_hole=options.sparse)
         finally:
-            pause.resume()
-        if total is not None and received != total:
+            relay.release()
+        relay.end()
+        if total is not None and relay.count != total:
             raise TransferError(
-                f"the source sent {received} bytes where {total} were expected: "
+                f"the source sent {relay.count} bytes where {total} were expected: "
                 "the copy is incomplete"
             )
 
     async def write_side() -> None:
         nonlocal written
-        async with receive:
-            async for item in receive:
-                if isinstance(item, Hole):
-                    await _write_hole(dest, plan, options.offset + written, item.length)
-                    written += item.length
-                else:
-                    for chunk in item:
-                        await dest.write(chunk)
-                        written += len(chunk)
+        while (item := await relay.get()) is not None:
+            if hasher is not None:
+                await anyio.to_thread.run_sync(_hash, hasher, item)
+            if isinstance(item, Hole):
+                await _write_hole(dest, plan, options.offset + written, item.length)
+                written += item.length
+            else:
+                for chunk in item:
+                    await dest.write(chunk)
+                    written += len(chunk)
         if last_hole := _size_restoring_hole(plan, written):
             await dest.send_hole(last_hole)
 
@@ -334,37 +392,7 @@ async def _together(*jobs: Callable[[], Coroutine[Any, Any, None]]) -> None:
         del error
 
 
-async def _chunks(source: AsyncStream, sparse: bool) -> AsyncIterator[StreamItem]:
-    """The source's data in pieces of :data:`MAX_CHUNK` bytes (shorter only before a
-    hole and at the end), and its holes.
-
-    The daemon sends each 256 KiB it reads as two packets, of MAX_CHUNK and
-    24 bytes; forwarded as they come, the destination would get twice as
-    many packets, half of them tiny.
-    """
-    buffer = bytearray(MAX_CHUNK)
-    view = memoryview(buffer)
-    filled = 0
-    try:
-        while True:
-            got = await source.read_into(view[filled:], stop_at_hole=sparse)
-            if isinstance(got, Hole) or got == 0:
-                if filled:
-                    yield bytes(view[:filled])
-                    filled = 0
-                if not isinstance(got, Hole):
-                    return
-                yield got
-                continue
-            filled += got
-            if filled == MAX_CHUNK:
-                yield bytes(buffer)
-                filled = 0
-    finally:
-        view.release()
-
-
-def _check_room(end: int, total: int | None, plan: _UploadPlan, offset: int) -> None:
+def _check_room(end: int, *, total: int | None, plan: _UploadPlan, offset: int) -> None:
     """Raise at once when the source sends past its range or past the destination's room."""
     if total is not None and end > total:
         raise TransferError(
@@ -378,11 +406,12 @@ def _check_room(end: int, total: int | None, plan: _UploadPlan, offset: int) -> 
         )
 
 
-async def _hash(hasher: _Hasher, item: StreamItem) -> None:
+def _hash(hasher: _Hasher, item: list[bytes] | Hole) -> None:
     if isinstance(item, Hole):
-        await anyio.to_thread.run_sync(hasher.hole, item.length)
+        hasher.hole(item.length)
     else:
-        await anyio.to_thread.run_sync(hasher.data, item)
+        for chunk in item:
+            hasher.data(chunk)
 
 
 async def _write_hole(dest: AsyncStream, plan: _UploadPlan, position: int, length: int) -> None:
