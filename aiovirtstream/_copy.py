@@ -63,9 +63,9 @@ from ._volumeuse import claim_volume
 from ._workqueue import run_or_back_out, run_to_the_end
 
 MiB = 1024 * 1024
-#: Bytes a copy holds between the two daemons, at most: the queue between
-#: its two tasks, the destination stream's send queue, and what libvirt
-#: received from the source before its socket was paused.
+#: Bytes a copy holds between the two daemons, at most: its own queue, the
+#: destination stream's send queue, and what libvirt received from the
+#: source before its socket was paused.
 COPY_BUFFER = 16 * MiB
 _IN_FLIGHT = 4 * MiB
 #: Chunks of data handed to the destination at once: its sender thread is
@@ -244,13 +244,15 @@ class _Relay:
         self._ended = False
         self._impl = get_event_impl()
         self._socket = connection_socket(source.virstream.connect())
-        self._paused = False
+        self._full = False  # buffer() said so: the pump waits for resume_pump()
+        self._paused = False  # the socket
         self.count = 0  # bytes of data and holes received
 
     # -- the pump's side (loop thread, from inside the source's events)
 
     def buffer(self) -> tuple[bytearray, int, int] | None:
         if len(self._queue) >= _QUEUE_ITEMS:
+            self._full = True
             if self._socket is not None and not self._paused:
                 self._impl.pause_reading(self._socket)
                 self._paused = True
@@ -310,7 +312,8 @@ class _Relay:
             finally:
                 self._waiter = None
         item = self._queue.popleft()
-        if self._paused and len(self._queue) < _QUEUE_ITEMS:
+        if self._full and len(self._queue) < _QUEUE_ITEMS:
+            self._full = False
             self.release()
             self._source.resume_pump()
         return item
