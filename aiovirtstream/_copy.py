@@ -1,8 +1,8 @@
 """Volume-to-volume copies, typically between two hosts, with no file in between.
 
 A download stream from the source and an upload stream into the destination
-run at once: one task reads data and holes from the source, a bounded queue
-hands them to a second task that writes them into the destination. While the
+run at once: one task receives data and holes from the source into a bounded
+queue, a second writes them into the destination. While the
 queue is full the source connection's socket is not served, so the source
 daemon waits for the destination (docs/transfers.md, "Copying between hosts").
 """
@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
+from xml.etree import ElementTree
 
 import anyio
 import anyio.to_thread
@@ -27,6 +28,7 @@ import libvirt
 from ._connect import connection_socket
 from ._events import get_event_impl
 from ._exceptions import SourceTooLargeError, TransferError
+from ._lifeline import map_connection_errors
 from ._stream import (
     DEFAULT_WRITE_BUFFER,
     MAX_CHUNK,
@@ -109,7 +111,8 @@ async def copy(
     :class:`SourceTooLargeError` when the range does not fit in the
     destination; :class:`VolumeBusyError` while another transfer of this
     process uploads into the source or moves the destination (a volume
-    copied into itself included). During the copy, an error on either side
+    copied into itself included); :class:`TransferError` for a volume
+    copied into itself through two connections to its daemon. During the copy, an error on either side
     (:class:`ConnectionLostError` naming that side's URI, a broken stream)
     and a cancellation abort both streams before they are raised. Once the
     destination stream finished, the destination is checked as after
@@ -156,10 +159,38 @@ def _check_fits(source: VolumeSize, dest: VolumeSize, offset: int, total: int | 
     )
 
 
+def _ctime(vol: libvirt.virStorageVol) -> str | None:
+    """The volume's file's ctime as libvirt gives it (nanoseconds), if it has one."""
+    return ElementTree.fromstring(vol.XMLDesc(0)).findtext("target/timestamps/ctime")
+
+
+def _check_not_itself(src_vol: libvirt.virStorageVol, dst_vol: libvirt.virStorageVol) -> None:
+    """Refuse a copy of a volume into itself through two connections to one daemon.
+
+    :func:`claim_volume` tells volumes apart by URI and key, and a volume
+    seen through two URIs (a unix socket and TCP) looks like two; copied into
+    itself whole, it would be emptied by the zero wipe before it is read.
+    Two hosts may well keep their volumes at the same path, so a key seen
+    on both sides is compared by its file's ctime too, to the nanosecond.
+    """
+    if src_vol.key() != dst_vol.key():  # kept by the Python objects: no round trip
+        return
+    with map_connection_errors(src_vol.connect(), context="cannot read the source volume"):
+        src_ctime = _ctime(src_vol)
+    with map_connection_errors(dst_vol.connect(), context="cannot read the destination"):
+        dst_ctime = _ctime(dst_vol)
+    if src_ctime is not None and src_ctime == dst_ctime:
+        raise TransferError(
+            f"volume {src_vol.name()!r} ({src_vol.key()}) is the same file on both "
+            "connections: a volume cannot be copied into itself"
+        )
+
+
 def _start(
     src_vol: libvirt.virStorageVol, dst_vol: libvirt.virStorageVol, options: _Options
 ) -> _Started:
     """Size both volumes, check the range, plan the holes, start both streams (worker thread)."""
+    _check_not_itself(src_vol, dst_vol)
     offset = options.offset
     source_size = volume_size(src_vol)
     total = check_download_range(source_size, offset, options.length)
