@@ -112,9 +112,10 @@ async def copy(
     destination; :class:`VolumeBusyError` while another transfer of this
     process uploads into the source or moves the destination (a volume
     copied into itself included); :class:`TransferError` for a volume
-    copied into itself through two connections to its daemon. During the copy, an error on either side
-    (:class:`ConnectionLostError` naming that side's URI, a broken stream)
-    and a cancellation abort both streams before they are raised. Once the
+    copied into itself through two connections to its daemon. During the
+    copy, an error on either side (:class:`ConnectionLostError` naming that
+    side's URI, a broken stream) and a cancellation abort both streams
+    before they are raised. Once the
     destination stream finished, the destination is checked as after
     :func:`upload` (:class:`VolumeChangedError`).
     """
