@@ -92,8 +92,7 @@ async def copy(
 
     The bytes from ``offset`` (``length`` 0: up to the source's end) are
     written at the same offset of the destination; nothing is written to a
-    local disk. At most :data:`COPY_BUFFER` bytes are held between the two
-    daemons: while the destination is behind, the source's socket is not
+    local disk. At most 16 MiB are held between the two daemons: while the destination is behind, the source's socket is not
     served, so the source daemon waits. With ``sparse`` the source's holes are
     read as holes and sent as holes, on the same terms as :func:`upload`:
     only into a volume that holds no data yet (a raw file volume that the
@@ -115,9 +114,8 @@ async def copy(
     copied into itself through two connections to its daemon. During the
     copy, an error on either side (:class:`ConnectionLostError` naming that
     side's URI, a broken stream) and a cancellation abort both streams
-    before they are raised. Once the
-    destination stream finished, the destination is checked as after
-    :func:`upload` (:class:`VolumeChangedError`).
+    before they are raised. Once the destination stream finished, the
+    destination is checked as after :func:`upload` (:class:`VolumeChangedError`).
     """
     async with _closing(progress):
         check_not_negative(offset, length)
