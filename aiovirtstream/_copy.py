@@ -92,30 +92,30 @@ async def copy(
 
     The bytes from ``offset`` (``length`` 0: up to the source's end) are
     written at the same offset of the destination; nothing is written to a
-    local disk. At most 16 MiB are held between the two daemons: while the destination is behind, the source's socket is not
-    served, so the source daemon waits. With ``sparse`` the source's holes are
-    read as holes and sent as holes, on the same terms as :func:`upload`:
-    only into a volume that holds no data yet (a raw file volume that the
-    copy overwrites whole is emptied first with libvirt's zero wipe; into
-    other volumes that hold data, holes go as zeroes), and a last hole gives
-    an empty raw destination its size back. ``sparse=False`` moves every
-    byte. A volume that is not raw (qcow2, ...) is copied as its file, as
-    :func:`download` and :func:`upload` do: copy it into a fresh volume of
-    its format. ``checksum`` gives the SHA-256 of the bytes copied (holes as
-    zeroes); ``progress`` works as in :func:`upload` and counts what was
-    handed to the destination.
+    local disk. At most 16 MiB are held between the two daemons: while the
+    destination is behind, the source's socket is not served, so the source
+    daemon waits. With ``sparse`` the source's holes are read as holes and
+    sent as holes, on the same terms as :func:`upload`: only into a volume
+    that holds no data yet (a raw file volume that the copy overwrites whole
+    is emptied first with libvirt's zero wipe; into other volumes that hold
+    data, holes go as zeroes), and a last hole gives an empty raw destination
+    its size back. ``sparse=False`` moves every byte. A volume that is not raw
+    (qcow2, ...) is copied as its file, as :func:`download` and :func:`upload`
+    do: copy it into a fresh volume of its format. ``checksum`` gives the
+    SHA-256 of the bytes copied (holes as zeroes); ``progress`` works as in
+    :func:`upload` and counts what was handed to the destination.
 
-    Raises, before anything is sent: :class:`InvalidRangeError` for a
-    negative ``offset`` or ``length`` or a range past the source's end;
+    Raises, before anything is sent: :class:`InvalidRangeError` for a negative
+    ``offset`` or ``length`` or a range past the source's end;
     :class:`SourceTooLargeError` when the range does not fit in the
     destination; :class:`VolumeBusyError` while another transfer of this
-    process uploads into the source or moves the destination (a volume
-    copied into itself included); :class:`TransferError` for a volume
-    copied into itself through two connections to its daemon. During the
-    copy, an error on either side (:class:`ConnectionLostError` naming that
-    side's URI, a broken stream) and a cancellation abort both streams
-    before they are raised. Once the destination stream finished, the
-    destination is checked as after :func:`upload` (:class:`VolumeChangedError`).
+    process uploads into the source or moves the destination (a volume copied
+    into itself included); :class:`TransferError` for a volume copied into
+    itself through two connections to its daemon. During the copy, an error on
+    either side (:class:`ConnectionLostError` naming that side's URI, a broken
+    stream) and a cancellation abort both streams before they are raised. Once
+    the destination stream finished, the destination is checked as after
+    :func:`upload` (:class:`VolumeChangedError`).
     """
     async with _closing(progress):
         check_not_negative(offset, length)
