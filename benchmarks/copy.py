@@ -169,14 +169,16 @@ def _median(values: list[float]) -> float:
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.copy", description=__doc__)
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (default 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default 5)")
     parser.add_argument("--dense-mib", type=int, default=256, help="dense volume (default 256)")
     parser.add_argument("--sparse-gib", type=int, default=1, help="sparse volume (default 1)")
     parser.add_argument("--extents", type=int, default=32, help="1 MiB extents in the sparse one")
     parser.add_argument("--target", type=float, default=1.5, help="copy vs virsh (default 1.5)")
     parser.add_argument("--settle", type=float, default=1.0, help="pause between runs (s)")
     parser.add_argument("--tmp-dir", help="where the download-then-upload files go")
-    parser.add_argument("--quick", action="store_true", help="64 MiB volumes, 3 rounds")
+    parser.add_argument(
+        "--quick", action="store_true", help="64 MiB dense volume, 8 extents, 3 rounds"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="print every run")
     parser.add_argument("--child", choices=["copy", "dl+ul"], help=argparse.SUPPRESS)
     for hidden in ("--src-uri", "--dst-uri", "--src", "--dst", "--file"):
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         print("virsh not found: install libvirt-clients", file=sys.stderr)
         return 2
     if args.quick:
-        args.dense_mib, args.sparse_gib, args.extents = 64, 1, 8
+        args.dense_mib, args.sparse_gib, args.extents, args.rounds = 64, 1, 8, 3
     from aiovirtstream.testing import Sandbox
 
     with Sandbox() as source, Sandbox() as dest:
