@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from ._connect import aclose_connection, connect, connection_socket
+from ._connection import (
+    ConnectionWatch,
+    aclose_connection,
+    connect,
+    connection_socket,
+    watch_connection,
+)
 from ._domain import (
     SCREENSHOT_MAX_BYTES,
-    ScreenshotTooLargeError,
     lookup_domain,
     open_channel,
     open_console,
@@ -15,16 +20,15 @@ from ._domain import (
 from ._events import EventImplStats, bind_event_loop, get_event_impl, register_event_impl
 from ._exceptions import *  # noqa: F403
 from ._exceptions import __all__ as _exceptions_all
-from ._extents import Extent, file_extents
-from ._lifeline import ConnectionWatch, watch_connection
 from ._stream import AsyncStream, Hole, ReceiveSink, StreamItem, open_stream
 from ._transfer import (
-    DestinationIsDirectoryError,
+    Extent,
+    ProgressCallback,
     ProgressTarget,
-    SourceNotFoundError,
     TransferProgress,
     TransferResult,
     download,
+    file_extents,
     upload,
 )
 from ._volume import lookup_volume, open_volume_download, open_volume_upload
@@ -52,15 +56,13 @@ __all__ = [
     "open_channel",
     "screenshot",
     "screenshot_to_file",
-    "ScreenshotTooLargeError",
     "SCREENSHOT_MAX_BYTES",
     "upload",
     "download",
     "TransferResult",
     "TransferProgress",
     "ProgressTarget",
-    "SourceNotFoundError",
-    "DestinationIsDirectoryError",
+    "ProgressCallback",
     "Extent",
     "file_extents",
     *_exceptions_all,

@@ -12,7 +12,6 @@ __all__ = [
     "open_channel",
     "screenshot",
     "screenshot_to_file",
-    "ScreenshotTooLargeError",
     "SCREENSHOT_MAX_BYTES",
 ]
 
@@ -26,18 +25,14 @@ import anyio
 import anyio.to_thread
 import libvirt
 
-from ._exceptions import StreamError
-from ._lifeline import map_connection_errors
+from ._connection import map_connection_errors
+from ._exceptions import ScreenshotTooLargeError
 from ._stream import AsyncStream, open_stream
-from ._workqueue import run_to_the_end
+from ._workers import run_to_the_end
 
 #: The default limit of a screenshot's size: an uncompressed 4096 x 4096
 #: RGBA image; a 4K screen in PPM (uncompressed RGB) is 24 MiB.
 SCREENSHOT_MAX_BYTES = 64 * 1024 * 1024
-
-
-class ScreenshotTooLargeError(StreamError, ValueError):
-    """The daemon sent a screenshot larger than ``max_bytes``; the stream was aborted."""
 
 
 def _domain_name(domain: libvirt.virDomain) -> str:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,3 +191,52 @@ class Collect(anyio.abc.ByteSendStream):
 
     async def aclose(self) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class StreamStart:
+    """One start of a volume's stream, seen at libvirt-python's public API."""
+
+    vol: libvirt.virStorageVol
+    stream: libvirt.virStream
+    offset: int
+    length: int
+    flags: int
+
+
+VolumeStreamCall = Callable[[libvirt.virStorageVol, libvirt.virStream, int, int, int], int]
+AroundStreamCall = Callable[
+    [VolumeStreamCall, libvirt.virStorageVol, libvirt.virStream, int, int, int], int
+]
+
+
+def spy_stream_starts(
+    monkeypatch: pytest.MonkeyPatch,
+    method: str = "download",
+    around: AroundStreamCall | None = None,
+) -> list[StreamStart]:
+    """Record the streams started by ``virStorageVol.download`` (or ``upload``).
+
+    The calls run in worker threads (``list.append`` is atomic); a start that
+    raised is not recorded. ``around(real, vol, stream, offset, length, flags)``
+    replaces the call: to delay it, or to start it on another volume.
+    """
+    starts: list[StreamStart] = []
+    real: VolumeStreamCall = getattr(libvirt.virStorageVol, method)
+
+    def spy(
+        vol: libvirt.virStorageVol,
+        stream: libvirt.virStream,
+        offset: int,
+        length: int,
+        flags: int = 0,
+    ) -> int:
+        if around is not None:
+            result = around(real, vol, stream, offset, length, flags)
+        else:
+            result = real(vol, stream, offset, length, flags)
+        starts.append(StreamStart(vol, stream, offset, length, flags))
+        return result
+
+    monkeypatch.setattr(libvirt.virStorageVol, method, spy)
+    return starts

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from _helpers import require_direct_io
 
-from aiovirtstream._slots import SLOT_SIZE, SlotPool
-from aiovirtstream._writebehind import FileWriter, WriteBehind, WriteWorker, open_direct
+from aiovirtstream._transfer._slots import SLOT_SIZE, SlotPool
+from aiovirtstream._transfer._writebehind import FileWriter, WriteBehind, WriteWorker, open_direct
 
 
 def address(slot: memoryview) -> int:
@@ -70,7 +70,7 @@ async def test_a_finished_download_gives_its_slots_back(
 ) -> None:
     """The write-behind's slots go to the process's pool once every write is done."""
     pool = SlotPool()
-    monkeypatch.setattr("aiovirtstream._writebehind.slot_pool", pool)
+    monkeypatch.setattr("aiovirtstream._transfer._writebehind.slot_pool", pool)
     path = tmp_path / "out"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     writer = FileWriter(fd, 0, False, None, -1)
@@ -101,7 +101,7 @@ async def test_slots_stay_with_a_write_still_under_way(
     pool: a slot being written must not be handed to the next download."""
     require_direct_io(tmp_path)
     pool = SlotPool()
-    monkeypatch.setattr("aiovirtstream._writebehind.slot_pool", pool)
+    monkeypatch.setattr("aiovirtstream._transfer._writebehind.slot_pool", pool)
     path = tmp_path / "out"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     direct_fd = open_direct(path)

@@ -18,11 +18,19 @@ import anyio
 import anyio.abc
 import libvirt
 import pytest
-from _helpers import Collect, page_cache_bytes, refuse_direct_open, require_direct_io
+from _helpers import (
+    Collect,
+    VolumeStreamCall,
+    page_cache_bytes,
+    refuse_direct_open,
+    require_direct_io,
+    spy_stream_starts,
+)
 from conftest import MakeVolume
 
 import aiovirtstream as avs
-import aiovirtstream._transfer as transfer_module
+import aiovirtstream._transfer._filereader as filereader_module
+import aiovirtstream._transfer._ranges as ranges_module
 from aiovirtstream.testing import Sandbox
 
 MiB = 1024 * 1024
@@ -260,16 +268,9 @@ async def test_parallel_download_over_ranges(
     await avs.upload(vol, source)
     dest = tmp_path / "out"
     seen: list[avs.TransferProgress] = []
-    opened: list[tuple[int, int]] = []
-    real_start = transfer_module.start_volume_download
-
-    def spy(vol: libvirt.virStorageVol, offset: int, length: int, sparse: bool) -> object:
-        opened.append((offset, length))  # in worker threads: list.append is atomic
-        return real_start(vol, offset, length, sparse)
-
-    monkeypatch.setattr(transfer_module, "start_volume_download", spy)
+    starts = spy_stream_starts(monkeypatch)
     result = await avs.download(vol, dest, parallel=3, progress=seen.append)
-    assert len(opened) == 3 and sum(length for _, length in opened) == size
+    assert len(starts) == 3 and sum(start.length for start in starts) == size
     assert result.total_bytes == size
     assert seen[-1].done_bytes == size
     assert dest.read_bytes() == content
@@ -465,7 +466,7 @@ def around_writes(
     after: Callable[[], object] | None = None,
 ) -> None:
     """Run ``before`` / ``after`` around every write of a download (worker thread)."""
-    import aiovirtstream._writebehind as writebehind
+    import aiovirtstream._transfer._writebehind as writebehind
 
     for name in ("write", "write_blocks"):  # a slot at a time; full slots in a row
         real = getattr(writebehind.FileWriter, name)
@@ -488,9 +489,9 @@ async def test_download_holds_the_daemon_back_while_the_disk_is_behind(
     bounded, by one budget for the whole download however many streams it has."""
     import threading
 
-    import aiovirtstream._writebehind as writebehind
+    import aiovirtstream._transfer._writebehind as writebehind
 
-    size = 2 * transfer_module.PARALLEL_MIN_PART  # parallel=2 splits it in two
+    size = 2 * ranges_module.PARALLEL_MIN_PART  # parallel=2 splits it in two
     vol, source = await random_volume(make_volume, tmp_path, "slow-disk.img", size)
     disk_free = threading.Event()
     sinks: list[writebehind.WriteBehind] = []
@@ -519,7 +520,7 @@ async def test_download_holds_the_daemon_back_while_the_disk_is_behind(
         await asyncio.sleep(0.5)
         assert len(sinks) == parallel
         received = sum(sink.received_bytes for sink in sinks)
-        assert received <= transfer_module.WRITE_BEHIND + MiB, received
+        assert received <= ranges_module.WRITE_BEHIND + MiB, received
         await asyncio.sleep(0.3)
         assert sum(sink.received_bytes for sink in sinks) == received, (
             "received more while the disk was behind"
@@ -585,7 +586,7 @@ async def test_cancelled_while_the_download_is_put_in_place(
     """
     import threading
 
-    import aiovirtstream._writebehind as writebehind
+    import aiovirtstream._transfer._writebehind as writebehind
 
     vol, source = await random_volume(make_volume, tmp_path, "last-step.img", 4 * MiB)
     dest = tmp_path / "out"
@@ -618,7 +619,7 @@ async def test_write_behind_slots_are_freed_with_the_download(
     import gc
     import weakref
 
-    import aiovirtstream._writebehind as writebehind
+    import aiovirtstream._transfer._writebehind as writebehind
 
     vol, _ = await random_volume(make_volume, tmp_path, "slots.img", 4 * MiB)
     sinks: list[weakref.ref[writebehind.WriteBehind]] = []
@@ -644,10 +645,10 @@ async def test_the_next_download_receives_into_the_slots_of_the_last(
 ) -> None:
     """Slots go back to the process's pool; reused, they hold the last download's
     bytes, none of which may reach the next one's file (odd extents, holes)."""
-    from aiovirtstream import _slots
+    from aiovirtstream._transfer import _slots
 
     pool = _slots.SlotPool()
-    monkeypatch.setattr("aiovirtstream._writebehind.slot_pool", pool)
+    monkeypatch.setattr("aiovirtstream._transfer._writebehind.slot_pool", pool)
     first, _ = await random_volume(make_volume, tmp_path, "first.img", 4 * MiB)
     layout: Layout = [("data", 5000), ("hole", 3 * BLOCK), ("data", MiB + 1234), ("hole", MiB)]
     source = tmp_path / "second.src"
@@ -678,7 +679,7 @@ async def test_direct_io_keeps_the_download_out_of_the_page_cache(
 ) -> None:
     """By default a download's data goes to the disk, not into the page cache."""
     require_direct_io(tmp_path)
-    monkeypatch.setattr(transfer_module, "PARALLEL_MIN_PART", 4 * MiB)  # 2 streams of 16 MiB
+    monkeypatch.setattr(ranges_module, "PARALLEL_MIN_PART", 4 * MiB)  # 2 streams of 16 MiB
     vol, source = await random_volume(make_volume, tmp_path, "direct.img", 16 * MiB + 5000)
     dest = tmp_path / "out"
     for parallel in (1, 2):
@@ -729,7 +730,7 @@ async def test_fsync_flushes_the_file_before_the_rename_and_the_folder_after(
     fsync: bool,
     direct_io: bool,
 ) -> None:
-    monkeypatch.setattr(transfer_module, "PARALLEL_MIN_PART", 4 * MiB)  # 2 streams of 8 MiB
+    monkeypatch.setattr(ranges_module, "PARALLEL_MIN_PART", 4 * MiB)  # 2 streams of 8 MiB
     layout: Layout = [("data", 3 * MiB), ("hole", 5 * MiB), ("data", 5000), ("hole", 8 * MiB)]
     source = tmp_path / "source.img"
     content = write_layout(source, layout)
@@ -771,14 +772,7 @@ async def test_fsync_needs_a_file_to_flush(
 ) -> None:
     """Into a pipe or an anyio stream, fsync=True is refused before any stream starts."""
     vol = await make_volume("fsync-pipe.img", MiB)
-    started: list[object] = []
-    real_start = transfer_module.start_volume_download
-
-    def spy(*args: Any) -> libvirt.virStream:
-        started.append(args)
-        return real_start(*args)
-
-    monkeypatch.setattr(transfer_module, "start_volume_download", spy)
+    starts = spy_stream_starts(monkeypatch)
     read_end, write_end = os.pipe()
     os.close(read_end)
     with open(write_end, "wb") as pipe:
@@ -786,7 +780,7 @@ async def test_fsync_needs_a_file_to_flush(
             await avs.download(vol, pipe, fsync=True)
     with pytest.raises(ValueError, match="not an anyio stream"):
         await avs.download(vol, Collect(), fsync=True)
-    assert started == []
+    assert starts == []
 
 
 async def test_failed_fsync_leaves_no_destination(
@@ -868,7 +862,7 @@ async def test_upload_finishes_its_stream_in_the_sending_thread(
     vol = await make_volume("finishing.img", 4 * MiB)  # room left: a last hole restores it
     calls: list[tuple[str, str]] = []
     reading = threading.local()
-    real_run = transfer_module._FileReader.run
+    real_run = filereader_module.FileReader.run
 
     def run(self: Any) -> None:
         reading.job = True
@@ -877,7 +871,7 @@ async def test_upload_finishes_its_stream_in_the_sending_thread(
         finally:
             reading.job = False
 
-    monkeypatch.setattr(transfer_module._FileReader, "run", run)
+    monkeypatch.setattr(filereader_module.FileReader, "run", run)
     for name in ("send", "sendHole", "finish"):
         real = getattr(libvirt.virStream, name)
 
@@ -931,7 +925,7 @@ async def test_upload_asks_for_read_ahead_only_where_the_source_is_not_cached(
     advised = spy_read_ahead_advice(monkeypatch)
 
     await avs.upload(vol, source, sparse=False)
-    assert advised[:1] == [(0, 2 * transfer_module.READ_AHEAD)], advised
+    assert advised[:1] == [(0, 2 * filereader_module.READ_AHEAD)], advised
     assert page_cache_bytes(source) == size
     advised.clear()
     await avs.upload(vol, source, sparse=False)
@@ -962,7 +956,7 @@ async def test_upload_advises_every_window_where_the_cache_cannot_be_asked(
     monkeypatch.setattr(os, "preadv", refuse_nowait)
     advised = spy_read_ahead_advice(monkeypatch)
     await avs.upload(vol, source, sparse=detect_zeroes, detect_zeroes=detect_zeroes)
-    step = transfer_module.READ_AHEAD
+    step = filereader_module.READ_AHEAD
     windows = [(pos, min(2 * step, size - pos)) for pos in range(0, size, step)]
     if detect_zeroes:  # pieces of 258,048 bytes: each window starts at the first piece past it
         assert len(advised) == len(windows) and advised[0] == windows[0]
@@ -1026,25 +1020,28 @@ async def test_upload_whose_finish_fails_is_reported_and_aborted(
 async def test_a_range_that_cannot_start_fails_the_download_and_aborts_the_others(
     make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    size = 2 * transfer_module.PARALLEL_MIN_PART
+    size = 2 * ranges_module.PARALLEL_MIN_PART
     vol = await make_volume("ranges.img", size)
     gone = await make_volume("gone-range.img", MiB)
     await asyncio.to_thread(gone.delete, 0)
-    started: list[libvirt.virStream] = []
-    real_start = transfer_module.start_volume_download
 
-    def spy(vol: libvirt.virStorageVol, offset: int, length: int, sparse: bool) -> object:
+    def second_on_gone(
+        real: VolumeStreamCall,
+        vol: libvirt.virStorageVol,
+        stream: libvirt.virStream,
+        offset: int,
+        length: int,
+        flags: int,
+    ) -> int:
         # The second range asks the daemon for a volume deleted meanwhile: a real refusal.
-        virstream = real_start(gone if offset else vol, offset, length, sparse)
-        started.append(virstream)
-        return virstream
+        return real(gone if offset else vol, stream, offset, length, flags)
 
-    monkeypatch.setattr(transfer_module, "start_volume_download", spy)
+    starts = spy_stream_starts(monkeypatch, around=second_on_gone)
     with pytest.raises(avs.NotFoundError, match="gone-range.img") as failure:
         await avs.download(vol, tmp_path / "out", sparse=False, parallel=2)
     assert isinstance(failure.value.__cause__, libvirt.libvirtError)
     assert os.listdir(tmp_path) == []
-    assert len(started) == 1 and await asyncio.to_thread(was_aborted, started[0])
+    assert len(starts) == 1 and await asyncio.to_thread(was_aborted, starts[0].stream)
     monkeypatch.undo()
     result = await avs.download(vol, tmp_path / "out", sparse=False, parallel=2)
     assert result.data_bytes == size  # the connection carries on
@@ -1053,30 +1050,33 @@ async def test_a_range_that_cannot_start_fails_the_download_and_aborts_the_other
 async def test_cancelled_while_a_range_starts_aborts_every_stream(
     make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    size = 2 * transfer_module.PARALLEL_MIN_PART
+    size = 2 * ranges_module.PARALLEL_MIN_PART
     vol = await make_volume("slow-range.img", size)
-    started: list[libvirt.virStream] = []
-    real_start = transfer_module.start_volume_download
     second_asked = asyncio.Event()
     loop = asyncio.get_running_loop()
 
-    def spy(vol: libvirt.virStorageVol, offset: int, length: int, sparse: bool) -> object:
+    def slow_second(
+        real: VolumeStreamCall,
+        vol: libvirt.virStorageVol,
+        stream: libvirt.virStream,
+        offset: int,
+        length: int,
+        flags: int,
+    ) -> int:
         if offset:
             loop.call_soon_threadsafe(second_asked.set)
             time.sleep(0.3)  # the download is cancelled meanwhile
-        virstream = real_start(vol, offset, length, sparse)
-        started.append(virstream)
-        return virstream
+        return real(vol, stream, offset, length, flags)
 
-    monkeypatch.setattr(transfer_module, "start_volume_download", spy)
+    starts = spy_stream_starts(monkeypatch, around=slow_second)
     task = asyncio.create_task(avs.download(vol, tmp_path / "out", sparse=False, parallel=2))
     await second_asked.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     # The second stream started after the cancellation; both were aborted.
-    assert len(started) == 2
-    assert [await asyncio.to_thread(was_aborted, v) for v in started] == [True, True]
+    assert len(starts) == 2
+    assert [await asyncio.to_thread(was_aborted, s.stream) for s in starts] == [True, True]
     assert os.listdir(tmp_path) == []
 
 
@@ -1089,20 +1089,22 @@ async def test_cancelled_while_the_stream_starts_backs_out(
     vol = await make_volume(f"slow-start-{direction}.img", 4 * MiB)
     source = tmp_path / "src"
     source.write_bytes(os.urandom(MiB))
-    name = f"start_volume_{direction}"
-    real_start = getattr(transfer_module, name)
-    started: list[libvirt.virStream] = []
     asked = asyncio.Event()
     loop = asyncio.get_running_loop()
 
-    def spy(vol: libvirt.virStorageVol, offset: int, length: int, sparse: bool) -> object:
+    def slow(
+        real: VolumeStreamCall,
+        vol: libvirt.virStorageVol,
+        stream: libvirt.virStream,
+        offset: int,
+        length: int,
+        flags: int,
+    ) -> int:
         loop.call_soon_threadsafe(asked.set)
         time.sleep(0.3)  # cancelled meanwhile
-        virstream = real_start(vol, offset, length, sparse)
-        started.append(virstream)
-        return virstream
+        return real(vol, stream, offset, length, flags)
 
-    monkeypatch.setattr(transfer_module, name, spy)
+    starts = spy_stream_starts(monkeypatch, direction, around=slow)
     fds_before = len(os.listdir("/proc/self/fd"))
     if direction == "upload":
         task = asyncio.create_task(avs.upload(vol, source))
@@ -1112,7 +1114,7 @@ async def test_cancelled_while_the_stream_starts_backs_out(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert len(started) == 1 and await asyncio.to_thread(was_aborted, started[0])
+    assert len(starts) == 1 and await asyncio.to_thread(was_aborted, starts[0].stream)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
     assert len(os.listdir("/proc/self/fd")) <= fds_before
 
@@ -1120,28 +1122,25 @@ async def test_cancelled_while_the_stream_starts_backs_out(
 async def test_parallel_by_default_only_for_large_downloads(
     make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    size = transfer_module.AUTO_PARALLEL_MIN
+    size = ranges_module.AUTO_PARALLEL_MIN
     vol = await make_volume("auto-parallel.img", size)  # allocation 0: all hole
-    opened: list[int] = []
-    real_start = transfer_module.start_volume_download
+    starts = spy_stream_starts(monkeypatch)
 
-    def spy(vol: libvirt.virStorageVol, offset: int, length: int, sparse: bool) -> object:
-        opened.append(length)
-        return real_start(vol, offset, length, sparse)
+    def opened() -> list[int]:
+        return [start.length for start in starts]
 
-    monkeypatch.setattr(transfer_module, "start_volume_download", spy)
     # 256 MiB: two streams, dense or sparse.
     result = await avs.download(vol, tmp_path / "dense", sparse=False)
-    assert len(opened) == 2 and sum(opened) == size and result.data_bytes == size
-    opened.clear()
+    assert len(opened()) == 2 and sum(opened()) == size and result.data_bytes == size
+    starts.clear()
     result = await avs.download(vol, tmp_path / "sparse", sparse=True)
-    assert len(opened) == 2 and result.hole_bytes == size
+    assert len(opened()) == 2 and result.hole_bytes == size
     assert os.stat(tmp_path / "sparse").st_size == size
     # Smaller, a checksum, or parallel=1: one stream.
     for kwargs in ({"length": size - 1}, {"checksum": True}, {"parallel": 1}):
-        opened.clear()
+        starts.clear()
         await avs.download(vol, tmp_path / "one", sparse=False, overwrite=True, **kwargs)
-        assert len(opened) == 1, kwargs
+        assert len(opened()) == 1, kwargs
     with pytest.raises(ValueError, match="parallel"):
         await avs.download(vol, tmp_path / "bad", parallel=0)
 

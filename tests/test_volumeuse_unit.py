@@ -8,7 +8,7 @@ from typing import cast
 import libvirt
 import pytest
 
-import aiovirtstream._volumeuse as volumeuse
+import aiovirtstream._volume._claims as volumeuse
 from aiovirtstream import VolumeBusyError
 
 

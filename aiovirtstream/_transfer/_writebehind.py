@@ -29,11 +29,10 @@ import threading
 from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
-from ._exceptions import TransferError
-from ._native import Buffer
+from .._exceptions import TransferError
+from .._stream import MAX_CHUNK, Buffer, Hole
+from .._workers import WorkQueue, wait_through_cancellation
 from ._slots import SLOT_SIZE, slot_pool
-from ._stream import MAX_CHUNK, Hole
-from ._workqueue import WorkQueue, wait_through_cancellation
 
 T = TypeVar("T")
 

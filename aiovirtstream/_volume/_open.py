@@ -18,15 +18,15 @@ from collections.abc import Callable
 
 import libvirt
 
-from ._lifeline import map_connection_errors
-from ._stream import DEFAULT_WRITE_BUFFER, AsyncStream, open_stream, start_stream_blocking
-from ._volumesize import (
+from .._connection import map_connection_errors
+from .._stream import DEFAULT_WRITE_BUFFER, AsyncStream, open_stream, start_stream_blocking
+from .._workers import run_to_the_end
+from ._size import (
     check_download_range,
     check_not_negative,
     check_upload_range,
     volume_size,
 )
-from ._workqueue import run_to_the_end
 
 
 def _volume_name(vol: libvirt.virStorageVol) -> str:

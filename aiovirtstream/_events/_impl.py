@@ -27,7 +27,7 @@ from typing import Any
 
 import libvirt
 
-from ._exceptions import EventLoopError
+from .._exceptions import EventLoopError
 
 logger = logging.getLogger(__name__)
 

@@ -1,20 +1,11 @@
-"""AsyncStream: a NONBLOCK ``virStream`` as an anyio ``ByteStream``.
-
-Reads run on the loop's thread; writes go through a bounded queue to a worker
-thread, since libvirt's remote ``send`` blocks (docs/internals.md). Cancellation
-and timeouts: docs/streams.md.
-"""
+"""AsyncStream: a NONBLOCK ``virStream`` as an anyio ``ByteStream``."""
 
 from __future__ import annotations
 
 __all__ = [
     "AsyncStream",
-    "Hole",
-    "StreamItem",
-    "ReceiveSink",
-    "MAX_CHUNK",
-    "DEFAULT_READ_SIZE",
-    "open_stream",
+    "stream_connection",
+    "DEFAULT_WRITE_BUFFER",
 ]
 
 import asyncio
@@ -25,15 +16,15 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Protocol, TypeVar, overload
+from typing import Any, Literal, TypeVar, overload
 
 import anyio
 import anyio.abc
 import libvirt
 import libvirtmod
 
-from ._events import bind_event_loop, get_event_impl
-from ._exceptions import (
+from .._connection import watch_connection
+from .._exceptions import (
     AioVirtStreamError,
     ConnectionLostError,
     EventLoopNotRegisteredError,
@@ -44,72 +35,43 @@ from ._exceptions import (
     detach_traceback,
     libvirt_error_to_exception,
 )
-from ._lifeline import map_connection_errors, watch_connection
-from ._native import Buffer, Receiver, receiver_for
-from ._workqueue import (
+from .._workers import (
     WorkQueue,
     run_in_worker,
-    run_or_back_out,
-    run_to_the_end,
     wait_through_cancellation,
 )
+from ._items import DEFAULT_READ_SIZE, MAX_CHUNK, Hole, ReceiveSink, StreamItem
+from ._native import Buffer, Receiver, receiver_for
 
 logger = logging.getLogger(__name__)
+
+
 _R = TypeVar("_R")
 
-#: libvirt's legacy payload maximum: larger sends are split by libvirt anyway.
-MAX_CHUNK = 262_120
-#: One daemon packet's worth: libvirt-python zeroes a buffer of the full size
-#: asked for on every recv, and a recv returns at most one packet (262,120
-#: bytes), so asking for more only costs.
-DEFAULT_READ_SIZE = 256 * 1024
+
 #: Seconds abort() waits for the daemon's answer before leaving it to a thread.
 DEFAULT_ABORT_WAIT = 2.0
+
+
 #: Bytes queued for the sender thread before ``write`` waits.
 DEFAULT_WRITE_BUFFER = 8 * MAX_CHUNK
 
+
 _READABLE = libvirt.VIR_STREAM_EVENT_READABLE
+
+
 _WRITABLE = libvirt.VIR_STREAM_EVENT_WRITABLE
+
+
 _ERROR = libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP
+
+
 _HOLE_WEIGHT = 64  # a hole costs the queue a few bytes, not its length
+
+
 #: recv calls one stream event may make in :meth:`AsyncStream.pump` before it
 #: lets the loop run (a longer burst raises the loop's lag).
 _PUMP_BURST = 4
-
-
-@dataclass(frozen=True, slots=True)
-class Hole:
-    """A run of ``length`` bytes of nothing in a sparse stream."""
-
-    length: int
-
-
-StreamItem = bytes | Hole
-
-
-class ReceiveSink(Protocol):
-    """Where :meth:`AsyncStream.pump` puts what it receives.
-
-    Every method is called on the loop's thread, from inside the stream's
-    event; none may block or await.
-    """
-
-    def buffer(self) -> tuple[Buffer, int, int] | None:
-        """``(buffer, offset, room)`` to receive the next bytes into.
-
-        ``None`` when there is no room: the pump stops reading the stream
-        until :meth:`AsyncStream.resume_pump` is called. Raising ends the
-        pump with that exception.
-        """
-        ...
-
-    def received(self, nbytes: int) -> None:
-        """``nbytes`` were written into the buffer last given, at its offset."""
-        ...
-
-    def hole(self, length: int) -> None:
-        """A hole of ``length`` bytes comes next (``stop_at_hole`` pumps only)."""
-        ...
 
 
 @dataclass(eq=False, slots=True)
@@ -875,111 +837,3 @@ def _on_stream_event(
     stream = ref()
     if stream is not None:
         stream._call_in_loop(stream._on_event, events)
-
-
-async def open_stream(
-    conn: libvirt.virConnect,
-    start: Callable[[libvirt.virStream], object],
-    *,
-    sparse: bool = False,
-    description: str = "stream",
-    write_buffer: int = DEFAULT_WRITE_BUFFER,
-) -> AsyncStream:
-    """Create a NONBLOCK stream on ``conn``, start it with ``start`` off the loop, wrap it.
-
-    ``start`` is the libvirt call that opens the stream, e.g.
-    ``lambda st: vol.upload(st, 0, 0, flags)``; it runs in a worker thread
-    since it is a blocking round trip to the daemon. What it returns (e.g.
-    the MIME type of ``virDomainScreenshot``) is kept as
-    :attr:`AsyncStream.start_result`.
-    """
-    check_stream_events(conn)
-    check_connection(conn, description)
-    # The start call cannot be interrupted: a cancellation waits for it, and
-    # a stream it opened is aborted before the cancellation goes on.
-    virstream, result = await run_or_back_out(
-        lambda: start_stream_blocking(conn, start, description),
-        lambda started: abort_quietly(started[0]),
-    )
-    return await adopt_stream(
-        virstream, result, sparse=sparse, description=description, write_buffer=write_buffer
-    )
-
-
-def check_stream_events(conn: libvirt.virConnect) -> None:
-    """Bind the event implementation to the running loop; raise
-    :class:`EventLoopNotRegisteredError` if ``conn`` can have no stream events."""
-    registered_before = get_event_impl().registered_with_libvirt
-    bind_event_loop()
-    if not registered_before and not _in_process(conn):
-        # Registered just now, so this connection was opened before: libvirt
-        # gave it no async I/O, and its stream events would never come.
-        raise EventLoopNotRegisteredError(
-            "this connection was opened before aiovirtstream's event implementation was "
-            "registered, so libvirt will never report its stream events. Open it with "
-            "aiovirtstream.connect(), or call aiovirtstream.register_event_impl() before "
-            "libvirt.open()"
-        )
-
-
-def check_connection(conn: libvirt.virConnect, description: str) -> None:
-    """Raise :class:`ConnectionLostError` if ``conn`` is known to be lost."""
-    lost = watch_connection(conn).lost
-    if lost is not None:
-        raise ConnectionLostError(
-            f"cannot open the {description}: {lost}", uri=lost.uri, reason=lost.reason
-        )
-
-
-def start_stream_blocking(
-    conn: libvirt.virConnect, start: Callable[[libvirt.virStream], object], description: str
-) -> tuple[libvirt.virStream, object]:
-    """Create a NONBLOCK stream and start it (worker thread: a round trip).
-
-    Returns the stream and what ``start`` returned, for :func:`adopt_stream`
-    on the loop. Call :func:`check_stream_events` on the loop first.
-    """
-    with map_connection_errors(conn, context=f"cannot create the {description}"):
-        virstream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
-    with map_connection_errors(conn, context=f"cannot open the {description}"):
-        return virstream, start(virstream)
-
-
-async def adopt_stream(
-    virstream: libvirt.virStream,
-    start_result: object,
-    *,
-    sparse: bool = False,
-    description: str = "stream",
-    write_buffer: int = DEFAULT_WRITE_BUFFER,
-) -> AsyncStream:
-    """Wrap a stream started by :func:`start_stream_blocking` (loop thread).
-
-    If it cannot be watched, it is aborted and the error raised.
-    """
-    try:
-        stream = AsyncStream(
-            virstream, sparse=sparse, description=description, write_buffer=write_buffer
-        )
-    except EventLoopNotRegisteredError:
-        with anyio.CancelScope(shield=True):
-            await run_to_the_end(lambda: abort_quietly(virstream))
-        raise
-    stream.start_result = start_result
-    return stream
-
-
-def abort_quietly(virstream: libvirt.virStream) -> None:
-    try:
-        virstream.abort()
-    except libvirt.libvirtError as error:
-        logger.debug("abort of a stream that was never used: %s", error)
-
-
-def _in_process(conn: libvirt.virConnect) -> bool:
-    """True for drivers that run in this process (their streams are local fds)."""
-    try:
-        uri = conn.getURI()  # formatted locally, no round trip
-    except libvirt.libvirtError:
-        return False
-    return uri.startswith("test:") or uri.endswith("/embed") or "/embed?" in uri

@@ -1,0 +1,13 @@
+"""libvirt's event loop on asyncio: the implementation libvirt calls for its I/O and timers."""
+
+from __future__ import annotations
+
+from ._impl import EventImpl, EventImplStats, bind_event_loop, get_event_impl, register_event_impl
+
+__all__ = [
+    "EventImpl",
+    "EventImplStats",
+    "bind_event_loop",
+    "get_event_impl",
+    "register_event_impl",
+]
