@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ._impl import EventImpl, EventImplStats, bind_event_loop, get_event_impl, register_event_impl
+from ._impl import EventImpl
+from ._records import EventImplStats
+from ._registry import bind_event_loop, get_event_impl, register_event_impl
 
 __all__ = [
     "EventImpl",
