@@ -194,6 +194,11 @@ class WorkQueue(Generic[T]):
         self._room_waiter: asyncio.Future[None] | None = None
         self._idle_waiters: list[asyncio.Future[None]] = []
 
+    @property
+    def stopped(self) -> bool:
+        """Whether :meth:`stop` or :meth:`release` was called."""
+        return self._stopped
+
     def has_room(self) -> bool:
         return self._queued < self._limit
 

@@ -860,24 +860,12 @@ async def test_upload_finishes_its_stream_in_the_sending_thread(
     source = tmp_path / "source.img"
     content = write_layout(source, [("data", MiB + 5), ("hole", 2 * MiB)])
     vol = await make_volume("finishing.img", 4 * MiB)  # room left: a last hole restores it
-    calls: list[tuple[str, str]] = []
-    reading = threading.local()
-    real_run = filereader_module.FileReader.run
-
-    def run(self: Any) -> None:
-        reading.job = True
-        try:
-            real_run(self)
-        finally:
-            reading.job = False
-
-    monkeypatch.setattr(filereader_module.FileReader, "run", run)
+    calls: list[tuple[str, int]] = []
     for name in ("send", "sendHole", "finish"):
         real = getattr(libvirt.virStream, name)
 
         def spy(self: libvirt.virStream, *args: Any, _real: Any = real, _name: str = name) -> Any:
-            job = "reader" if getattr(reading, "job", False) else threading.current_thread().name
-            calls.append((_name, job))
+            calls.append((_name, threading.get_ident()))
             return _real(self, *args)
 
         monkeypatch.setattr(libvirt.virStream, name, spy)
@@ -885,7 +873,9 @@ async def test_upload_finishes_its_stream_in_the_sending_thread(
     monkeypatch.undo()
     assert result.total_bytes == len(content)
     assert [c for c, _ in calls].count("finish") == 1 and calls[-1][0] == "finish"
-    assert {job for _, job in calls} == {"reader"}, "sent or finished outside the reader's job"
+    threads = {thread for _, thread in calls}
+    assert len(threads) == 1, "sent and finished in more than one thread"
+    assert threading.get_ident() not in threads, "sent or finished on the loop's thread"
     if sparse:
         assert calls[-2][0] == "sendHole", "the hole up to the volume's end was not sent"
     got = tmp_path / "back.img"

@@ -13,6 +13,7 @@ from ._open import (
     open_stream,
     start_stream_blocking,
 )
+from ._sender import StreamSender, ThreadSend
 
 __all__ = [
     "AsyncStream",
@@ -33,4 +34,6 @@ __all__ = [
     "check_connection",
     "abort_quietly",
     "stream_connection",
+    "StreamSender",
+    "ThreadSend",
 ]

@@ -9,6 +9,7 @@ __all__ = [
 ]
 
 import asyncio
+import contextlib
 import enum
 import logging
 import warnings
@@ -36,12 +37,12 @@ from .._exceptions import (
     libvirt_error_to_exception,
 )
 from .._workers import (
-    WorkQueue,
     run_in_worker,
     wait_through_cancellation,
 )
 from ._items import DEFAULT_READ_SIZE, MAX_CHUNK, Hole, ReceiveSink, StreamItem
 from ._native import Buffer, Receiver, receiver_for
+from ._sender import StreamSender, ThreadSend
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +67,6 @@ _WRITABLE = libvirt.VIR_STREAM_EVENT_WRITABLE
 _ERROR = libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP
 
 
-_HOLE_WEIGHT = 64  # a hole costs the queue a few bytes, not its length
-
-
 #: recv calls one stream event may make in :meth:`AsyncStream.pump` before it
 #: lets the loop run (a longer burst raises the loop's lag).
 _PUMP_BURST = 4
@@ -88,15 +86,6 @@ class _State(enum.Enum):
     FINISHED = "finished"
     ABORTED = "aborted"
     BROKEN = "broken"
-
-
-def _weight(item: StreamItem) -> int:
-    return _HOLE_WEIGHT if isinstance(item, Hole) else len(item)
-
-
-def _split(item: StreamItem, consumed: int) -> StreamItem:
-    assert isinstance(item, bytes)
-    return item[consumed:]
 
 
 class AsyncStream(anyio.abc.ByteStream):
@@ -128,9 +117,6 @@ class AsyncStream(anyio.abc.ByteStream):
         self._loop = asyncio.get_running_loop()
         self._state = _State.OPEN
         self._closing = False  # finish() or abort() under way
-        # Set by _finish_from_sender (sender thread), read after it on the loop.
-        self._callback_removed_by_sender = False
-        self._finished_by_sender = False
         self._broken_reason: BaseException | None = None
         self._eof = False
         self._write_side_broken: str | None = None
@@ -142,17 +128,9 @@ class AsyncStream(anyio.abc.ByteStream):
         self._read_waiter: asyncio.Future[int] | None = None
         self._write_waiter: asyncio.Future[int] | None = None
         self._subscribed = 0
-        self._sender: WorkQueue[StreamItem] = WorkQueue(
-            self._loop,
-            self._send_item,
-            _weight,
-            limit=write_buffer,
-            split=_split,
-            on_would_block=self._want_writable,
+        self._sender = StreamSender(
+            virstream, self._loop, limit=write_buffer, on_would_block=self._want_writable
         )
-        #: Bytes of data and of holes handed to libvirt so far (sender thread).
-        self.bytes_sent = 0
-        self.hole_bytes_sent = 0
         # Registered through libvirtmod with our own callback data: the remote
         # driver never calls the callback's free function, so the binding's
         # own data (which holds the stream) would leak with it. We clear ours
@@ -176,16 +154,15 @@ class AsyncStream(anyio.abc.ByteStream):
         self._connection = watch_connection(stream_connection(virstream))
         self._unsubscribe_lost = self._connection.subscribe(_weak_connection_lost(self))
 
-    def _send_item(self, item: StreamItem) -> int:
-        """Send one queued item (sender thread: a remote send blocks)."""
-        if isinstance(item, Hole):
-            self.virstream.sendHole(item.length, 0)
-            self.hole_bytes_sent += item.length
-            return _HOLE_WEIGHT
-        sent: int = self.virstream.send(item)
-        if sent > 0:
-            self.bytes_sent += sent
-        return sent
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes of data handed to libvirt so far."""
+        return self._sender.bytes_sent
+
+    @property
+    def hole_bytes_sent(self) -> int:
+        """Bytes of holes handed to libvirt so far."""
+        return self._sender.hole_bytes_sent
 
     # ------------------------------------------------------------------ events
 
@@ -670,31 +647,66 @@ class AsyncStream(anyio.abc.ByteStream):
         if pump is not None and not pump.done.done():
             pump.done.set_exception(self._closed_error("read"))
 
-    def _finish_from_sender(self) -> None:
-        """Finish the stream from the thread that sent its data (blocking).
+    async def send_from_thread(
+        self, produce: Callable[[ThreadSend], object], *, finish: bool = True
+    ) -> None:
+        """Run ``produce(send)`` in a worker thread, sending from that thread.
 
-        For an upload's reader, which sends from its worker thread and has
-        nothing queued: finishing there, right after its last send, saves
-        the two thread hops of :meth:`finish`. The loop must call
-        :meth:`_settle_sender_finish` once that thread's job is over.
+        For producers that block anyway (an upload reading its file): each
+        ``send(item)`` goes to libvirt from the producer's thread, with no
+        hand-off per packet; it returns False once the stream is stopped (the
+        producer should then return). With ``finish``, the stream is finished
+        in that thread right after ``produce`` returns, which saves the two
+        thread hops of :meth:`finish`. A cancellation stops the producer and
+        waits for it before it is raised; the stream is then aborted by the
+        caller (``async with``).
         """
-        # libvirt requires the callback gone before finish. Nothing waits on
-        # it here (the sender sent everything directly); the loop forgets its
-        # data in _settle_sender_finish.
-        if self._callback_data is not None:
-            libvirtmod.virStreamEventRemoveCallback(self.virstream._o)
-            self._callback_removed_by_sender = True
-        self.virstream.finish()
-        self._finished_by_sender = True
+        self._check_open("send")
+        self._check_write_side()
+        if self._writing:
+            raise StreamBusyError("writing to")
+        self._writing = True
+        finished_in_thread = False
 
-    def _settle_sender_finish(self) -> None:
-        """Record what :meth:`_finish_from_sender` did (loop thread, after it)."""
-        if self._callback_removed_by_sender and self._callback_data is not None:
+        def run() -> None:
+            nonlocal finished_in_thread
+            produce(self._sender.send_from_thread)
+            if finish and self._sender.sent_directly and not self._sender.stopped:
+                # libvirt requires the callback gone before finish; the loop
+                # forgets its data once this job is over.
+                libvirtmod.virStreamEventRemoveCallback(self.virstream._o)
+                finished_in_thread = True
+                self.virstream.finish()
+
+        job = run_in_worker(run)
+        try:
+            await asyncio.shield(job)
+        except libvirt.libvirtError as error:
+            self._settle_thread_finish(finished_in_thread, done=False)
+            raise self._mark_broken(error) from error
+        except BaseException:
+            self._sender.stop()
+            while not job.done():
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(job)
+            # Finished meanwhile: too late to abort.
+            self._settle_thread_finish(finished_in_thread, done=job.exception() is None)
+            raise
+        finally:
+            self._writing = False
+        self._settle_thread_finish(finished_in_thread, done=finished_in_thread)
+        self._raise_send_error()
+        if finish and not finished_in_thread:
+            await self.finish()  # some of it went through the queue (a local stream)
+
+    def _settle_thread_finish(self, callback_removed: bool, *, done: bool) -> None:
+        """Record on the loop what :meth:`send_from_thread`'s job did."""
+        if callback_removed and self._callback_data is not None:
             self._unsubscribe_lost()
             self._callback_data.clear()
             self._callback_data = None
             self._subscribed = 0
-        if self._finished_by_sender and self._state is _State.OPEN:
+        if done and self._state is _State.OPEN:
             self._closing = True
             self._sender.release()
             self._state = _State.FINISHED

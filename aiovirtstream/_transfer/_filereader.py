@@ -9,18 +9,12 @@ __all__ = [
 
 import contextlib
 import os
-import threading
 from collections.abc import Iterator
 
 from .._exceptions import (
     TransferError,
 )
-from .._stream import (
-    MAX_CHUNK,
-    AsyncStream,
-    Hole,
-    StreamItem,
-)
+from .._stream import MAX_CHUNK, Hole, StreamItem, ThreadSend
 from ._extents import ZERO_BLOCK_SIZE, Extent, file_extents, zero_runs
 from ._options import ContentHasher
 from ._writebehind import ZERO_CHUNK
@@ -30,14 +24,16 @@ READ_AHEAD = 32 * MAX_CHUNK
 
 
 class FileReader:
-    """Reads a source's extents in a worker thread and queues them to the sender."""
+    """Reads a source's extents in a worker thread and sends them from there.
+
+    :meth:`run` is the producer of :meth:`AsyncStream.send_from_thread`.
+    """
 
     def __init__(
         self,
         fd: int,
         start: int,
         end: int,
-        stream: AsyncStream,
         *,
         walk_extents: bool,
         holes_from: int | None,
@@ -52,29 +48,28 @@ class FileReader:
         self.fd_closed = False
         self._start = start
         self._end = end
-        self._queue = stream._sender
-        self._send = stream._send_item
-        self._finish_stream = stream._finish_from_sender
         self._trailing_hole = trailing_hole  # sent after the source, not hashed
-        self._direct = True
+        self._put: ThreadSend = _never_sent
         self._walk_extents = walk_extents  # find the source's holes (SEEK_DATA/SEEK_HOLE)
         # Holes from this source position on go as holes; before it (all of
         # them, if None) as zeroes, without reading them.
         self._holes_from = holes_from
         self._detect_zeroes = detect_zeroes and holes_from is not None and holes_from < end
         self._hasher = hasher
-        self._stopped = threading.Event()
         self._cache_probe: bytearray | None = bytearray(1)  # None: RWF_NOWAIT not supported
-
-    def stop(self) -> None:
-        self._stopped.set()
 
     def _extents(self) -> Iterator[Extent]:
         if self._walk_extents:
             return file_extents(self._fd, self._start, self._end)
         return iter([Extent(self._start, self._end - self._start, True)])
 
-    def run(self) -> None:
+    def run(self, send: ThreadSend) -> None:
+        """Send the source's range with ``send`` (worker thread); returns early once
+        ``send`` says the stream was stopped."""
+        # Sent from this thread, like libvirt's own sendAll: a second thread
+        # between reading and sending only adds GIL hand-offs. The kernel's
+        # read-ahead (fadvise) keeps the disk busy while a send blocks.
+        self._put = send
         try:
             self._run()
         finally:
@@ -93,28 +88,8 @@ class FileReader:
                     return
             elif not self._send_hole(extent.offset, extent.length):
                 return
-        if self._trailing_hole and not self._put(Hole(self._trailing_hole)):
-            return
-        if self._direct and not self._stopped.is_set():
-            # Nothing went through the queue: finish here, one RPC in this
-            # thread instead of two thread hops for AsyncStream.finish().
-            self._finish_stream()
-
-    def _put(self, item: StreamItem) -> bool:
-        if self._stopped.is_set():
-            return False
-        if self._direct:
-            # Sent from this thread, like libvirt's own sendAll: a second
-            # thread between reading and sending only added GIL hand-offs
-            # and was slower. The kernel's read-ahead (fadvise)
-            # keeps the disk busy while the send blocks.
-            sent = self._send(item)
-            weight = len(item) if isinstance(item, bytes) else None
-            if weight is None or sent == weight:
-                return True
-            self._direct = False  # a local stream that would block: queue the rest
-            item = item[max(sent, 0) :]  # type: ignore[index]
-        return self._queue.put_blocking(item)
+        if self._trailing_hole:
+            self._put(Hole(self._trailing_hole))
 
     def _send_hole(self, pos: int, length: int) -> bool:
         if self._hasher:
@@ -183,3 +158,7 @@ class FileReader:
                     return False
             pos += len(data)
         return True
+
+
+def _never_sent(item: StreamItem) -> bool:
+    raise AssertionError("FileReader.run() sets the send function")

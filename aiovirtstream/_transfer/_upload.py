@@ -7,8 +7,6 @@ __all__ = [
     "UploadSource",
 ]
 
-import asyncio
-import contextlib
 import errno
 import functools
 import os
@@ -28,7 +26,6 @@ from .._exceptions import (
 )
 from .._stream import (
     MAX_CHUNK,
-    AsyncStream,
     abort_quietly,
     adopt_stream,
     check_stream_events,
@@ -43,7 +40,6 @@ from .._volume import (
     volume_size,
 )
 from .._workers import (
-    run_in_worker,
     run_or_back_out,
 )
 from ._extents import zero_runs
@@ -248,7 +244,6 @@ async def _upload_file(
             fd,
             position,
             position + amount,
-            stream,
             walk_extents=options.sparse,
             holes_from=plan.holes_from_source(options.offset, position),
             detect_zeroes=options.detect_zeroes,
@@ -259,33 +254,13 @@ async def _upload_file(
         counts = lambda: (stream.bytes_sent, stream.hole_bytes_sent)  # noqa: E731
         async with options.reporter(counts, amount) as reporter:
             async with stream:
-                await run_reader(reader, stream)
+                await stream.send_from_thread(reader.run)
             await check_upload_stored(vol, options.offset + amount)
             await reporter.final()
         return options.result(stream.bytes_sent, amount - stream.bytes_sent, hasher)
     finally:
         if owned and not (reader is not None and reader.fd_closed):
             os.close(fd)  # only when the reader never ran: an error before sending
-
-
-async def run_reader(reader: FileReader, stream: AsyncStream) -> None:
-    """Run the reading and sending job; on cancellation stop it before letting go."""
-    future = run_in_worker(reader.run)
-    try:
-        await asyncio.shield(future)
-    except libvirt.libvirtError as error:
-        stream._settle_sender_finish()
-        raise stream._mark_broken(error) from error
-    except BaseException:
-        reader.stop()
-        stream._sender.stop()
-        while not future.done():
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(future)
-        stream._settle_sender_finish()  # finished meanwhile: too late to abort
-        raise
-    stream._settle_sender_finish()
-    stream._raise_send_error()
 
 
 async def _iter_file(file_obj: IO[bytes]) -> AsyncIterable[bytes]:
