@@ -1,7 +1,7 @@
-"""``python -m aiovirtstream``: the command line (see :mod:`aiovirtstream._cli`)."""
+"""``python -m aiovirtstream``: the command line (see :mod:`aiovirtstream.cli`)."""
 
 import sys
 
-from ._cli import main
+from .cli import main
 
 sys.exit(main())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._copy import copy
 from ._download import DownloadDestination, download
 from ._extents import Extent, file_extents
 from ._options import ProgressCallback, ProgressTarget, TransferProgress, TransferResult
@@ -10,6 +11,7 @@ from ._upload import UploadSource, upload
 __all__ = [
     "upload",
     "download",
+    "copy",
     "UploadSource",
     "DownloadDestination",
     "TransferResult",

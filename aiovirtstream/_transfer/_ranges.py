@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "first_error",
     "StartedDownload",
     "check_not_past",
     "RangeStream",
@@ -255,7 +256,7 @@ async def download_parts(
             except BaseExceptionGroup as errors:
                 # The ranges are ours, not the caller's: one error, as for one
                 # stream (re-raised as it is: its __cause__ stays the libvirtError).
-                raise _first_error(errors)  # noqa: B904
+                raise first_error(errors)  # noqa: B904
         last = max(writers, key=lambda w: w.end)
 
         def complete() -> tuple[int, int]:
@@ -271,7 +272,7 @@ async def download_parts(
     return data, holes
 
 
-def _first_error(errors: BaseExceptionGroup[BaseException]) -> BaseException:
+def first_error(errors: BaseExceptionGroup[BaseException]) -> BaseException:
     """The error that failed a download's ranges: the first that is not the
     cancellation of the ranges that had to stop because of it."""
     leaves: list[BaseException] = []
