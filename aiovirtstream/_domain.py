@@ -28,7 +28,7 @@ import libvirt
 from ._connection import map_connection_errors
 from ._exceptions import ScreenshotTooLargeError
 from ._stream import AsyncStream, open_stream
-from ._workers import run_to_the_end
+from ._workers import run_to_the_end, runner_for
 
 #: The default limit of a screenshot's size: an uncompressed 4096 x 4096
 #: RGBA image; a 4K screen in PPM (uncompressed RGB) is 24 MiB.
@@ -68,7 +68,7 @@ async def lookup_domain(
         return conn.lookupByName(key)
 
     with map_connection_errors(conn, context=f"cannot find domain {key!r}"):
-        return await run_to_the_end(lookup)
+        return await run_to_the_end(lookup, runner_for(conn))
 
 
 async def open_console(

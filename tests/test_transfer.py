@@ -646,6 +646,7 @@ async def test_the_next_download_receives_into_the_slots_of_the_last(
     """Slots go back to the process's pool; reused, they hold the last download's
     bytes, none of which may reach the next one's file (odd extents, holes)."""
     from aiovirtstream._transfer import _slots
+    from aiovirtstream._transfer._slots import SlotAccount
 
     pool = _slots.SlotPool()
     monkeypatch.setattr("aiovirtstream._transfer._writebehind.slot_pool", pool)
@@ -661,9 +662,10 @@ async def test_the_next_download_receives_into_the_slots_of_the_last(
     taken: list[int] = []
     real_take = pool.take
 
-    def spy_take() -> memoryview:
-        slot = real_take()
-        taken.append(id(slot))
+    def spy_take(account: SlotAccount) -> memoryview | None:
+        slot = real_take(account)
+        if slot is not None:
+            taken.append(id(slot))
         return slot
 
     monkeypatch.setattr(pool, "take", spy_take)

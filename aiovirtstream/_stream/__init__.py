@@ -13,7 +13,7 @@ from ._open import (
     open_stream,
     start_stream_blocking,
 )
-from ._sender import StreamSender, ThreadSend
+from ._sender import StreamSender
 
 __all__ = [
     "AsyncStream",
@@ -35,5 +35,4 @@ __all__ = [
     "abort_quietly",
     "stream_connection",
     "StreamSender",
-    "ThreadSend",
 ]

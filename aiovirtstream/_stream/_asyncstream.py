@@ -9,12 +9,11 @@ __all__ = [
 ]
 
 import asyncio
-import contextlib
 import enum
 import logging
 import warnings
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
@@ -38,11 +37,12 @@ from .._exceptions import (
 )
 from .._workers import (
     run_in_worker,
+    runner_for,
     wait_through_cancellation,
 )
 from ._items import DEFAULT_READ_SIZE, MAX_CHUNK, Hole, ReceiveSink, StreamItem
 from ._native import Buffer, Receiver, receiver_for
-from ._sender import StreamSender, ThreadSend
+from ._sender import StreamSender
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ class AsyncStream(anyio.abc.ByteStream):
         self._loop = asyncio.get_running_loop()
         self._state = _State.OPEN
         self._closing = False  # finish() or abort() under way
+        self._abort_sent = False
         self._broken_reason: BaseException | None = None
         self._eof = False
         self._write_side_broken: str | None = None
@@ -128,8 +129,14 @@ class AsyncStream(anyio.abc.ByteStream):
         self._read_waiter: asyncio.Future[int] | None = None
         self._write_waiter: asyncio.Future[int] | None = None
         self._subscribed = 0
+        # Every blocking call of this stream runs on its connection's runner.
+        self._runner = runner_for(stream_connection(virstream))
         self._sender = StreamSender(
-            virstream, self._loop, limit=write_buffer, on_would_block=self._want_writable
+            virstream,
+            self._loop,
+            runner=self._runner,
+            limit=write_buffer,
+            on_would_block=self._want_writable,
         )
         # Registered through libvirtmod with our own callback data: the remote
         # driver never calls the callback's free function, so the binding's
@@ -647,69 +654,36 @@ class AsyncStream(anyio.abc.ByteStream):
         if pump is not None and not pump.done.done():
             pump.done.set_exception(self._closed_error("read"))
 
-    async def send_from_thread(
-        self, produce: Callable[[ThreadSend], object], *, finish: bool = True
-    ) -> None:
-        """Run ``produce(send)`` in a worker thread, sending from that thread.
+    async def send_all(self, items: Iterator[StreamItem]) -> None:
+        """Send every item of ``items``, pulled on the connection's runner.
 
-        For producers that block anyway (an upload reading its file): each
-        ``send(item)`` goes to libvirt from the producer's thread, with no
-        hand-off per packet; it returns False once the stream is stopped (the
-        producer should then return). With ``finish``, the stream is finished
-        in that thread right after ``produce`` returns, which saves the two
-        thread hops of :meth:`finish`. A cancellation stops the producer and
-        waits for it before it is raised; the stream is then aborted by the
-        caller (``async with``).
+        For producers that block anyway (an upload reading its file): the
+        runner does their work, a few packets at a time in turn with the
+        connection's other streams, with no hand-off per packet. Returns once
+        all was handed to libvirt; :meth:`finish` follows. What ``items``
+        raises is raised here as it is; a failed send raises
+        :class:`StreamBrokenError`. A cancellation stops the sending (the
+        caller's ``async with`` then aborts the stream).
         """
         self._check_open("send")
         self._check_write_side()
         if self._writing:
             raise StreamBusyError("writing to")
         self._writing = True
-        finished_in_thread = False
-
-        def run() -> None:
-            nonlocal finished_in_thread
-            produce(self._sender.send_from_thread)
-            if finish and self._sender.sent_directly and not self._sender.stopped:
-                # libvirt requires the callback gone before finish; the loop
-                # forgets its data once this job is over.
-                libvirtmod.virStreamEventRemoveCallback(self.virstream._o)
-                finished_in_thread = True
-                self.virstream.finish()
-
-        job = run_in_worker(run)
         try:
-            await asyncio.shield(job)
-        except libvirt.libvirtError as error:
-            self._settle_thread_finish(finished_in_thread, done=False)
-            raise self._mark_broken(error) from error
+            self._sender.feed(items)
+            await self._sender.join()
         except BaseException:
             self._sender.stop()
-            while not job.done():
-                with contextlib.suppress(BaseException):
-                    await asyncio.shield(job)
-            # Finished meanwhile: too late to abort.
-            self._settle_thread_finish(finished_in_thread, done=job.exception() is None)
             raise
         finally:
             self._writing = False
-        self._settle_thread_finish(finished_in_thread, done=finished_in_thread)
+        self._check_open("send")
+        error = self._sender.error
+        if error is not None and not isinstance(error, libvirt.libvirtError):
+            self._write_side_broken = f"sending stopped: {error}"
+            raise error
         self._raise_send_error()
-        if finish and not finished_in_thread:
-            await self.finish()  # some of it went through the queue (a local stream)
-
-    def _settle_thread_finish(self, callback_removed: bool, *, done: bool) -> None:
-        """Record on the loop what :meth:`send_from_thread`'s job did."""
-        if callback_removed and self._callback_data is not None:
-            self._unsubscribe_lost()
-            self._callback_data.clear()
-            self._callback_data = None
-            self._subscribed = 0
-        if done and self._state is _State.OPEN:
-            self._closing = True
-            self._sender.release()
-            self._state = _State.FINISHED
 
     async def finish(self) -> None:
         """Send everything queued, then tell the daemon the stream is complete.
@@ -729,7 +703,7 @@ class AsyncStream(anyio.abc.ByteStream):
                 await self._abort()
                 raise
             self._remove_callback()
-            done = run_in_worker(self.virstream.finish)
+            done = run_in_worker(self.virstream.finish, self._runner)
             cancelled = await wait_through_cancellation(done)
             try:
                 done.result()
@@ -758,6 +732,9 @@ class AsyncStream(anyio.abc.ByteStream):
             await self._abort()
 
     async def _abort(self) -> None:
+        if self._abort_sent:
+            return  # a broken stream aborted once already
+        self._abort_sent = True
         self._closing = True
         was_broken = self._state is _State.BROKEN
         self._state = _State.ABORTED if not was_broken else _State.BROKEN
@@ -765,7 +742,6 @@ class AsyncStream(anyio.abc.ByteStream):
         self._remove_callback()
 
         def abort_blocking() -> None:
-            self._sender.wait_idle_blocking()  # a send in flight ends first
             try:
                 self.virstream.abort()
             except libvirt.libvirtError as error:
@@ -779,7 +755,8 @@ class AsyncStream(anyio.abc.ByteStream):
         # daemon to read it): against a stopped daemon that lasts until the
         # keepalive gives up. Wait a little, then let it end in the background
         # so that a cancellation or a timeout is not held up.
-        done = run_in_worker(abort_blocking)
+        # On the connection's runner: after the send under way, if one is.
+        done = run_in_worker(abort_blocking, self._runner)
         # asyncio.wait, not wait_for: it neither cancels the abort nor, on
         # Python 3.11, swallows a cancellation that lands as the abort ends.
         finished, _ = await asyncio.wait({done}, timeout=self.abort_wait)
@@ -807,8 +784,10 @@ class AsyncStream(anyio.abc.ByteStream):
         if exc_type is None and self._state is _State.OPEN:
             try:
                 await self.finish()
-            except asyncio.CancelledError:
-                await self.abort()  # asyncio's cancellation interrupted the queue's drain
+            except BaseException:
+                # A cancellation interrupted the queue's drain, or the daemon
+                # refused the finish: either way the stream is abandoned.
+                await self.abort()
                 raise
         else:
             await self.abort()

@@ -26,8 +26,9 @@ from .._exceptions import (
 from .._workers import (
     run_or_back_out,
     run_to_the_end,
+    runner_for,
 )
-from ._asyncstream import DEFAULT_WRITE_BUFFER, AsyncStream, logger
+from ._asyncstream import DEFAULT_WRITE_BUFFER, AsyncStream, logger, stream_connection
 
 
 async def open_stream(
@@ -53,6 +54,7 @@ async def open_stream(
     virstream, result = await run_or_back_out(
         lambda: start_stream_blocking(conn, start, description),
         lambda started: abort_quietly(started[0]),
+        runner_for(conn),
     )
     return await adopt_stream(
         virstream, result, sparse=sparse, description=description, write_buffer=write_buffer
@@ -116,7 +118,9 @@ async def adopt_stream(
         )
     except EventLoopNotRegisteredError:
         with anyio.CancelScope(shield=True):
-            await run_to_the_end(lambda: abort_quietly(virstream))
+            await run_to_the_end(
+                lambda: abort_quietly(virstream), runner_for(stream_connection(virstream))
+            )
         raise
     stream.start_result = start_result
     return stream

@@ -9,12 +9,13 @@ __all__ = [
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 
 from .._exceptions import (
     TransferError,
 )
-from .._stream import MAX_CHUNK, Hole, StreamItem, ThreadSend
+from .._stream import MAX_CHUNK, Hole, StreamItem
 from ._extents import ZERO_BLOCK_SIZE, Extent, file_extents, zero_runs
 from ._options import ContentHasher
 from ._writebehind import ZERO_CHUNK
@@ -24,9 +25,11 @@ READ_AHEAD = 32 * MAX_CHUNK
 
 
 class FileReader:
-    """Reads a source's extents in a worker thread and sends them from there.
+    """Reads a source's range, its data and its holes, as a stream's items.
 
-    :meth:`run` is the producer of :meth:`AsyncStream.send_from_thread`.
+    :meth:`items` is what :meth:`AsyncStream.send_all` sends. With
+    ``close_fd`` the file is the reader's: closed when the items end or are
+    dropped, or by :meth:`close_unless_started` if they never started.
     """
 
     def __init__(
@@ -44,12 +47,11 @@ class FileReader:
     ) -> None:
         self._fd = fd
         self._close_fd = close_fd  # close it in the worker once read (no syscall on the loop)
-        #: The worker has closed the fd (``close_fd``): the caller must not.
-        self.fd_closed = False
+        self._started = False
+        self._lock = threading.Lock()
         self._start = start
         self._end = end
         self._trailing_hole = trailing_hole  # sent after the source, not hashed
-        self._put: ThreadSend = _never_sent
         self._walk_extents = walk_extents  # find the source's holes (SEEK_DATA/SEEK_HOLE)
         # Holes from this source position on go as holes; before it (all of
         # them, if None) as zeroes, without reading them.
@@ -63,35 +65,46 @@ class FileReader:
             return file_extents(self._fd, self._start, self._end)
         return iter([Extent(self._start, self._end - self._start, True)])
 
-    def run(self, send: ThreadSend) -> None:
-        """Send the source's range with ``send`` (worker thread); returns early once
-        ``send`` says the stream was stopped."""
-        # Sent from this thread, like libvirt's own sendAll: a second thread
-        # between reading and sending only adds GIL hand-offs. The kernel's
-        # read-ahead (fadvise) keeps the disk busy while a send blocks.
-        self._put = send
+    def items(self) -> Iterator[StreamItem]:
+        """The source's range as packets and holes, read as they are pulled.
+
+        Pulled by the connection's runner (:meth:`AsyncStream.send_all`), like
+        libvirt's own sendAll reads and sends in one thread; the kernel's
+        read-ahead (fadvise) keeps the disk busy while a send blocks. The
+        file is closed (``close_fd``) once the items end or are dropped.
+        """
+        with self._lock:
+            if self._started:
+                raise RuntimeError("the items of a FileReader are read once")
+            self._started = True
         try:
-            self._run()
+            yield from self._items()
         finally:
             if self._close_fd:
-                self.fd_closed = True
                 os.close(self._fd)
 
-    def _run(self) -> None:
+    def close_unless_started(self) -> None:
+        """Close the file (``close_fd``) if :meth:`items` never started; it closes it otherwise."""
+        with self._lock:
+            if self._started or not self._close_fd:
+                return
+            self._started = True  # nothing may read it any more
+        os.close(self._fd)
+
+    def _items(self) -> Iterator[StreamItem]:
         with contextlib.suppress(OSError):  # advice only
             os.posix_fadvise(
                 self._fd, self._start, self._end - self._start, os.POSIX_FADV_SEQUENTIAL
             )
         for extent in self._extents():
             if extent.data:
-                if not self._send_data(extent):
-                    return
-            elif not self._send_hole(extent.offset, extent.length):
-                return
+                yield from self._data(extent)
+            else:
+                yield from self._hole(extent.offset, extent.length)
         if self._trailing_hole:
-            self._put(Hole(self._trailing_hole))
+            yield Hole(self._trailing_hole)
 
-    def _send_hole(self, pos: int, length: int) -> bool:
+    def _hole(self, pos: int, length: int) -> Iterator[StreamItem]:
         if self._hasher:
             self._hasher.hole(length)
         zeroes = length
@@ -99,11 +112,11 @@ class FileReader:
             zeroes = min(max(self._holes_from - pos, 0), length)
         while zeroes > 0:
             step = min(zeroes, MAX_CHUNK)
-            if not self._put(ZERO_CHUNK[:step]):
-                return False
+            yield ZERO_CHUNK[:step]
             zeroes -= step
             length -= step
-        return length == 0 or self._put(Hole(length))
+        if length:
+            yield Hole(length)
 
     def _read_ahead(self, pos: int, length: int) -> None:
         """Ask the kernel to read ``[pos, pos + length)`` ahead, unless it is cached.
@@ -126,7 +139,7 @@ class FileReader:
         with contextlib.suppress(OSError):  # advice only
             os.posix_fadvise(self._fd, pos, length, os.POSIX_FADV_WILLNEED)
 
-    def _send_data(self, extent: Extent) -> bool:
+    def _data(self, extent: Extent) -> Iterator[StreamItem]:
         pos, end = extent.offset, extent.end
         # Reads stay aligned to MAX_CHUNK-sized pieces of the extent; with
         # detect_zeroes they are aligned to zero blocks as well.
@@ -147,18 +160,11 @@ class FileReader:
                     if part.data:
                         if self._hasher:
                             self._hasher.data(piece)
-                        if not self._put(piece):
-                            return False
-                    elif not self._send_hole(part.offset, part.length):
-                        return False
+                        yield piece
+                    else:
+                        yield from self._hole(part.offset, part.length)
             else:
                 if self._hasher:
                     self._hasher.data(data)
-                if not self._put(data):
-                    return False
+                yield data
             pos += len(data)
-        return True
-
-
-def _never_sent(item: StreamItem) -> bool:
-    raise AssertionError("FileReader.run() sets the send function")

@@ -29,6 +29,7 @@ from .._volume import (
 )
 from .._workers import (
     run_to_the_end,
+    runner_for,
 )
 from ._options import TransferOptions
 from ._writebehind import logger
@@ -57,7 +58,7 @@ async def plan_upload(
     vol: libvirt.virStorageVol, options: TransferOptions, amount: int | None
 ) -> UploadPlan:
     """:func:`make_upload_plan` with the volume's size asked off the loop."""
-    size = await run_to_the_end(functools.partial(volume_size, vol))
+    size = await run_to_the_end(functools.partial(volume_size, vol), runner_for(vol.connect()))
     return make_upload_plan(options, amount, "the upload source", size)
 
 
@@ -176,4 +177,4 @@ def size_restoring_hole(plan: UploadPlan, sent: int) -> int:
 
 async def check_upload_stored(vol: libvirt.virStorageVol, end: int) -> None:
     """:func:`check_stored` off the loop."""
-    await run_to_the_end(functools.partial(check_stored, vol, end))
+    await run_to_the_end(functools.partial(check_stored, vol, end), runner_for(vol.connect()))

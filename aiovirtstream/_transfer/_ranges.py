@@ -48,6 +48,7 @@ from .._volume import (
 from .._workers import (
     run_or_back_out,
     run_to_the_end,
+    runner_for,
     submit_to_worker,
     wait_through_cancellation,
 )
@@ -111,9 +112,17 @@ class StartedDownload:
 
 
 def _abort_when_started(futures: list[concurrent.futures.Future[libvirt.virStream]]) -> None:
+    """Abort each stream once its start is done, in the thread that ends it.
+
+    Never waits: the starts may be queued behind the caller on the same runner.
+    """
     for future in futures:
-        with contextlib.suppress(BaseException):
-            abort_quietly(future.result())
+        future.add_done_callback(_abort_started)
+
+
+def _abort_started(future: concurrent.futures.Future[libvirt.virStream]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        abort_quietly(future.result())
 
 
 async def start_download(
@@ -147,7 +156,7 @@ async def start_download(
         if undo is not None:
             undo(prepared)
 
-    return await run_or_back_out(job, back_out)
+    return await run_or_back_out(job, back_out, runner_for(vol.connect()))
 
 
 def _start_download_blocking(
@@ -155,9 +164,9 @@ def _start_download_blocking(
 ) -> StartedDownload:
     """The volume's size, the ranges, and their streams starting (worker thread).
 
-    The first range's stream starts in this thread, the others at the same
-    time in threads of their own; each range is received as soon as its
-    stream is there (waiting for the others first made downloads slower).
+    The first range's stream starts in this job, the others in jobs of their
+    own on the same runner; each range is received as soon as its stream is
+    there (waiting for the others first made downloads slower).
     """
     total = check_download_range(volume_size(vol), options.offset, options.length)
     streams = 1 if one_stream or total is None else streams_for(options, total)
@@ -168,7 +177,8 @@ def _start_download_blocking(
         functools.partial(start_volume_download, vol, offset, length, options.sparse)
         for (offset, _), length in zip(parts, lengths, strict=True)
     ]
-    others = [submit_to_worker(start) for start in starts[1:]]
+    runner = runner_for(vol.connect())
+    others = [submit_to_worker(start, runner) for start in starts[1:]]
     try:
         first = starts[0]()
     except BaseException:
@@ -188,6 +198,7 @@ class RangeStream:
         starting: concurrent.futures.Future[libvirt.virStream] | None,
     ) -> None:
         self._vol = vol
+        self._runner = runner_for(vol.connect())
         self._sparse = sparse
         self._virstream = virstream
         self._starting = starting
@@ -224,9 +235,9 @@ class RangeStream:
         starting, self._starting = self._starting, None
         virstream, self._virstream = self._virstream, None
         if starting is not None:
-            await run_to_the_end(functools.partial(_abort_when_started, [starting]))
+            await run_to_the_end(functools.partial(_abort_when_started, [starting]), self._runner)
         elif virstream is not None:
-            await run_to_the_end(functools.partial(abort_quietly, virstream))
+            await run_to_the_end(functools.partial(abort_quietly, virstream), self._runner)
 
 
 async def download_parts(

@@ -41,6 +41,7 @@ from .._volume import (
 )
 from .._workers import (
     run_or_back_out,
+    runner_for,
 )
 from ._extents import zero_runs
 from ._filereader import FileReader
@@ -224,7 +225,9 @@ async def _upload_file(
 ) -> TransferResult:
     check_stream_events(vol.connect())
     start = await run_or_back_out(
-        lambda: _open_and_start_upload(source, vol, options), _UploadStart.back_out
+        lambda: _open_and_start_upload(source, vol, options),
+        _UploadStart.back_out,
+        runner_for(vol.connect()),
     )
     fd, position, owned = start.fd, start.position, start.owned
     amount, plan = start.amount, start.plan
@@ -254,13 +257,15 @@ async def _upload_file(
         counts = lambda: (stream.bytes_sent, stream.hole_bytes_sent)  # noqa: E731
         async with options.reporter(counts, amount) as reporter:
             async with stream:
-                await stream.send_from_thread(reader.run)
+                await stream.send_all(reader.items())
             await check_upload_stored(vol, options.offset + amount)
             await reporter.final()
         return options.result(stream.bytes_sent, amount - stream.bytes_sent, hasher)
     finally:
-        if owned and not (reader is not None and reader.fd_closed):
-            os.close(fd)  # only when the reader never ran: an error before sending
+        if reader is not None:
+            reader.close_unless_started()
+        elif owned:
+            os.close(fd)  # an error before the reader was made
 
 
 async def _iter_file(file_obj: IO[bytes]) -> AsyncIterable[bytes]:

@@ -20,7 +20,7 @@ import libvirt
 
 from .._connection import map_connection_errors
 from .._stream import DEFAULT_WRITE_BUFFER, AsyncStream, open_stream, start_stream_blocking
-from .._workers import run_to_the_end
+from .._workers import run_to_the_end, runner_for
 from ._size import (
     check_download_range,
     check_not_negative,
@@ -182,4 +182,4 @@ async def lookup_volume(
 
     where = f"in pool {pool!r}" if pool is not None else "by path or key"
     with map_connection_errors(conn, context=f"cannot find volume {name_or_path!r} {where}"):
-        return await run_to_the_end(lookup)
+        return await run_to_the_end(lookup, runner_for(conn))
