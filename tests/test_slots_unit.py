@@ -39,7 +39,7 @@ def test_new_slots_are_page_aligned_and_writable() -> None:
 def test_the_slot_given_back_last_is_taken_first() -> None:
     pool = SlotPool(keep=4)
     account = pool.open_account()
-    first, second = pool.take(account), pool.take(account)
+    first, second = take(pool, account), take(pool, account)
     pool.give_back([first, second])
     assert len(pool) == 2
     assert pool.take(account) is second

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Iterator
 
@@ -25,12 +26,17 @@ async def test_a_runner_runs_its_jobs_in_order_in_one_thread_that_ends_when_idle
         seen.append((n, threading.get_ident()))
         return n
 
-    results = await asyncio.gather(*(run_in_worker(lambda n=n: job(n), runner) for n in range(20)))
+    results = await asyncio.gather(
+        *(run_in_worker(functools.partial(job, n), runner) for n in range(20))
+    )
     assert results == list(range(20))
     assert [n for n, _ in seen] == list(range(20))
     assert len({thread for _, thread in seen}) == 1
     assert threading.get_ident() not in {thread for _, thread in seen}
-    names = lambda: [t.name for t in threading.enumerate()]  # noqa: E731
+
+    def names() -> list[str]:
+        return [thread.name for thread in threading.enumerate()]
+
     for _ in range(100):
         if "test-runner" not in names():
             break
@@ -53,10 +59,10 @@ async def test_queues_on_one_runner_take_turns() -> None:
     runner = SerialRunner("test-turns")
     loop = asyncio.get_running_loop()
     order: list[str] = []
-    queues = {
+    queues: dict[str, WorkQueue[str]] = {
         name: WorkQueue(
             loop,
-            lambda item, name=name: order.append(name),
+            order.append,
             lambda _: 1,
             limit=100,
             runner=runner,
