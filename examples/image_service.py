@@ -14,7 +14,9 @@ it (transfers under way get ``--shutdown-timeout`` seconds, then are aborted).
 
 Try it against a private libvirt daemon: ``aiovirtstream sandbox --pool
 images`` prints the sandbox's URI; pass it as ``--connect``, make a volume
-(``virsh -c URI vol-create-as images disk.img 1G --format raw``), then::
+(``virsh -c URI vol-create-as images disk.img 1G --allocation 0 --format raw``:
+without ``--allocation 0`` it is preallocated, and zeroes are then stored as data),
+then::
 
     curl -T disk.img http://127.0.0.1:8080/volumes/images/disk.img
     curl -r 0-1023 http://127.0.0.1:8080/volumes/images/disk.img | xxd | head
@@ -36,6 +38,7 @@ import logging
 import re
 import signal
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from xml.etree import ElementTree
@@ -191,7 +194,7 @@ class ImageService:
         self.uri = uri
         self._conn: libvirt.virConnect | None = None
         self._connecting = asyncio.Lock()
-        self._uploading: set[tuple[str, str]] = set()
+        self._uploading: Counter[tuple[str, str]] = Counter()  # PUTs under way, by volume
 
     async def connection(self) -> libvirt.virConnect:
         async with self._connecting:
@@ -233,7 +236,7 @@ class ImageService:
                 f"({size.streamed} bytes): resize it or send less"
             )
         key = (request.match_info["pool"], request.match_info["name"])
-        self._uploading.add(key)
+        self._uploading[key] += 1
         try:
             result = await avs.upload(
                 vol,
@@ -243,10 +246,16 @@ class ImageService:
                 detect_zeroes=True,
             )
         except BaseException as error:
-            logger.error("PUT %s/%s: the upload was aborted (%s)", *key, type(error).__name__)
+            logger.error(
+                "PUT %s/%s: not stored, the upload was refused or aborted (%s)",
+                *key,
+                type(error).__name__,
+            )
             raise
         finally:
-            self._uploading.discard(key)
+            self._uploading[key] -= 1
+            if not self._uploading[key]:
+                del self._uploading[key]
         logger.info(
             "PUT %s/%s: %d bytes at offset %d stored (%d data, %d as holes) in %.2f s",
             *key,
@@ -267,9 +276,11 @@ class ImageService:
         )
 
     async def head(self, request: web.Request) -> web.StreamResponse:
+        """The headers a GET would have: the size, and that ranges are served."""
         _, size = await self.volume(request)
-        response = web.Response(headers=_download_headers())
+        response = web.StreamResponse(headers=_download_headers())
         response.content_length = size.streamed
+        await response.prepare(request)
         return response
 
     async def get(self, request: web.Request) -> web.StreamResponse:

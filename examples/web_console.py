@@ -11,9 +11,9 @@ the server stops; SIGINT/SIGTERM stop it too, telling every tab.
 Needs aiohttp (``pip install 'aiovirtstream[examples]'``). Against a private
 daemon and the test guest (its console answers what it reads upper-cased)::
 
-    aiovirtstream sandbox --full --guest       # prints the URIs; Ctrl+C stops it
+    aiovirtstream sandbox --full --guest    # prints "uri: URI", "guest: guest"; Ctrl+C stops
     python examples/web_console.py --connect URI --domain guest --port 8080
-    # open http://127.0.0.1:8080/ in as many tabs as you like, type, Ctrl+J for a newline
+    # open http://127.0.0.1:8080/ in as many tabs as you like; Enter sends CR, Ctrl+J LF
 
 or from Python, with ``aiovirtstream.testing``::
 
@@ -23,7 +23,8 @@ or from Python, with ``aiovirtstream.testing``::
 
 It listens on 127.0.0.1 unless told otherwise: there is no authentication,
 anyone who can reach the port can type on the guest's console (WebSockets from
-pages of other origins are refused). ``--port 0`` picks a free port; the first
+pages of other origins, or on loopback to a name that is not a loopback one,
+are refused). ``--port 0`` picks a free port; the first
 line printed says which one (``serving http://HOST:PORT/``).
 """
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import logging
 import signal
@@ -90,6 +92,12 @@ class Tab:
             self.farewell = {"type": kind, "reason": reason}
             self.wake.set()
 
+    def drop(self, reason: str) -> None:
+        """Forget the queued output, send ``{"type": "closed", "reason": reason}``, close."""
+        self.pending.clear()
+        self.pending_bytes = 0
+        self.say_goodbye("closed", reason)
+
     async def send_loop(self) -> None:
         """Deliver queued output in frames of up to MAX_FRAME; close after the farewell."""
         try:
@@ -120,9 +128,13 @@ class Tab:
 class ConsoleHub:
     """Fan the console's output out to every tab; any tab's input goes to the guest."""
 
-    def __init__(self, console: avs.AsyncStream, domain_name: str) -> None:
+    def __init__(
+        self, console: avs.AsyncStream, domain_name: str, *, loopback_only: bool = True
+    ) -> None:
         self.console = console
         self.domain_name = domain_name
+        #: Refuse WebSockets whose Host is not a loopback name (DNS rebinding).
+        self.loopback_only = loopback_only
         self.tabs: dict[Tab, asyncio.Task[None]] = {}
         self.history = bytearray()
         self.write_lock = asyncio.Lock()  # one writer at a time on the console
@@ -137,7 +149,7 @@ class ConsoleHub:
                 for tab in list(self.tabs):
                     if tab.farewell is None and not tab.push(chunk):
                         log.warning("tab %s too slow: disconnected", tab.peer)
-                        tab.say_goodbye("closed", "this tab fell behind the console's output")
+                        tab.drop("this tab fell behind the console's output")
             reason = "the guest closed its console (domain shut down or destroyed)"
         except avs.ConnectionLostError as error:
             reason = f"the connection to libvirt was lost: {error}"
@@ -158,8 +170,9 @@ class ConsoleHub:
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         """GET /ws: guest output as binary frames out, binary frames in as input."""
-        if not _same_origin(request):
-            log.warning("refused a WebSocket from origin %s", request.headers.get("Origin"))
+        if not _allowed(request, loopback_only=self.loopback_only):
+            origin, host = request.headers.get("Origin"), request.host
+            log.warning("refused a WebSocket from origin %s to host %s", origin, host)
             raise web.HTTPForbidden(text="WebSocket from another origin refused\n")
         ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=MAX_FRAME)
         await ws.prepare(request)
@@ -205,12 +218,28 @@ def make_app(hub: ConsoleHub) -> web.Application:
     return app
 
 
-def _same_origin(request: web.Request) -> bool:
-    """A browser sends Origin with every WebSocket; it must name this server."""
+def _allowed(request: web.Request, *, loopback_only: bool) -> bool:
+    """A browser sends Origin with every WebSocket: it must be the page's own.
+
+    On loopback, the Host must be a loopback name too: a page whose DNS name
+    was rebound to 127.0.0.1 is same-origin with itself, not with us.
+    """
     origin = request.headers.get("Origin")
     if origin is None:
         return True  # not a browser: nothing to protect against
-    return urlsplit(origin).netloc.lower() == (request.host or "").lower()
+    host = (request.host or "").lower()
+    if urlsplit(origin).netloc.lower() != host:
+        return False
+    return not loopback_only or _is_loopback(urlsplit(f"//{host}").hostname or "")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _peer(request: web.Request) -> str:
@@ -251,7 +280,7 @@ async def main(
         # Leaving `async with` ends the console stream and releases it, so the
         # console can be opened again (without force) once we are gone.
         async with await avs.open_console(domain, args.device, force=args.force) as console:
-            hub = ConsoleHub(console, args.domain)
+            hub = ConsoleHub(console, args.domain, loopback_only=_is_loopback(args.host))
             runner = web.AppRunner(make_app(hub), handle_signals=False, access_log=None)
             await runner.setup()
             reason = "stopped"
@@ -292,4 +321,8 @@ async def main(
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    print(f"web console stopped: {anyio.run(main)}", flush=True)
+    try:
+        stopped = anyio.run(main)
+    except (avs.AioVirtStreamError, OSError) as error:  # no such domain, port taken, ...
+        sys.exit(f"web console: {error}")
+    print(f"web console stopped: {stopped}", flush=True)

@@ -371,3 +371,33 @@ def test_ctrl_c_and_sigterm_end_a_download(
     assert drawn.endswith(said) and "Traceback" not in drawn
     assert ERASE_LINE in drawn[drawn.rindex("download big.img") :]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_copy_between_two_daemons(
+    libvirt_sandbox: Sandbox, libvirt_pool: PoolInfo, tmp_path: Path
+) -> None:
+    """``copy --from URI --to URI``: a volume into one of another daemon, holes kept."""
+    libvirt_sandbox.create_volume(libvirt_pool, "src.img", 8 * MiB)
+    source = tmp_path / "in.img"
+    content = sparse_source(source)
+    uri = libvirt_sandbox.uri
+    assert run_cli("upload", "-c", uri, "src.img", str(source), "-q").returncode == 0
+    with Sandbox() as other:
+        pool = other.create_pool("there")
+        other.create_volume(pool, "dst.img", 8 * MiB)
+        done = run_cli(
+            *("copy", "--from", uri, "--to", other.uri, "src.img", "dst.img"),
+            *("--to-pool", "there", "--json", "--checksum"),
+        )
+        assert done.returncode == 0, done.stderr
+        [obj] = [json.loads(line) for line in done.stdout.splitlines()]
+        assert obj["verb"] == "copy" and obj["to_volume"] == "dst.img"
+        assert obj["pool"] == libvirt_pool.name and obj["to_pool"] == "there"
+        assert obj["sha256"] == hashlib.sha256(content).hexdigest()
+        assert obj["hole_bytes"] >= 6 * MiB
+        back = run_cli("download", "-c", other.uri, "dst.img", str(tmp_path / "back"), "-q")
+        assert back.returncode == 0, back.stderr
+        assert (tmp_path / "back").read_bytes() == content
+        missing = run_cli("copy", "--from", uri, "--to", other.uri, "src.img", "nope.img")
+        assert missing.returncode == 1
+        assert "nope.img" in error_line(missing.stderr)

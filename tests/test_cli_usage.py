@@ -115,7 +115,7 @@ def test_bad_input_through_main(capsys: pytest.CaptureFixture[str]) -> None:
     )
     assert cli.main(["--help"]) == 0
     shown = capsys.readouterr().out
-    for verb in ("upload", "download", "console", "screenshot", "sandbox", "demo"):
+    for verb in ("upload", "download", "copy", "console", "screenshot", "sandbox", "demo"):
         assert verb in shown
     assert "KiB" in shown and "KB" in shown  # the size suffixes are explained
 

@@ -251,7 +251,9 @@ def _qcow2(path: Path, capacity: int) -> bytes:
     )
     for pattern, offset in ((0x11, 0), (0x22, 40 * MiB)):
         command = f"write -P {pattern} {offset} {MiB}"
-        subprocess.run(["qemu-io", "-f", "qcow2", "-c", command, str(path)], check=True)
+        subprocess.run(
+            ["qemu-io", "-f", "qcow2", "-c", command, str(path)], check=True, capture_output=True
+        )
     return path.read_bytes()
 
 
@@ -336,6 +338,33 @@ async def test_busy_volumes_are_refused(hosts: Hosts) -> None:
         with pytest.raises(avs.VolumeBusyError):
             await avs.copy(dst, src)  # out of a volume being uploaded into
         group.cancel_scope.cancel()
+
+
+async def test_a_volume_is_not_copied_into_itself_through_two_uris(hosts: Hosts) -> None:
+    """Two URIs of one daemon look like two hosts; the file is still the same one."""
+    data = os.urandom(4 * MiB)
+    path = await hosts.source("self.img", len(data), {0: data, 6 * MiB: b"x"})
+    other = await avs.connect(hosts.src_sandbox.uri + "&no_tty=1")
+    try:
+        src = await avs.lookup_volume(hosts.src_conn, "self.img", pool=hosts.src_pool.name)
+        dst = await avs.lookup_volume(other, "self.img", pool=hosts.src_pool.name)
+        with pytest.raises(avs.TransferError, match="cannot be copied into itself"):
+            await avs.copy(src, dst)
+    finally:
+        await avs.aclose_connection(other)
+    assert path.read_bytes()[: len(data)] == data
+
+
+async def test_the_same_path_on_two_hosts_is_copied(hosts: Hosts) -> None:
+    """Volumes at one path on two daemons (the keys agree) are two volumes."""
+    data = os.urandom(2 * MiB)
+    await hosts.source("same.img", len(data), {0: data})
+    dst_path = await hosts.dest("same.img", len(data))
+    src, dst = await hosts.volumes("same.img", "same.img")
+    src_key = src.key()
+    dst.key = lambda: src_key  # as if the sandboxes kept their volumes in one folder
+    await avs.copy(src, dst)
+    assert dst_path.read_bytes() == data
 
 
 # ---------------------------------------------------------------- faults

@@ -182,7 +182,7 @@ async def test_sparse_1_gib_round_trip_and_its_extents(
     async with http.get(f"{url}/extents") as response:
         assert response.status == 200
         assert await response.json() == expected_extents(GiB, layout)
-    assert "PUT" in service.log() and "stored" in service.log()
+    assert " stored (" in service.log()
 
 
 async def test_extents_of_a_fragmented_and_of_an_empty_volume(
@@ -229,6 +229,10 @@ async def test_ranged_get(
             assert response.content_length == last - first + 1
             assert await response.read() == content[first : last + 1], asked
 
+    async with http.head(url) as response:
+        assert response.status == 200 and response.content_length == size
+        assert await response.read() == b""
+
     for bad in (f"bytes={size}-", f"bytes={size + 5}-{size + 10}", "bytes=9-3", "bytes=0-1,5-9"):
         async with http.get(url, headers={"Range": bad}) as response:
             assert await error_of(response, 416) == "HTTPProblem", bad
@@ -251,6 +255,14 @@ async def test_requests_the_volume_refuses_get_json_errors(
     async with http.put(f"{url}?offset=-3", data=b"x") as response:
         assert await error_of(response, 400) == "HTTPProblem"
     assert allocation(libvirt_sandbox, libvirt_pool, "small.img") == 0  # nothing was written
+
+    async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: found out as it comes
+        for _ in range(3):
+            yield os.urandom(MiB // 2)
+
+    async with http.put(url, data=chunked()) as response:
+        assert "Content-Length" not in response.request_info.headers
+        assert await error_of(response, 413) == "SourceTooLargeError"
 
     for missing in (service.volume_url(libvirt_pool, "nope.img"), f"{service.url}nopool/x.img"):
         async with http.get(missing) as response:
@@ -282,14 +294,14 @@ async def test_interrupted_put_is_aborted_and_reported(
     await writer.wait_closed()
 
     log = await service.wait_for_log("failed with 400 (IncompleteBodyError")
-    assert "the upload was aborted" in log
-    assert "stored" not in log  # the service never reported the cut upload as done
+    assert "not stored, the upload was refused or aborted" in log
+    assert " stored (" not in log  # the service never reported the cut upload as done
 
     content = os.urandom(size)
     await put_bytes(http, url, content)  # the volume is free again: no 409
     async with http.get(url) as response:
         assert await response.read() == content
-    assert "stored" in service.log()
+    assert " stored (" in service.log()
 
 
 async def test_two_gets_at_once_and_a_put_meanwhile_is_refused(
@@ -363,3 +375,47 @@ async def test_a_lost_daemon_is_a_502_and_the_service_keeps_running(
         finally:
             code = service.stop()
         assert code == 0, service.log()
+
+
+async def test_a_volume_being_put_is_refused_to_other_transfers(
+    service: Service, http: aiohttp.ClientSession, libvirt_sandbox: Sandbox,
+    libvirt_pool: PoolInfo,
+) -> None:  # fmt: skip
+    size = 4 * MiB
+    await libvirt_sandbox.acreate_volume(libvirt_pool, "busy.img", size)
+    url = service.volume_url(libvirt_pool, "busy.img")
+    go_on = asyncio.Event()
+    content = os.urandom(size)
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield content[:MiB]
+        await go_on.wait()
+        yield content[MiB:]
+
+    async def put() -> int:
+        headers = {"Content-Length": str(size)}
+        async with http.put(url, data=slow_body(), headers=headers) as response:
+            return response.status
+
+    putting = asyncio.create_task(put())
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            async with http.get(f"{url}/extents") as response:
+                if response.status == 409:
+                    assert (await response.json())["error"] == "VolumeBusyError"
+                    break
+            assert time.monotonic() < deadline, "extents were served during the PUT"
+            await asyncio.sleep(0.05)
+        async with http.get(url) as response:
+            assert await error_of(response, 409) == "VolumeBusyError"
+        async with http.put(url, data=b"x") as response:
+            assert await error_of(response, 409) == "VolumeBusyError"
+        async with http.get(f"{url}/extents") as response:  # the refused PUT changed nothing
+            assert await error_of(response, 409) == "VolumeBusyError"
+    finally:
+        go_on.set()
+        status = await putting
+    assert status == 200
+    async with http.get(url) as response:
+        assert await response.read() == content

@@ -19,13 +19,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
+from urllib.parse import urlsplit
 
 import aiohttp
 import anyio
 import pytest
 
 import aiovirtstream as avs
-from aiovirtstream.testing import GuestInfo
+from aiovirtstream.testing import GuestInfo, Sandbox, TcpRelay
 
 try:
     import playwright.async_api as pw
@@ -97,12 +98,12 @@ class WebConsole:
 
 
 @contextlib.asynccontextmanager
-async def web_console(guest: GuestInfo, *extra: str) -> AsyncIterator[WebConsole]:
+async def web_console(guest: GuestInfo, uri: str | None = None) -> AsyncIterator[WebConsole]:
     """Start the example on a free port; kill it on the way out if it still runs."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         str(EXAMPLE),
-        *("--connect", guest.uri, "--domain", guest.name, "--port", "0", *extra),
+        *("--connect", uri or guest.uri, "--domain", guest.name, "--port", "0"),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -138,10 +139,13 @@ async def open_tab(context: pw.BrowserContext, url: str) -> pw.Page:
 
 
 async def type_line(page: pw.Page, text: str, end: str = "Control+J") -> None:
-    """Type into the terminal, then ``end`` (Ctrl+J sends LF, which the test guest echoes)."""
-    screen = page.locator("#screen")
-    await screen.press_sequentially(text)
-    await screen.press(end)
+    """Type into the terminal, then ``end`` (Ctrl+J sends LF, which the test guest echoes).
+
+    Characters not on Playwright's US keyboard arrive as text input, not key presses.
+    """
+    keyboard = page.locator("#keyboard")
+    await keyboard.press_sequentially(text)
+    await keyboard.press(end)
 
 
 async def screen_lines(page: pw.Page) -> list[str]:
@@ -176,6 +180,9 @@ async def test_tabs_share_the_console_and_one_closing_ends_nothing(
         await type_line(a, "again from a")
         for page in (a, b):
             await sees(page, "AGAIN FROM A")
+        await type_line(b, "grüße, naïve café ✓")  # UTF-8 both ways; the guest: tr a-z A-Z
+        for page in (a, b):
+            await sees(page, "GRüßE, NAïVE CAFé ✓")
 
         # Enter sends CR: the guest's "ABC\r" puts the cursor back, "X\n" overwrites the A.
         await type_line(a, "abc", end="Enter")
@@ -219,15 +226,22 @@ async def test_tabs_share_the_console_and_one_closing_ends_nothing(
     [
         ("destroy", "the guest closed its console"),
         ("force", "the console was lost"),
+        ("network", "the connection to libvirt was lost"),
     ],
 )
 async def test_the_guests_end_is_shown_in_every_tab(
     browser: pw.BrowserContext, libvirt_guest: GuestInfo, how: str, reason: str
 ) -> None:
+    assert libvirt_guest.tcp_uri is not None
+    port = urlsplit(libvirt_guest.tcp_uri).port
+    assert port is not None
     conn = await avs.connect(libvirt_guest.uri)
     try:
         dom = await avs.lookup_domain(conn, libvirt_guest.name)
-        async with web_console(libvirt_guest) as server, contextlib.AsyncExitStack() as stack:
+        async with contextlib.AsyncExitStack() as stack:
+            relay = stack.enter_context(TcpRelay("127.0.0.1", port))
+            uri = relay.uri_for(libvirt_guest.tcp_uri)  # the example's connection, to be cut
+            server = await stack.enter_async_context(web_console(libvirt_guest, uri))
             tabs = [await open_tab(browser, server.url) for _ in range(2)]
             await type_line(tabs[0], "before the end")
             for page in tabs:
@@ -235,8 +249,10 @@ async def test_the_guests_end_is_shown_in_every_tab(
 
             if how == "destroy":
                 await anyio.to_thread.run_sync(dom.destroy)
-            else:  # another client takes the console over
+            elif how == "force":  # another client takes the console over
                 await stack.enter_async_context(await avs.open_console(dom, force=True))
+            else:  # the network between the example and libvirtd breaks
+                assert relay.cut() == 1
             for page in tabs:
                 status = page.locator("#status")
                 await pw.expect(status).to_have_attribute("data-state", "ended")
@@ -258,6 +274,10 @@ async def test_websockets_from_other_origins_are_refused(libvirt_guest: GuestInf
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await http.ws_connect(ws_url, origin="http://evil.example")
         assert refused.value.status == 403
+        rebound = f"evil.example:{urlsplit(ws_url).port}"  # DNS rebinding: same origin, wrong host
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(ws_url, origin=f"http://{rebound}", headers={"Host": rebound})
+        assert refused.value.status == 403
         async with http.ws_connect(ws_url, origin=server.url.rstrip("/")) as ws:
             hello = await ws.receive_json(timeout=15)
             assert hello == {"type": "hello", "domain": libvirt_guest.name}
@@ -272,3 +292,29 @@ async def test_websockets_from_other_origins_are_refused(libvirt_guest: GuestInf
             assert "script-src 'self'" in page.headers["Content-Security-Policy"]
         async with http.get(server.url + "web_console.py") as other:
             assert other.status == 404  # only the page and its two files are served
+
+
+async def test_an_unknown_domain_is_one_line_and_exit_code_1(libvirt_sandbox_full: Sandbox) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(EXAMPLE),
+        *("--connect", libvirt_sandbox_full.uri, "--domain", "no-such-guest", "--port", "0"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    with anyio.fail_after(30):
+        out, err = await proc.communicate()
+    assert proc.returncode == 1
+    assert out == b""
+    lines = err.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("web console: "), lines
+    assert "no-such-guest" in lines[0]
+
+
+def test_a_missing_browser_skips_loudly_or_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        _browser_unavailable("no chromium")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="NO BROWSER"):
+        _browser_unavailable("no chromium")

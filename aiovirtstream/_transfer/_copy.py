@@ -1,8 +1,8 @@
 """Volume-to-volume copies, typically between two hosts, with no file in between.
 
 A download stream from the source and an upload stream into the destination
-run at once: one task reads data and holes from the source, a bounded queue
-hands them to a second task that writes them into the destination. While the
+run at once: one task receives data and holes from the source into a bounded
+queue, a second writes them into the destination. While the
 queue is full the source connection's socket is not served, so the source
 daemon waits for the destination (docs/transfers.md, "Copying between hosts").
 """
@@ -11,16 +11,21 @@ from __future__ import annotations
 
 __all__ = ["copy", "COPY_BUFFER"]
 
+import asyncio
 import contextlib
 import dataclasses
 import functools
+from collections import deque
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
+from xml.etree import ElementTree
 
 import anyio
 import anyio.to_thread
 import libvirt
 
-from .._connection import connection_socket
+from .._connection import connection_socket, map_connection_errors
 from .._events import get_event_impl
 from .._exceptions import SourceTooLargeError, TransferError
 from .._stream import (
@@ -28,7 +33,6 @@ from .._stream import (
     MAX_CHUNK,
     AsyncStream,
     Hole,
-    StreamItem,
     abort_quietly,
     adopt_stream,
     check_stream_events,
@@ -65,12 +69,15 @@ from ._plan import (
 from ._ranges import first_error
 
 MiB = 1024 * 1024
-#: Bytes a copy holds between the two daemons: the queue between its two
-#: tasks plus the destination stream's send queue.
+#: Bytes a copy holds between the two daemons, at most: its own queue, the
+#: destination stream's send queue, and what libvirt received from the
+#: source before its socket was paused.
 COPY_BUFFER = 16 * MiB
-#: The largest item read from the source at a time.
-READ_SIZE = 1 * MiB
-_QUEUE_ITEMS = (COPY_BUFFER - DEFAULT_WRITE_BUFFER) // READ_SIZE
+_IN_FLIGHT = 4 * MiB
+#: Chunks of data handed to the destination at once: its sender thread is
+#: woken once for them all.
+_BATCH = 4
+_QUEUE_ITEMS = (COPY_BUFFER - DEFAULT_WRITE_BUFFER - _IN_FLIGHT) // (_BATCH * MAX_CHUNK)
 _ZEROES = bytes(MAX_CHUNK)
 
 
@@ -89,29 +96,29 @@ async def copy(
 
     The bytes from ``offset`` (``length`` 0: up to the source's end) are
     written at the same offset of the destination; nothing is written to a
-    local disk. At most :data:`COPY_BUFFER` bytes are held between the two
-    daemons: while the destination is behind, the source's socket is not
-    served, so the source daemon waits. With ``sparse`` the source's holes are
-    read as holes and sent as holes, on the same terms as :func:`upload`:
-    only into a volume that holds no data yet (a raw file volume that the
-    copy overwrites whole is emptied first with libvirt's zero wipe; into
-    other volumes that hold data, holes go as zeroes), and a last hole gives
-    an empty raw destination its size back. ``sparse=False`` moves every
-    byte. A volume that is not raw (qcow2, ...) is copied as its file, as
-    :func:`download` and :func:`upload` do: copy it into a fresh volume of
-    its format. ``checksum`` gives the SHA-256 of the bytes copied (holes as
-    zeroes); ``progress`` works as in :func:`upload` and counts what was
-    handed to the destination.
+    local disk. At most 16 MiB are held between the two daemons: while the
+    destination is behind, the source's socket is not served, so the source
+    daemon waits. With ``sparse`` the source's holes are read as holes and
+    sent as holes, on the same terms as :func:`upload`: only into a volume
+    that holds no data yet (a raw file volume that the copy overwrites whole
+    is emptied first with libvirt's zero wipe; into other volumes that hold
+    data, holes go as zeroes), and a last hole gives an empty raw destination
+    its size back. ``sparse=False`` moves every byte. A volume that is not raw
+    (qcow2, ...) is copied as its file, as :func:`download` and :func:`upload`
+    do: copy it into a fresh volume of its format. ``checksum`` gives the
+    SHA-256 of the bytes copied (holes as zeroes); ``progress`` works as in
+    :func:`upload` and counts what was handed to the destination.
 
-    Raises, before anything is sent: :class:`InvalidRangeError` for a
-    negative ``offset`` or ``length`` or a range past the source's end;
+    Raises, before anything is sent: :class:`InvalidRangeError` for a negative
+    ``offset`` or ``length`` or a range past the source's end;
     :class:`SourceTooLargeError` when the range does not fit in the
     destination; :class:`VolumeBusyError` while another transfer of this
-    process uploads into the source or moves the destination (a volume
-    copied into itself included). During the copy, an error on either side
-    (:class:`ConnectionLostError` naming that side's URI, a broken stream)
-    and a cancellation abort both streams before they are raised. Once the
-    destination stream finished, the destination is checked as after
+    process uploads into the source or moves the destination (a volume copied
+    into itself included); :class:`TransferError` for a volume copied into
+    itself through two connections to its daemon. During the copy, an error on
+    either side (:class:`ConnectionLostError` naming that side's URI, a broken
+    stream) and a cancellation abort both streams before they are raised. Once
+    the destination stream finished, the destination is checked as after
     :func:`upload` (:class:`VolumeChangedError`).
     """
     async with closing_progress(progress):
@@ -155,10 +162,38 @@ def _check_fits(source: VolumeSize, dest: VolumeSize, offset: int, total: int | 
     )
 
 
+def _ctime(vol: libvirt.virStorageVol) -> str | None:
+    """The volume's file's ctime as libvirt gives it (nanoseconds), if it has one."""
+    return ElementTree.fromstring(vol.XMLDesc(0)).findtext("target/timestamps/ctime")
+
+
+def _check_not_itself(src_vol: libvirt.virStorageVol, dst_vol: libvirt.virStorageVol) -> None:
+    """Refuse a copy of a volume into itself through two connections to one daemon.
+
+    :func:`claim_volume` tells volumes apart by URI and key, and a volume
+    seen through two URIs (a unix socket and TCP) looks like two; copied into
+    itself whole, it would be emptied by the zero wipe before it is read.
+    Two hosts may well keep their volumes at the same path, so a key seen
+    on both sides is compared by its file's ctime too, to the nanosecond.
+    """
+    if src_vol.key() != dst_vol.key():  # kept by the Python objects: no round trip
+        return
+    with map_connection_errors(src_vol.connect(), context="cannot read the source volume"):
+        src_ctime = _ctime(src_vol)
+    with map_connection_errors(dst_vol.connect(), context="cannot read the destination"):
+        dst_ctime = _ctime(dst_vol)
+    if src_ctime is not None and src_ctime == dst_ctime:
+        raise TransferError(
+            f"volume {src_vol.name()!r} ({src_vol.key()}) is the same file on both "
+            "connections: a volume cannot be copied into itself"
+        )
+
+
 def _start(
     src_vol: libvirt.virStorageVol, dst_vol: libvirt.virStorageVol, options: TransferOptions
 ) -> _Started:
     """Size both volumes, check the range, plan the holes, start both streams (worker thread)."""
+    _check_not_itself(src_vol, dst_vol)
     offset = options.offset
     source_size = volume_size(src_vol)
     total = check_download_range(source_size, offset, options.length)
@@ -219,21 +254,106 @@ async def _copy(
     return options.result(data_bytes, position - data_bytes, hasher)
 
 
-class _SourcePause:
-    """Stops serving the source connection's socket while the queue is full."""
+class _Relay:
+    """The source's pump sink, and the queue from it to the writer.
 
-    def __init__(self, source: AsyncStream) -> None:
+    Data is cut into pieces of :data:`MAX_CHUNK` bytes (shorter only before
+    a hole and at the end): the daemon sends each 256 KiB it reads as two
+    packets, of MAX_CHUNK and 24 bytes, which forwarded as they come would
+    give the destination twice as many packets, half of them tiny. Pieces
+    are queued :data:`_BATCH` at a time. While the queue is full the pump
+    stops and the source connection's socket is not served, since libvirt's
+    client queues what it reads from a socket without limit.
+    """
+
+    def __init__(self, source: AsyncStream, check: Callable[[int], None]) -> None:
+        self._source = source
+        self._check = check  # raises for a byte count past what may come
+        self._buffer = bytearray(MAX_CHUNK)
+        self._view = memoryview(self._buffer)
+        self._filled = 0
+        self._batch: list[bytes] = []
+        self._queue: deque[list[bytes] | Hole] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._ended = False
         self._impl = get_event_impl()
         self._socket = connection_socket(source.virstream.connect())
-        self._paused = False
+        self._full = False  # buffer() said so: the pump waits for resume_pump()
+        self._paused = False  # the socket
+        self.count = 0  # bytes of data and holes received
 
-    def pause(self) -> None:
-        # libvirt's client queues what it reads from the socket without limit.
-        if self._socket is not None and not self._paused:
-            self._impl.pause_reading(self._socket)
-            self._paused = True
+    # -- the pump's side (loop thread, from inside the source's events)
 
-    def resume(self) -> None:
+    def buffer(self) -> tuple[bytearray, int, int] | None:
+        if len(self._queue) >= _QUEUE_ITEMS:
+            self._full = True
+            if self._socket is not None and not self._paused:
+                self._impl.pause_reading(self._socket)
+                self._paused = True
+            return None
+        return self._buffer, self._filled, MAX_CHUNK - self._filled
+
+    def received(self, nbytes: int) -> None:
+        self._check(self.count + nbytes)
+        self.count += nbytes
+        self._filled += nbytes
+        if self._filled == MAX_CHUNK:
+            self._batch.append(bytes(self._buffer))
+            self._filled = 0
+            if len(self._batch) == _BATCH:
+                self._push(self._batch)
+                self._batch = []
+
+    def hole(self, length: int) -> None:
+        self._check(self.count + length)
+        self.count += length
+        self.flush()
+        self._push(Hole(length))
+
+    def flush(self) -> None:
+        """Queue the data received so far."""
+        if self._filled:
+            self._batch.append(bytes(self._view[: self._filled]))
+            self._filled = 0
+        if self._batch:
+            self._push(self._batch)
+            self._batch = []
+
+    def end(self) -> None:
+        """The source is complete: the writer ends once it took everything."""
+        self.flush()
+        self._ended = True
+        self._wake()
+
+    def _push(self, item: list[bytes] | Hole) -> None:
+        self._queue.append(item)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # -- the writer's side
+
+    async def get(self) -> list[bytes] | Hole | None:
+        """The next item; None at the end."""
+        while not self._queue:
+            if self._ended:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = self._queue.popleft()
+        if self._full and len(self._queue) < _QUEUE_ITEMS:
+            self._full = False
+            self.release()
+            self._source.resume_pump()
+        return item
+
+    def release(self) -> None:
+        """Serve the source's socket again."""
         if self._paused:
             self._paused = False
             assert self._socket is not None
@@ -248,65 +368,68 @@ async def _move(
     hasher: ContentHasher | None,
 ) -> int:
     """Move the range's items from ``source`` to ``dest``; returns the bytes moved."""
-    send, receive = anyio.create_memory_object_stream[StreamItem](_QUEUE_ITEMS)
     total, plan = started.total, started.plan
+    relay = _Relay(
+        source, functools.partial(_check_room, total=total, plan=plan, offset=options.offset)
+    )
     written = 0
 
     async def read_side() -> None:
-        pause = _SourcePause(source)
-        received = 0
         try:
-            async with send:
-                while item := await _read(source, options.sparse):
-                    size = item.length if isinstance(item, Hole) else len(item)
-                    _check_room(received + size, total, plan, options.offset)
-                    received += size
-                    if hasher is not None:
-                        await _hash(hasher, item)
-                    try:
-                        send.send_nowait(item)
-                    except anyio.WouldBlock:
-                        pause.pause()
-                        await send.send(item)
-                        pause.resume()
+            await source.pump(relay, stop_at_hole=options.sparse)
         finally:
-            pause.resume()
-        if total is not None and received != total:
+            relay.release()
+        relay.end()
+        if total is not None and relay.count != total:
             raise TransferError(
-                f"the source sent {received} bytes where {total} were expected: "
+                f"the source sent {relay.count} bytes where {total} were expected: "
                 "the copy is incomplete"
             )
 
     async def write_side() -> None:
         nonlocal written
-        async with receive:
-            async for item in receive:
-                if isinstance(item, Hole):
-                    await _write_hole(dest, plan, options.offset + written, item.length)
-                    written += item.length
-                else:
-                    await dest.write(item)
-                    written += len(item)
+        while (item := await relay.get()) is not None:
+            if hasher is not None:
+                await anyio.to_thread.run_sync(_hash, hasher, item)
+            if isinstance(item, Hole):
+                await _write_hole(dest, plan, options.offset + written, item.length)
+                written += item.length
+            else:
+                for chunk in item:
+                    await dest.write(chunk)
+                    written += len(chunk)
         if last_hole := size_restoring_hole(plan, written):
             await dest.send_hole(last_hole)
 
-    try:
-        async with anyio.create_task_group() as group:
-            group.start_soon(read_side)
-            group.start_soon(write_side)
-    except BaseExceptionGroup as errors:
-        # Both tasks are the copy's own: one error, as for one stream.
-        raise first_error(errors)  # noqa: B904
+    await _together(read_side, write_side)
     return written
 
 
-async def _read(source: AsyncStream, sparse: bool) -> StreamItem:
-    if sparse:
-        return await source.read(READ_SIZE, stop_at_hole=True)
-    return await source.read(READ_SIZE)
+async def _together(*jobs: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``jobs`` at once; the first to fail cancels the others and its error is raised.
+
+    The jobs are the copy's own: one error comes out, as for one stream,
+    and neither the task group nor its exception group stays referenced
+    from the error's traceback (a reference cycle that held the streams,
+    and their connections, until the garbage collector ran).
+    """
+    group = anyio.create_task_group()
+    try:
+        async with group:
+            for job in jobs:
+                group.start_soon(job)
+        return
+    except BaseExceptionGroup as errors:
+        error = first_error(errors)
+    finally:
+        del group
+    try:
+        raise error
+    finally:
+        del error
 
 
-def _check_room(end: int, total: int | None, plan: UploadPlan, offset: int) -> None:
+def _check_room(end: int, *, total: int | None, plan: UploadPlan, offset: int) -> None:
     """Raise at once when the source sends past its range or past the destination's room."""
     if total is not None and end > total:
         raise TransferError(
@@ -320,11 +443,12 @@ def _check_room(end: int, total: int | None, plan: UploadPlan, offset: int) -> N
         )
 
 
-async def _hash(hasher: ContentHasher, item: StreamItem) -> None:
+def _hash(hasher: ContentHasher, item: list[bytes] | Hole) -> None:
     if isinstance(item, Hole):
-        await anyio.to_thread.run_sync(hasher.hole, item.length)
+        hasher.hole(item.length)
     else:
-        await anyio.to_thread.run_sync(hasher.data, item)
+        for chunk in item:
+            hasher.data(chunk)
 
 
 async def _write_hole(dest: AsyncStream, plan: UploadPlan, position: int, length: int) -> None:

@@ -23,7 +23,7 @@ import libvirt
 
 import aiovirtstream as avs
 
-from .errors import CommandError
+from .errors import CommandError, single_errors
 from .lookup import connection, find_domain
 from .output import err
 
@@ -114,7 +114,7 @@ async def cmd_console(args: argparse.Namespace) -> int:
         left = False
         try:
             async with stream:
-                with raw_terminal(in_fd):
+                with raw_terminal(in_fd), single_errors():
                     async with anyio.create_task_group() as tg:
 
                         async def typing() -> None:

@@ -12,14 +12,13 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio.to_thread
 
 import aiovirtstream as avs
 
-from .output import format_rate, format_size, open_board, say
+from .output import format_rate, format_size, say, with_bar
 from .parser import DEMO_MIN_MIB
 
 MiB = 1024 * 1024
@@ -61,24 +60,6 @@ def _allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
-async def _with_bar(
-    label: str,
-    quiet: bool,
-    transfer: Callable[[avs.ProgressTarget | None], Awaitable[avs.TransferResult]],
-) -> avs.TransferResult:
-    board = open_board([label], quiet=quiet)
-    progress = board.reporter(0) if board is not None else None
-    try:
-        result = await transfer(progress)
-    except BaseException:
-        if board is not None:
-            board.close(clear=True)
-        raise
-    if board is not None:
-        board.close(clear=False)
-    return result
-
-
 async def cmd_demo(args: argparse.Namespace) -> int:
     """``aiovirtstream demo``: the round trip, with a table of what it did."""
     from aiovirtstream.testing import Sandbox
@@ -103,13 +84,13 @@ async def cmd_demo(args: argparse.Namespace) -> int:
             conn = await avs.connect(sandbox.tcp_uri if args.tcp else sandbox.uri)
             try:
                 vol = await avs.lookup_volume(conn, "disk.img", pool=pool.name)
-                sent = await _with_bar(
+                sent = await with_bar(
                     "upload",
                     args.quiet,
                     lambda p: avs.upload(vol, source, detect_zeroes=True, progress=p),
                 )
                 vol_allocation = (await anyio.to_thread.run_sync(vol.info))[2]
-                got = await _with_bar(
+                got = await with_bar(
                     "download", args.quiet, lambda p: avs.download(vol, dest, progress=p)
                 )
             finally:

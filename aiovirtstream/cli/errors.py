@@ -16,7 +16,11 @@ __all__ = [
     "Terminated",
     "FAILURES",
     "describe",
+    "single_errors",
 ]
+
+import contextlib
+from collections.abc import Iterator
 
 import aiovirtstream as avs
 
@@ -117,3 +121,22 @@ def describe(error: BaseException) -> str:
     elif isinstance(error, avs.SandboxError):
         message = message.split("\n", 1)[0]  # the log's tail follows with --debug
     return " ".join(message.split())  # libvirt's messages may span lines
+
+
+@contextlib.contextmanager
+def single_errors() -> Iterator[None]:
+    """A task group's group of one exception raised as that exception (with its cause)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = []
+        pending: list[BaseException] = [group]
+        while pending:
+            error = pending.pop()
+            if isinstance(error, BaseExceptionGroup):
+                pending.extend(error.exceptions)
+            else:
+                leaves.append(error)
+        if len(leaves) == 1:
+            raise leaves[0] from leaves[0].__cause__
+        raise

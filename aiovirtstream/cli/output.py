@@ -11,12 +11,12 @@ __all__ = [
     "say",
     "err",
     "open_board",
-    "rich_installed",
+    "with_bar",
 ]
 
-import importlib.util
 import json
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,6 +25,7 @@ import aiovirtstream as avs
 if TYPE_CHECKING:
     from .progress import Board
 
+_PAST = {"upload": "uploaded", "download": "downloaded", "copy": "copied"}
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
@@ -48,17 +49,21 @@ def format_rate(bytes_per_second: float) -> str:
 class Outcome:
     """One transfer of the command line: what it moved, or why it failed."""
 
-    verb: str  # "upload" or "download"
+    verb: str  # "upload", "download" or "copy"
     volume: str
-    file: str
+    file: str  # for a copy: the destination volume
     pool: str | None = None
+    to_pool: str | None = None  # a copy's destination pool
     result: avs.TransferResult | None = None
     error: str | None = None
 
     def as_json(self) -> dict[str, object]:
         """The transfer's JSON object (``--json``)."""
         out: dict[str, object] = {"verb": self.verb, "volume": self.volume, "pool": self.pool}
-        out["file"] = self.file
+        if self.verb == "copy":
+            out["to_volume"], out["to_pool"] = self.file, self.to_pool
+        else:
+            out["file"] = self.file
         if self.result is not None:
             out["data_bytes"] = self.result.data_bytes
             out["hole_bytes"] = self.result.hole_bytes
@@ -73,14 +78,13 @@ class Outcome:
         """The transfer's summary line."""
         assert self.result is not None
         result = self.result
-        arrow = (
-            f"{self.file} -> {self.volume}"
-            if self.verb == "upload"
-            else (f"{self.volume} -> {self.file}")
-        )
+        if self.verb == "upload":
+            arrow = f"{self.file} -> {self.volume}"
+        else:
+            arrow = f"{self.volume} -> {self.file}"
         digest = f", sha256 {result.sha256}" if result.sha256 else ""
         return (
-            f"{self.verb}ed {arrow}: {format_size(result.data_bytes)} of data and "
+            f"{_PAST[self.verb]} {arrow}: {format_size(result.data_bytes)} of data and "
             f"{format_size(result.hole_bytes)} of holes in {result.seconds:.2f} s "
             f"({format_rate(result.data_rate)}){digest}"
         )
@@ -126,14 +130,6 @@ def print_outcomes(outcomes: list[Outcome], *, as_json: bool, quiet: bool, secon
         )
 
 
-def rich_installed() -> bool:
-    """Whether rich (the ``cli`` extra, for the bars) can be imported."""
-    try:
-        return importlib.util.find_spec("rich") is not None
-    except ValueError:  # sys.modules["rich"] is None: made unimportable
-        return False
-
-
 def open_board(labels: list[str], *, quiet: bool) -> Board | None:
     """Progress bars on stderr for transfers named ``labels``, or None: with ``-q``,
     when stderr is not a terminal, or without rich (then nothing else is lost)."""
@@ -146,3 +142,21 @@ def open_board(labels: list[str], *, quiet: bool) -> Board | None:
     except ImportError:
         return None
     return Board(labels, rich.console.Console(stderr=True))
+
+
+async def with_bar(
+    label: str,
+    quiet: bool,
+    transfer: Callable[[avs.ProgressTarget | None], Awaitable[avs.TransferResult]],
+) -> avs.TransferResult:
+    """Run one transfer (given its progress target) under a bar, erased if it fails."""
+    board = open_board([label], quiet=quiet)
+    try:
+        result = await transfer(board.reporter(0) if board is not None else None)
+    except BaseException:
+        if board is not None:
+            board.close(clear=True)
+        raise
+    if board is not None:
+        board.close(clear=False)
+    return result

@@ -156,6 +156,12 @@ def _connect(sub: argparse.ArgumentParser) -> None:
 def _transfer_args(sub: argparse.ArgumentParser, verb: str) -> None:
     _debug(sub)
     _connect(sub)
+    if verb != "copy":
+        _pairs(sub, verb)
+    _moving_args(sub)
+
+
+def _pairs(sub: argparse.ArgumentParser, verb: str) -> None:
     sub.add_argument(
         "pairs",
         nargs="+",
@@ -172,6 +178,9 @@ def _transfer_args(sub: argparse.ArgumentParser, verb: str) -> None:
         help="the volumes' storage pool, by name or UUID (without it: VOLUME is a path, a "
         "key, or a name found in exactly one active pool)",
     )
+
+
+def _moving_args(sub: argparse.ArgumentParser) -> None:
     sub.add_argument(
         "--no-sparse", dest="sparse", action="store_false", help="send holes as zeroes"
     )
@@ -249,6 +258,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--fsync", action="store_true", help="flush the files and their renames to the disk"
     )
     down.set_defaults(run=transfers.cmd_download)
+
+    cp = verbs.add_parser(
+        "copy",
+        help="copy a volume into another, on two hosts",
+        epilog=SIZE_HELP,
+        description="Stream a volume into another one, typically on another host, with no "
+        "file in between; holes stay holes.",
+    )
+    _transfer_args(cp, "copy")
+    cp.add_argument("source", metavar="SRC", help="the source volume (name, path or key)")
+    cp.add_argument("destination", metavar="DST", help="the destination volume, made beforehand")
+    cp.add_argument("--from", dest="from_uri", metavar="URI", help="SRC's URI (default: -c)")
+    cp.add_argument("--to", dest="to_uri", metavar="URI", help="DST's URI (default: --from)")
+    cp.add_argument("--from-pool", metavar="POOL", help="SRC's pool, by name or UUID")
+    cp.add_argument("--to-pool", metavar="POOL", help="DST's pool, by name or UUID")
+    cp.set_defaults(run=transfers.cmd_copy)
 
     con = verbs.add_parser(
         "console",

@@ -8,6 +8,7 @@ __all__ = ["handle_signals", "cancel_on_termination"]
 import asyncio
 import contextlib
 import signal
+import threading
 from collections.abc import Callable, Iterator
 
 from .errors import Terminated
@@ -25,6 +26,9 @@ def handle_signals(signums: tuple[int, ...], handler: Callable[[], object]) -> I
     On exit the handler that was there before comes back (none: the default).
     """
     loop = asyncio.get_running_loop()
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only: main() called from another one
+        return
     for signum in signums:
         _stacks.setdefault(signum, []).append(handler)
         loop.add_signal_handler(signum, handler)

@@ -1,4 +1,5 @@
-"""``upload`` and ``download``: several ``VOLUME FILE`` pairs at once on one connection.
+"""``upload`` and ``download`` (several ``VOLUME FILE`` pairs at once on one connection),
+and ``copy`` (a volume into another, on two connections).
 
 Every volume is found before any transfer starts (a typo moves nothing); then
 the transfers run concurrently, each to its own end, as ``cp`` does with
@@ -7,7 +8,7 @@ several files: one that fails is said on stderr and the others go on.
 
 from __future__ import annotations
 
-__all__ = ["cmd_upload", "cmd_download"]
+__all__ = ["cmd_upload", "cmd_download", "cmd_copy"]
 
 import argparse
 import contextlib
@@ -23,7 +24,7 @@ import aiovirtstream as avs
 
 from .errors import FAILURES, CommandError, describe
 from .lookup import connection, find_volume
-from .output import Outcome, err, open_board, print_outcomes
+from .output import Outcome, err, open_board, print_outcomes, with_bar
 from .parser import Pair
 
 
@@ -122,3 +123,30 @@ async def cmd_upload(args: argparse.Namespace) -> int:
 async def cmd_download(args: argparse.Namespace) -> int:
     """``aiovirtstream download``: each VOLUME into its FILE."""
     return await _run(args, "download")
+
+
+async def cmd_copy(args: argparse.Namespace) -> int:
+    """``aiovirtstream copy``: SRC (on ``--from``) into DST (on ``--to``), no file between."""
+    from_uri = args.from_uri or args.connect
+    to_uri = args.to_uri or from_uri
+    async with connection(from_uri) as src_conn, connection(to_uri) as dst_conn:
+        src, src_pool = await find_volume(src_conn, args.source, args.from_pool)
+        dst, dst_pool = await find_volume(dst_conn, args.destination, args.to_pool)
+        outcome = Outcome("copy", args.source, args.destination, src_pool, dst_pool)
+        started = time.perf_counter()
+        outcome.result = await with_bar(
+            f"copy {args.source}",
+            args.quiet or args.json,
+            lambda progress: avs.copy(
+                src,
+                dst,
+                sparse=args.sparse,
+                offset=args.offset,
+                length=args.length,
+                checksum=args.checksum,
+                progress=progress,
+            ),
+        )
+    seconds = time.perf_counter() - started
+    print_outcomes([outcome], as_json=args.json, quiet=args.quiet, seconds=seconds)
+    return 0

@@ -60,8 +60,8 @@ def _figures(run: dict[str, Any], size: int, streams: int) -> dict[str, float]:
         "lag_p50": run["lag_p50"] * 1e3,
         "lag_p99": run["lag_p99"] * 1e3,
         "lag_max": run["lag_max"] * 1e3,
-        "first": min(p["done"][0] for p in phases),
-        "last": max(p["done"][-1] for p in phases),
+        "first": phases[0]["done"][0],
+        "last": seconds,
         "spread": max(p["done"][-1] / p["done"][0] for p in phases),
     }
 
@@ -108,7 +108,9 @@ def report(
             med[row, contender] = _medians([_figures(r, args.size, row.streams) for r in results])
     lines = [
         f"Medians of {args.rounds} round(s); {args.size // MiB} MiB a stream; "
-        "x1: MiB/s over the same contender's one stream; x pool: ours over tp-conn / tp-shared.",
+        "x1: MiB/s over the same contender's one stream; x pool: ours over tp-conn / tp-shared; "
+        "first / last: the first stream's end and the last phase's end; last/first: the "
+        "largest of the phases' ratios.",
         "",
         "| phases | daemons | streams | contender | MiB/s | x1 | x pool | CPU s/GiB | RSS+ MiB "
         "| threads (py) | lag p50/p99/max ms | first / last s | last/first |",

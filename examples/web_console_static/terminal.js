@@ -185,6 +185,7 @@ function keyBytes(event) {
 
 function start() {
   const screenElement = document.getElementById("screen");
+  const keyboard = document.getElementById("keyboard");
   const statusElement = document.getElementById("status");
   const screen = new Screen(screenElement);
   const encoder = new TextEncoder();
@@ -237,21 +238,34 @@ function start() {
     screen.notice(`[disconnected: ${reason}; reload to reconnect]`);
   };
 
-  screenElement.addEventListener("keydown", (event) => {
+  // Keys arrive in a hidden text area: keydown gives what a terminal sends for
+  // a key; text that no single key press gives (dead keys, input methods, a
+  // virtual keyboard) comes as input or composition events.
+  keyboard.addEventListener("keydown", (event) => {
     const bytes = keyBytes(event);
     if (bytes === null) return;
     event.preventDefault();
     send(bytes);
   });
-  document.addEventListener("paste", (event) => {
+  keyboard.addEventListener("input", (event) => {
+    if (event.isComposing || event.inputType === "insertCompositionText") return;
+    if (event.inputType === "insertLineBreak") send("\r");
+    else if (event.data) send(event.data);
+    keyboard.value = "";
+  });
+  keyboard.addEventListener("compositionend", (event) => {
+    send(event.data);
+    keyboard.value = "";
+  });
+  keyboard.addEventListener("paste", (event) => {
     const text = event.clipboardData ? event.clipboardData.getData("text") : "";
     event.preventDefault();
     send(text.replace(/\r?\n/g, "\r"));
   });
-  document.addEventListener("click", () => {
-    if (!window.getSelection().toString()) screenElement.focus();
+  document.addEventListener("mouseup", () => {
+    if (!window.getSelection().toString()) keyboard.focus(); // a selection is for copying
   });
-  screenElement.focus();
+  keyboard.focus();
   screen.render();
 }
 
