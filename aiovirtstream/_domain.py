@@ -30,9 +30,9 @@ from ._exceptions import ScreenshotTooLargeError
 from ._stream import AsyncStream, open_stream
 from ._workers import run_to_the_end, runner_for
 
-#: The default limit of a screenshot's size: an uncompressed 4096 x 4096
-#: RGBA image; a 4K screen in PPM (uncompressed RGB) is 24 MiB.
 SCREENSHOT_MAX_BYTES = 64 * 1024 * 1024
+"""The default limit of a screenshot's size (``max_bytes``): an uncompressed
+4096 x 4096 RGBA image; a 4K screen in PPM (uncompressed RGB) is 24 MiB."""
 
 
 def _domain_name(domain: libvirt.virDomain) -> str:

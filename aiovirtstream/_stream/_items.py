@@ -33,6 +33,7 @@ class Hole:
 
 
 StreamItem = bytes | Hole
+"""What a stream carries: data, or a :class:`Hole` (sparse streams only)."""
 
 
 class ReceiveSink(Protocol):

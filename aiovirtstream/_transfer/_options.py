@@ -49,11 +49,14 @@ class TransferProgress:
 
 
 ProgressCallback = Callable[[TransferProgress], object]
+"""A function called on the loop with each :class:`TransferProgress`."""
 
 
-#: Where progress goes: a callback, or the send side of an anyio object
-#: stream (``anyio.create_memory_object_stream``) to ``async for`` over.
 ProgressTarget = ProgressCallback | MemoryObjectSendStream[TransferProgress]
+"""Where a transfer's progress goes (``progress=``): a :data:`ProgressCallback`,
+or the send side of an anyio memory object stream
+(``anyio.create_memory_object_stream``) whose receive side you ``async for``
+over; the transfer closes it when it ends."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Literal
 
 SandboxMode = Literal["storage", "full"]
+"""``"storage"``: only the storage driver (starts fast); ``"full"``: every
+driver, qemu included (for test guests)."""
 
 
 @dataclass(frozen=True)
