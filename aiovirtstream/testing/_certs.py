@@ -4,8 +4,10 @@ from __future__ import annotations
 
 __all__ = [
     "STANDARD_PATH",
+    "default_path",
     "SANDBOX_USER",
     "make_certificates",
+    "install_certificates",
     "sandbox_user",
 ]
 
@@ -25,6 +27,12 @@ SANDBOX_USER = "aiovirtstream-sandbox"
 
 #: Where the daemon and its helpers are looked for, after the caller's PATH.
 STANDARD_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+
+
+def default_path() -> str:
+    """The daemon's PATH: the caller's, then the usual folders of programs."""
+    own = [folder for folder in os.environ.get("PATH", "").split(os.pathsep) if folder]
+    return os.pathsep.join(dict.fromkeys(own + list(STANDARD_PATH)))
 
 
 _CERT_DAYS = 30
@@ -112,3 +120,13 @@ def make_certificates(work: Path, client_cn: str) -> None:
         (work / leftover).unlink()
     for key in ("serverkey.pem", "clientkey.pem"):
         (work / key).chmod(0o600)
+
+
+def install_certificates(pki: Path, root: Path, client_cn: str) -> None:
+    """Certificates for the TLS listener: the server's in ``root/pki``, the client's in ``pki``."""
+    pki.mkdir(mode=0o700)
+    make_certificates(pki, client_cn)
+    (root / "pki").mkdir(mode=0o700)
+    for name in ("servercert.pem", "serverkey.pem"):
+        os.replace(pki / name, root / "pki" / name)
+    shutil.copyfile(pki / "cacert.pem", root / "pki" / "cacert.pem")

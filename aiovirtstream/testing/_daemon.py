@@ -4,17 +4,24 @@ from __future__ import annotations
 
 __all__ = [
     "DaemonProcess",
+    "find_programs",
+    "daemon_config",
+    "write_config",
 ]
 
 import contextlib
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import threading
 import warnings
 from pathlib import Path
 
+from .._exceptions import DaemonNotInstalledError
 from . import _watchdog
+from ._files import find_driver_dir, open_beneath
 
 
 class DaemonProcess:
@@ -98,3 +105,74 @@ class DaemonProcess:
                 except subprocess.TimeoutExpired:
                     watchdog.kill()
                     watchdog.wait()
+
+
+def find_programs(
+    libvirtd_arg: str | os.PathLike[str] | None, env_path: str, mode: str
+) -> tuple[Path, Path]:
+    """libvirtd and the driver folder, or DaemonNotInstalledError naming the package."""
+    arg = os.fspath(libvirtd_arg) if libvirtd_arg is not None else "libvirtd"
+    if os.sep in arg:
+        found = arg if os.access(arg, os.X_OK) and os.path.isfile(arg) else None
+    else:
+        found = shutil.which(arg, path=env_path)
+    if found is None:
+        raise DaemonNotInstalledError(
+            f"libvirtd not found ({arg!r}, PATH={env_path})", "libvirt-daemon"
+        )
+    libvirtd = Path(found).absolute()
+    driver_dir = find_driver_dir(libvirtd)
+    if driver_dir is None or not (driver_dir / "libvirt_driver_storage.so").exists():
+        raise DaemonNotInstalledError(
+            "libvirt's storage driver libvirt_driver_storage.so not found "
+            f"(looked in {driver_dir or 'lib*/libvirt/connection-driver'})",
+            "libvirt-daemon",
+        )
+    if mode == "full":
+        if not (driver_dir / "libvirt_driver_qemu.so").exists():
+            raise DaemonNotInstalledError(
+                f"libvirt's qemu driver not found in {driver_dir}",
+                "libvirt-daemon-driver-qemu",
+            )
+        if shutil.which("qemu-system-x86_64", path=env_path) is None:
+            raise DaemonNotInstalledError(
+                f"qemu-system-x86_64 not found (PATH={env_path})", "qemu-system-x86"
+            )
+    return libvirtd, driver_dir
+
+
+def daemon_config(log_path: Path, pki: Path | None, port: int | None, client_dn: str) -> str:
+    """libvirtd.conf: its log, and with ``pki`` a TLS listener on 127.0.0.1:``port``
+    that takes only the client certificate named ``client_dn``."""
+    lines = [f'log_outputs = "3:file:{log_path}"']
+    if pki is not None:
+        lines += [
+            "listen_tcp = 0",
+            "listen_tls = 1",
+            'listen_addr = "127.0.0.1"',
+            f'tls_port = "{port}"',
+            'auth_tls = "none"',  # the client certificate is the authentication
+            f'ca_file = "{pki / "cacert.pem"}"',
+            f'cert_file = "{pki / "servercert.pem"}"',
+            f'key_file = "{pki / "serverkey.pem"}"',
+            "tls_no_verify_certificate = 0",
+            f'tls_allowed_dn_list = ["{client_dn}"]',
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_config(root_fd: int, config: str, uid: int, gid: int) -> bool:
+    """Write ``config/libvirt/libvirtd.conf`` below ``root_fd`` without following a
+    link; False if what is there is not a plain file of its own (tampered with)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    fd = open_beneath(root_fd, "config/libvirt/libvirtd.conf", flags, 0o600)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            return False
+        os.write(fd, config.encode())
+        if os.geteuid() == 0:
+            os.fchown(fd, uid, gid)
+        return True
+    finally:
+        os.close(fd)

@@ -54,7 +54,7 @@ def processes_using(folder: str, uid: int) -> list[int]:
     """Live processes of uid (but this one) whose command line or environment names folder.
 
     For tests and diagnostics only: the sandbox ends the processes it
-    started by their pids (:mod:`aiovirtstream._watchdog`), never by name.
+    started by their pids (``aiovirtstream/testing/_watchdog.py``), never by name.
     """
     pattern = re.compile(re.escape(os.fsencode(folder)) + rb"(?![A-Za-z0-9_.-])")
     found = []
@@ -85,13 +85,15 @@ def start_watchdog(folders: list[Path], uid: int) -> subprocess.Popen[bytes] | N
     """
     if not sys.executable:
         return None
-    package_parent = Path(__file__).resolve().parent.parent
+    # Run as a script in isolated mode: it needs only the standard library,
+    # and nothing of the caller's environment or folders is imported.
+    script = Path(__file__).resolve().with_name("_watchdog.py")
     return subprocess.Popen(
-        [sys.executable, "-E", "-s", "-m", "aiovirtstream._watchdog", str(uid), *folders],
+        [sys.executable, "-I", str(script), str(uid), *folders],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        cwd=package_parent,  # -m looks in the working folder first
+        cwd="/",
         start_new_session=True,
     )
 

@@ -13,7 +13,6 @@ import os
 import pwd
 import shutil
 import signal
-import stat
 import subprocess
 import tempfile
 import time
@@ -22,15 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import IO
-from xml.etree import ElementTree
-from xml.sax.saxutils import escape
 
 import anyio
 import anyio.to_thread
 import libvirt
 
 from .._exceptions import (
-    DaemonNotInstalledError,
     GuestPackageMissingError,
     SandboxError,
     SandboxStartError,
@@ -38,12 +34,13 @@ from .._exceptions import (
 )
 from .._workers import run_to_the_end
 from . import _guest
-from ._certs import STANDARD_PATH, make_certificates, sandbox_user
-from ._daemon import DaemonProcess
-from ._files import find_driver_dir, open_beneath, read_regular, traversable
+from ._certs import default_path, install_certificates, sandbox_user
+from ._daemon import DaemonProcess, daemon_config, find_programs, write_config
+from ._files import open_beneath, read_regular, traversable
 from ._guests import NAME_RE, SUN_PATH_MAX, TestGuests
 from ._processes import free_port, probe, process_state, start_watchdog
 from ._records import GuestInfo, PoolInfo, SandboxMode, VolumeInfo
+from ._storage import pool_xml, remove_pool, volume_xml
 
 _LOG_TAIL_LINES = 40
 
@@ -65,7 +62,7 @@ def guest_requirements_problem(*, libvirtd: str | os.PathLike[str] | None = None
     """
     problems = []
     try:
-        Sandbox("full", libvirtd=libvirtd)._find_programs()
+        find_programs(libvirtd, default_path(), "full")
     except SandboxError as error:
         problems.append(str(error))
     try:
@@ -126,10 +123,7 @@ class Sandbox:
         self.start_timeout = start_timeout
         self._libvirtd_arg = libvirtd
         self._tmp_dir = Path(tmp_dir) if tmp_dir is not None else None
-        if env_path is None:
-            own = os.environ.get("PATH", "").split(os.pathsep)
-            env_path = os.pathsep.join(dict.fromkeys([d for d in own if d] + list(STANDARD_PATH)))
-        self._env_path = env_path
+        self._env_path = env_path if env_path is not None else default_path()
         uid, gid, self._user = self._resolve_user(user)
         self._daemon = DaemonProcess(uid, gid, stop_timeout)
         self._finalizer = weakref.finalize(self, self._daemon.cleanup)
@@ -408,37 +402,6 @@ class Sandbox:
             raise SandboxError("the sandbox's libvirtd must not run as root")
         return entry.pw_uid, entry.pw_gid, name
 
-    def _find_programs(self) -> tuple[Path, Path]:
-        """libvirtd and the driver folder, or DaemonNotInstalledError naming the package."""
-        arg = os.fspath(self._libvirtd_arg) if self._libvirtd_arg is not None else "libvirtd"
-        if os.sep in arg:
-            found = arg if os.access(arg, os.X_OK) and os.path.isfile(arg) else None
-        else:
-            found = shutil.which(arg, path=self._env_path)
-        if found is None:
-            raise DaemonNotInstalledError(
-                f"libvirtd not found ({arg!r}, PATH={self._env_path})", "libvirt-daemon"
-            )
-        libvirtd = Path(found).absolute()
-        driver_dir = find_driver_dir(libvirtd)
-        if driver_dir is None or not (driver_dir / "libvirt_driver_storage.so").exists():
-            raise DaemonNotInstalledError(
-                "libvirt's storage driver libvirt_driver_storage.so not found "
-                f"(looked in {driver_dir or 'lib*/libvirt/connection-driver'})",
-                "libvirt-daemon",
-            )
-        if self.mode == "full":
-            if not (driver_dir / "libvirt_driver_qemu.so").exists():
-                raise DaemonNotInstalledError(
-                    f"libvirt's qemu driver not found in {driver_dir}",
-                    "libvirt-daemon-driver-qemu",
-                )
-            if shutil.which("qemu-system-x86_64", path=self._env_path) is None:
-                raise DaemonNotInstalledError(
-                    f"qemu-system-x86_64 not found (PATH={self._env_path})", "qemu-system-x86"
-                )
-        return libvirtd, driver_dir
-
     def _make_root(self) -> Path:
         uid, gid = self._daemon.uid, self._daemon.gid
         parents = [self._tmp_dir] if self._tmp_dir else [Path(tempfile.gettempdir()), Path("/tmp")]
@@ -477,7 +440,7 @@ class Sandbox:
 
     def _begin(self) -> None:
         """Check the programs, make and populate the folder, spawn libvirtd."""
-        self._libvirtd, driver_dir = self._find_programs()
+        self._libvirtd, driver_dir = find_programs(self._libvirtd_arg, self._env_path, self.mode)
         root = self._root = self._make_root()
         for sub in ("run", "config/libvirt", "cache", "data", "pools"):
             (root / sub).mkdir(parents=True, exist_ok=True)
@@ -488,7 +451,7 @@ class Sandbox:
             )
         self._stderr_path.touch(0o600)
         if self.tcp:
-            self._make_pki(root)
+            install_certificates(self.pki_path, root, self._client_dn.removeprefix("CN="))
         root.chmod(0o700)
         if os.geteuid() == 0:
             # The folder itself last: until then its new owner cannot enter it.
@@ -498,50 +461,20 @@ class Sandbox:
             os.lchown(root, self._daemon.uid, self._daemon.gid)
         self._spawn()
 
-    def _make_pki(self, root: Path) -> None:
-        """Certificates for the TLS listener: the server's in root/pki, the client's private."""
-        pki = self.pki_path
-        pki.mkdir(mode=0o700)
-        make_certificates(pki, self._client_dn.removeprefix("CN="))
-        (root / "pki").mkdir(mode=0o700)
-        for name in ("servercert.pem", "serverkey.pem"):
-            os.replace(pki / name, root / "pki" / name)
-        shutil.copyfile(pki / "cacert.pem", root / "pki" / "cacert.pem")
-
     @property
     def _client_dn(self) -> str:
         return f"CN=aiovirtstream-client-{self._private_path.name}"
 
     def _write_config(self) -> None:
-        lines = [f'log_outputs = "3:file:{self.log_path}"']
         if self.tcp:
             self._port = free_port()
-            pki = self.path / "pki"
-            lines += [
-                "listen_tcp = 0",
-                "listen_tls = 1",
-                'listen_addr = "127.0.0.1"',
-                f'tls_port = "{self._port}"',
-                'auth_tls = "none"',  # the client certificate is the authentication
-                f'ca_file = "{pki / "cacert.pem"}"',
-                f'cert_file = "{pki / "servercert.pem"}"',
-                f'key_file = "{pki / "serverkey.pem"}"',
-                "tls_no_verify_certificate = 0",
-                f'tls_allowed_dn_list = ["{self._client_dn}"]',
-            ]
+        config = daemon_config(
+            self.log_path, self.path / "pki" if self.tcp else None, self._port, self._client_dn
+        )
         # The daemon's user owns the folder (and may have run already): no link is followed.
         assert self._daemon.root_fd is not None
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-        fd = open_beneath(self._daemon.root_fd, "config/libvirt/libvirtd.conf", flags, 0o600)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-                raise SandboxError(f"{self.path}/config/libvirt/libvirtd.conf was tampered with")
-            os.write(fd, ("\n".join(lines) + "\n").encode())
-            if os.geteuid() == 0:
-                os.fchown(fd, self._daemon.uid, self._daemon.gid)
-        finally:
-            os.close(fd)
+        if not write_config(self._daemon.root_fd, config, self._daemon.uid, self._daemon.gid):
+            raise SandboxError(f"{self.path}/config/libvirt/libvirtd.conf was tampered with")
 
     def _spawn(self) -> None:
         assert self._libvirtd is not None
@@ -641,12 +574,10 @@ class Sandbox:
         if not NAME_RE.fullmatch(name):
             raise ValueError(f"pool name {name!r}: use letters, digits and _.+-")
         target = self.path / "pools" / name
-        xml = (
-            f"<pool type='dir'><name>{escape(name)}</name>"
-            f"<target><path>{escape(str(target))}</path></target></pool>"
-        )
         with self.connect() as conn, map_libvirt_errors(context=f"create pool {name!r}"):
-            conn.storagePoolCreateXML(xml, libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD)
+            conn.storagePoolCreateXML(
+                pool_xml(name, target), libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD
+            )
         return PoolInfo(name, target)
 
     def create_volume(self, pool: PoolInfo | str, name: str, capacity: int) -> VolumeInfo:
@@ -656,36 +587,17 @@ class Sandbox:
             raise ValueError(f"volume name {name!r}: use letters, digits and _.+-")
         if capacity < 0:
             raise ValueError("capacity must be >= 0")
-        xml = (
-            f"<volume><name>{escape(name)}</name>"
-            f"<capacity unit='bytes'>{capacity}</capacity>"
-            "<allocation unit='bytes'>0</allocation>"
-            "<target><format type='raw'/></target></volume>"
-        )
         context = f"create volume {name!r} in pool {pool_name!r}"
         with self.connect() as conn, map_libvirt_errors(context=context):
-            vol = conn.storagePoolLookupByName(pool_name).createXML(xml, 0)
+            vol = conn.storagePoolLookupByName(pool_name).createXML(volume_xml(name, capacity), 0)
             return VolumeInfo(pool_name, name, Path(vol.path()), capacity)
 
     def delete_pool(self, pool: PoolInfo | str) -> None:
         """Delete the pool's volumes, destroy it and remove its folder; no-op if it is gone."""
         pool_name = pool.name if isinstance(pool, PoolInfo) else pool
         with self.connect() as conn, map_libvirt_errors(context=f"delete pool {pool_name!r}"):
-            try:
-                handle = conn.storagePoolLookupByName(pool_name)
-            except libvirt.libvirtError as error:
-                if error.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_POOL:
-                    return
-                raise
-            target = Path(ElementTree.fromstring(handle.XMLDesc(0)).findtext("target/path", ""))
-            persistent = handle.isPersistent()
-            if handle.isActive():
-                for vol in handle.listAllVolumes(0):
-                    vol.delete(0)
-                handle.destroy()
-            if persistent:
-                handle.undefine()
-        if target.is_relative_to(self.path):
+            target = remove_pool(conn, pool_name)
+        if target is not None and target.is_relative_to(self.path):
             shutil.rmtree(target, ignore_errors=True)
 
     async def acreate_pool(self, name: str = "pool") -> PoolInfo:
