@@ -14,25 +14,21 @@ import logging
 import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, TypeVar, overload
+from typing import Literal, TypeVar, overload
 
 import anyio
 import anyio.abc
 import libvirt
-import libvirtmod
 
 from .._connection import watch_connection
 from .._exceptions import (
     AioVirtStreamError,
     ConnectionLostError,
-    EventLoopNotRegisteredError,
     SparseNotSupportedError,
     StreamBrokenError,
     StreamBusyError,
     StreamClosedError,
-    detach_traceback,
     libvirt_error_to_exception,
 )
 from .._workers import (
@@ -42,7 +38,9 @@ from .._workers import (
 )
 from ._items import DEFAULT_READ_SIZE, MAX_CHUNK, Hole, ReceiveSink, StreamItem
 from ._native import Buffer, Receiver, receiver_for
+from ._pump import Pump
 from ._sender import StreamSender
+from ._subscription import ERROR, READABLE, WRITABLE, EventSubscription
 
 logger = logging.getLogger(__name__)
 
@@ -56,29 +54,6 @@ DEFAULT_ABORT_WAIT = 2.0
 
 #: Bytes queued for the sender thread before ``write`` waits.
 DEFAULT_WRITE_BUFFER = 8 * MAX_CHUNK
-
-
-_READABLE = libvirt.VIR_STREAM_EVENT_READABLE
-
-
-_WRITABLE = libvirt.VIR_STREAM_EVENT_WRITABLE
-
-
-_ERROR = libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP
-
-
-#: recv calls one stream event may make in :meth:`AsyncStream.pump` before it
-#: lets the loop run (a longer burst raises the loop's lag).
-_PUMP_BURST = 4
-
-
-@dataclass(eq=False, slots=True)
-class _Pump:
-    sink: ReceiveSink
-    receiver: Receiver
-    stop_at_hole: bool
-    done: asyncio.Future[None]
-    paused: bool = False
 
 
 class _State(enum.Enum):
@@ -125,10 +100,9 @@ class AsyncStream(anyio.abc.ByteStream):
         self._reading = False
         self._writing = False
         self._receiver: Receiver | None = None
-        self._pump: _Pump | None = None
+        self._pump: Pump | None = None
         self._read_waiter: asyncio.Future[int] | None = None
         self._write_waiter: asyncio.Future[int] | None = None
-        self._subscribed = 0
         # Every blocking call of this stream runs on its connection's runner.
         self._runner = runner_for(stream_connection(virstream))
         self._sender = StreamSender(
@@ -138,25 +112,7 @@ class AsyncStream(anyio.abc.ByteStream):
             limit=write_buffer,
             on_would_block=self._want_writable,
         )
-        # Registered through libvirtmod with our own callback data: the remote
-        # driver never calls the callback's free function, so the binding's
-        # own data (which holds the stream) would leak with it. We clear ours
-        # after removing the callback, which breaks the cycle.
-        # A weak reference: libvirt keeps the data alive, and an unclosed
-        # stream must still be collectable (its __del__ then warns).
-        self._callback_data: dict[str, Any] | None = {
-            "stream": virstream,
-            "cb": _on_stream_event,
-            "opaque": weakref.ref(self),
-        }
-        if libvirtmod.virStreamEventAddCallback(virstream._o, 0, self._callback_data) == -1:
-            self._callback_data = None
-            raise EventLoopNotRegisteredError(
-                "libvirt refused to watch this stream: no event implementation serves its "
-                "connection (none is registered, or it was registered after the connection "
-                "was opened). Open it with aiovirtstream.connect(), or call "
-                "aiovirtstream.register_event_impl() before libvirt.open()"
-            )
+        self._events = EventSubscription(virstream, self._loop, self._on_event)
         # libvirt never fires a stream's event when its connection is lost.
         self._connection = watch_connection(stream_connection(virstream))
         self._unsubscribe_lost = self._connection.subscribe(_weak_connection_lost(self))
@@ -173,22 +129,13 @@ class AsyncStream(anyio.abc.ByteStream):
 
     # ------------------------------------------------------------------ events
 
-    def _call_in_loop(self, callback: Callable[..., object], *args: Any) -> None:
-        if asyncio._get_running_loop() is self._loop:
-            callback(*args)
-        else:
-            try:
-                self._loop.call_soon_threadsafe(callback, *args)
-            except RuntimeError:
-                pass  # loop closed: nobody is waiting any more
-
     def _on_event(self, events: int) -> None:
-        if events & (_READABLE | _ERROR) and self._pump is not None:
+        if events & (READABLE | ERROR) and self._pump is not None:
             self._pump_step()
-        if events & (_READABLE | _ERROR) and self._read_waiter is not None:
+        if events & (READABLE | ERROR) and self._read_waiter is not None:
             if not self._read_waiter.done():
                 self._read_waiter.set_result(events)
-        if events & (_WRITABLE | _ERROR) and self._write_waiter is not None:
+        if events & (WRITABLE | ERROR) and self._write_waiter is not None:
             if not self._write_waiter.done():
                 self._write_waiter.set_result(events)
         self._resubscribe()
@@ -200,15 +147,13 @@ class AsyncStream(anyio.abc.ByteStream):
         # coroutine is waiting for right now.
         wanted = 0
         if self._read_waiter is not None and not self._read_waiter.done():
-            wanted |= _READABLE
+            wanted |= READABLE
         pump = self._pump
         if pump is not None and not pump.paused and not pump.done.done():
-            wanted |= _READABLE
+            wanted |= READABLE
         if self._write_waiter is not None and not self._write_waiter.done():
-            wanted |= _WRITABLE
-        if wanted != self._subscribed and self._callback_data is not None:
-            libvirtmod.virStreamEventUpdateCallback(self.virstream._o, wanted)
-            self._subscribed = wanted
+            wanted |= WRITABLE
+        self._events.want(wanted)
 
     async def _wait_readable(self) -> None:
         waiter = self._read_waiter = self._loop.create_future()
@@ -220,7 +165,7 @@ class AsyncStream(anyio.abc.ByteStream):
             self._resubscribe()
 
     def _want_writable(self) -> None:
-        if self._callback_data is None:
+        if not self._events.active:
             return
         waiter = self._write_waiter = self._loop.create_future()
         waiter.add_done_callback(self._on_writable)
@@ -289,7 +234,7 @@ class AsyncStream(anyio.abc.ByteStream):
         self._broken_reason = lost
         for waiter in (self._read_waiter, self._write_waiter):
             if waiter is not None and not waiter.done():
-                waiter.set_result(_ERROR)
+                waiter.set_result(ERROR)
         pump = self._pump
         if pump is not None and not pump.done.done():
             pump.done.set_exception(self._lost_error(error, "read"))
@@ -434,12 +379,18 @@ class AsyncStream(anyio.abc.ByteStream):
         Cancelled, it stops at once; what was received stays received.
         """
         self._start_reading(stop_at_hole)
-        pump = self._pump = _Pump(
-            sink, self._get_receiver(), stop_at_hole, self._loop.create_future()
+        pump = self._pump = Pump(
+            sink,
+            self._get_receiver(),
+            stop_at_hole,
+            self._loop.create_future(),
+            events=self._events,
+            broken=self._mark_broken,
         )
         try:
             if self._pending is not None:
-                self._pump_pending(pump)
+                pending, self._pending = self._pending, None
+                pump.feed(pending)
             if self._eof and not pump.done.done():
                 pump.done.set_result(None)
             self._pump_step()  # what is queued already; events bring the rest
@@ -452,20 +403,6 @@ class AsyncStream(anyio.abc.ByteStream):
                 pump.done.cancel()
             self._resubscribe()
             del pump  # the future holds the error, whose traceback holds this frame
-
-    def _pump_pending(self, pump: _Pump) -> None:
-        # Data a recv_hole() found and kept goes first.
-        pending = self._pending
-        while pending:
-            target = pump.sink.buffer()
-            if target is None:
-                raise StreamBusyError("pumping (the sink has no room for data kept by recv_hole)")
-            buffer, offset, room = target
-            take = min(room, len(pending))
-            memoryview(buffer).cast("B")[offset : offset + take] = pending[:take]
-            pump.sink.received(take)
-            pending = pending[take:]
-        self._pending = None
 
     def resume_pump(self) -> None:
         """Tell :meth:`pump` that its sink has room again (loop thread)."""
@@ -480,57 +417,13 @@ class AsyncStream(anyio.abc.ByteStream):
         pump = self._pump
         if pump is None or pump.paused or pump.done.done():
             return
-        if self._callback_data is None:  # finished or aborted meanwhile
+        if not self._events.active:  # finished or aborted meanwhile
             pump.done.set_exception(self._closed_error("read"))
             return
-        sink, receiver, stop_at_hole = pump.sink, pump.receiver, pump.stop_at_hole
-        after_data = False  # the last call of this step received data
-        try:
-            for _ in range(_PUMP_BURST):
-                target = sink.buffer()
-                if target is None:
-                    pump.paused = True
-                    self._resubscribe()
-                    return
-                buffer, offset, room = target
-                result = receiver.recv_into(buffer, offset, room, stop_at_hole)
-                if result > 0:
-                    sink.received(result)
-                    if result < room:
-                        # libvirt's recv copies from every queued packet until
-                        # it has room bytes: a short one emptied the queue (or
-                        # stopped at a hole, whose packet re-arms the event).
-                        return
-                    after_data = True
-                elif result == -2:
-                    # libvirt leaves the stream's 0 ms timer enabled when a
-                    # recv finds the queue empty (that path skips its timer
-                    # update; seen after holes: thousands of empty firings per
-                    # sparse download). Re-stating our events re-evaluates it.
-                    # Not needed right after a recv that got data: that one
-                    # updated the timer (once per 24-byte packet of a download).
-                    if not after_data:
-                        libvirtmod.virStreamEventUpdateCallback(self.virstream._o, self._subscribed)
-                    return
-                elif result == 0:
-                    self._eof = True
-                    pump.done.set_result(None)
-                    self._resubscribe()
-                    return
-                elif result == -3:
-                    length = receiver.recv_hole()
-                    if length:
-                        sink.hole(length)
-                    after_data = False
-                else:
-                    raise self._mark_broken(RuntimeError(f"virStreamRecv returned {result}"))
-            # Burst used up: libvirt's 0 ms timer fires again next iteration.
-        except libvirt.libvirtError as error:
-            broken = self._mark_broken(error)
-            broken.__cause__ = detach_traceback(error)
-            pump.done.set_exception(broken)
-        except Exception as error:  # the sink's: pump() raises it
-            pump.done.set_exception(detach_traceback(error))
+        pump.step()
+        if pump.ended:
+            self._eof = True
+        self._resubscribe()
 
     async def receive(self, max_bytes: int = DEFAULT_READ_SIZE) -> bytes:
         """anyio ``ByteReceiveStream.receive``: like :meth:`read`, raising ``EndOfStream``.
@@ -640,16 +533,13 @@ class AsyncStream(anyio.abc.ByteStream):
 
     def _remove_callback(self) -> None:
         # libvirt requires the callback gone before finish/abort.
-        if self._callback_data is None:
+        if not self._events.active:
             return
         self._unsubscribe_lost()
-        libvirtmod.virStreamEventRemoveCallback(self.virstream._o)
-        self._callback_data.clear()
-        self._callback_data = None
-        self._subscribed = 0
+        self._events.remove()
         for waiter in (self._read_waiter, self._write_waiter):
             if waiter is not None and not waiter.done():
-                waiter.set_result(_ERROR)
+                waiter.set_result(ERROR)
         pump = self._pump
         if pump is not None and not pump.done.done():
             pump.done.set_exception(self._closed_error("read"))
@@ -793,13 +683,11 @@ class AsyncStream(anyio.abc.ByteStream):
             await self.abort()
 
     def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
-        if getattr(self, "_callback_data", None) is not None:
+        events = getattr(self, "_events", None)
+        if events is not None and events.active:
             _warn(f"unclosed {self.description} {self!r}", ResourceWarning, stacklevel=2)
             self._unsubscribe_lost()
-            try:
-                libvirtmod.virStreamEventRemoveCallback(self.virstream._o)
-            finally:
-                self._callback_data.clear()  # type: ignore[union-attr]
+            events.remove()
 
     def __repr__(self) -> str:
         return f"<AsyncStream {self.description} {self._state.value}>"
@@ -820,11 +708,3 @@ def stream_connection(virstream: libvirt.virStream) -> libvirt.virConnect:
     """The connection a ``virStream`` was made on (libvirt-python keeps it)."""
     conn: libvirt.virConnect = virstream._conn
     return conn
-
-
-def _on_stream_event(
-    virstream: libvirt.virStream, events: int, ref: weakref.ref[AsyncStream]
-) -> None:
-    stream = ref()
-    if stream is not None:
-        stream._call_in_loop(stream._on_event, events)
