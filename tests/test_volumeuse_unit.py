@@ -1,5 +1,5 @@
 """claim_volume's bookkeeping, with stand-in volumes (the real-daemon tests are in
-test_transfer.py)."""
+test_claims.py)."""
 
 from __future__ import annotations
 
