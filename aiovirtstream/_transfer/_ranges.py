@@ -42,7 +42,7 @@ from .._stream import (
 from .._volume import (
     check_download_range,
     download_description,
-    start_volume_download,  # tests spy on it here
+    start_volume_download,
     volume_size,
 )
 from .._workers import (
