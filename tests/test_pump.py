@@ -11,7 +11,7 @@ from _helpers import MiB, upload_all
 from conftest import MakeVolume
 
 import aiovirtstream as avs
-import aiovirtstream._stream._asyncstream as stream_module
+import aiovirtstream._stream._reads as reads_module
 from aiovirtstream._stream._native import Receiver, native_receive_available
 
 
@@ -19,7 +19,7 @@ from aiovirtstream._stream._native import Receiver, native_receive_available
 def receive_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run the test through the ctypes receiver and through libvirt-python's recv."""
     if request.param == "binding":
-        monkeypatch.setattr(stream_module, "receiver_for", Receiver)
+        monkeypatch.setattr(reads_module, "receiver_for", Receiver)
     else:
         assert native_receive_available(), "libvirt.so.0 should load through ctypes here"
     return str(request.param)

@@ -9,7 +9,6 @@ __all__ = [
 ]
 
 import asyncio
-import enum
 import logging
 import warnings
 import weakref
@@ -23,13 +22,10 @@ import libvirt
 
 from .._connection import watch_connection
 from .._exceptions import (
-    AioVirtStreamError,
     ConnectionLostError,
     SparseNotSupportedError,
     StreamBrokenError,
     StreamBusyError,
-    StreamClosedError,
-    libvirt_error_to_exception,
 )
 from .._workers import (
     run_in_worker,
@@ -37,8 +33,10 @@ from .._workers import (
     wait_through_cancellation,
 )
 from ._items import DEFAULT_READ_SIZE, MAX_CHUNK, Hole, ReceiveSink, StreamItem
-from ._native import Buffer, Receiver, receiver_for
+from ._life import State, StreamLife
+from ._native import Buffer
 from ._pump import Pump
+from ._reads import Reads
 from ._sender import StreamSender
 from ._subscription import ERROR, READABLE, WRITABLE, EventSubscription
 
@@ -54,13 +52,6 @@ DEFAULT_ABORT_WAIT = 2.0
 
 #: Bytes queued for the sender thread before ``write`` waits.
 DEFAULT_WRITE_BUFFER = 8 * MAX_CHUNK
-
-
-class _State(enum.Enum):
-    OPEN = "open"
-    FINISHED = "finished"
-    ABORTED = "aborted"
-    BROKEN = "broken"
 
 
 class AsyncStream(anyio.abc.ByteStream):
@@ -90,16 +81,12 @@ class AsyncStream(anyio.abc.ByteStream):
         #: What the call that started the stream returned (see :func:`open_stream`).
         self.start_result: object = None
         self._loop = asyncio.get_running_loop()
-        self._state = _State.OPEN
-        self._closing = False  # finish() or abort() under way
+        # libvirt never fires a stream's event when its connection is lost.
+        self._connection = watch_connection(stream_connection(virstream))
+        self._life = StreamLife(description, self._connection)
         self._abort_sent = False
-        self._broken_reason: BaseException | None = None
-        self._eof = False
         self._write_side_broken: str | None = None
-        self._pending: bytes | None = None  # data pushed back by recv_hole()
-        self._reading = False
         self._writing = False
-        self._receiver: Receiver | None = None
         self._pump: Pump | None = None
         self._read_waiter: asyncio.Future[int] | None = None
         self._write_waiter: asyncio.Future[int] | None = None
@@ -113,9 +100,8 @@ class AsyncStream(anyio.abc.ByteStream):
             on_would_block=self._want_writable,
         )
         self._events = EventSubscription(virstream, self._loop, self._on_event)
-        # libvirt never fires a stream's event when its connection is lost.
-        self._connection = watch_connection(stream_connection(virstream))
         self._unsubscribe_lost = self._connection.subscribe(_weak_connection_lost(self))
+        self._reads = Reads(virstream, self._life, self._wait_readable, sparse=sparse)
 
     @property
     def bytes_sent(self) -> int:
@@ -178,71 +164,28 @@ class AsyncStream(anyio.abc.ByteStream):
 
     # ------------------------------------------------------------------ state
 
-    def _check_open(self, action: str) -> None:
-        if self._state is _State.OPEN and not self._closing:
-            return
-        raise self._closed_error(action)
-
-    def _closed_error(self, action: str) -> StreamClosedError | StreamBrokenError:
-        if self._state is _State.OPEN:
-            return StreamClosedError(f"cannot {action}: the {self.description} is being closed")
-        if isinstance(self._broken_reason, ConnectionLostError):
-            return self._lost_error(self._connection.lost_now() or self._broken_reason, action)
-        if self._state is _State.BROKEN:
-            broken = StreamBrokenError(
-                f"cannot {action}: the {self.description} broke earlier: {self._broken_reason}"
-            )
-            broken.__cause__ = self._broken_reason
-            return broken
-        return StreamClosedError(f"cannot {action}: the {self.description} was {self._state.value}")
-
-    def _mark_broken(self, error: libvirt.libvirtError | BaseException) -> StreamBrokenError:
-        lost = self._connection.lost_now() if isinstance(error, libvirt.libvirtError) else None
-        if lost is not None:
-            mapped: AioVirtStreamError = self._lost_error(lost)
-        elif isinstance(error, libvirt.libvirtError):
-            mapped = libvirt_error_to_exception(error, stream=True, context=self.description)
-        else:
-            mapped = StreamBrokenError(f"{self.description}: {error}")
-        if self._state is _State.OPEN:
-            self._state = _State.BROKEN
-            self._broken_reason = mapped
-        # The caller raises what this returns: never the kept reason itself,
-        # whose traceback would then hold this stream (a reference cycle).
-        if lost is not None:
-            return self._lost_error(lost)
-        broken = StreamBrokenError(str(mapped))
-        broken.__cause__ = error
-        return broken
-
-    def _lost_error(
-        self, lost: ConnectionLostError, action: str | None = None
-    ) -> ConnectionLostError:
-        what = f"cannot {action}: the {self.description}" if action else self.description
-        return ConnectionLostError(f"{what}: {lost}", uri=lost.uri, reason=lost.reason)
-
     def connection_lost(self, error: ConnectionLostError) -> None:
         """Fail every pending and later operation: the connection is gone (loop thread).
 
         Called by the connection's :class:`~aiovirtstream.ConnectionWatch`.
         A stream already finished or aborted is left alone.
         """
-        if self._state is not _State.OPEN:
+        if self._life.state is not State.OPEN:
             return
-        lost = self._lost_error(error)
-        self._state = _State.BROKEN
-        self._broken_reason = lost
+        lost = self._life.lost_error(error)
+        self._life.state = State.BROKEN
+        self._life.broken_reason = lost
         for waiter in (self._read_waiter, self._write_waiter):
             if waiter is not None and not waiter.done():
                 waiter.set_result(ERROR)
         pump = self._pump
         if pump is not None and not pump.done.done():
-            pump.done.set_exception(self._lost_error(error, "read"))
+            pump.done.set_exception(self._life.lost_error(error, "read"))
 
     @property
     def closed(self) -> bool:
         """True once the stream was finished, aborted or broke."""
-        return self._state is not _State.OPEN
+        return self._life.state is not State.OPEN
 
     # ------------------------------------------------------------------ reading
 
@@ -263,51 +206,8 @@ class AsyncStream(anyio.abc.ByteStream):
         """
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
-        self._start_reading(stop_at_hole)
-        try:
-            return await self._read(max_bytes, stop_at_hole)
-        finally:
-            self._reading = False
-
-    async def _read(self, max_bytes: int, stop_at_hole: bool) -> StreamItem:
-        pending = self._pending
-        if pending is not None:
-            self._pending = pending[max_bytes:] or None
-            return pending[:max_bytes]
-        if self._eof:
-            return b""
-        st = self.virstream
-        flags = libvirt.VIR_STREAM_RECV_STOP_AT_HOLE if stop_at_hole else 0
-        result = await self._receive(
-            lambda: st.recvFlags(max_bytes, flags) if flags else st.recv(max_bytes)
-        )
-        if result == b"":
-            self._eof = True
-        return result
-
-    async def _receive(self, attempt: Callable[[], _R]) -> _R | Hole:
-        """Call ``attempt`` (a recv) until it gives data, a hole or the end.
-
-        -2 waits for READABLE, -3 is turned into a :class:`Hole` (zero-length
-        ones are skipped); libvirt's errors break the stream.
-        """
-        while True:
-            try:
-                result = attempt()
-                if result == -3:
-                    length = self._get_receiver().recv_hole()
-                    if length:
-                        return Hole(length)
-                    continue
-            except libvirt.libvirtError as error:
-                raise self._mark_broken(error) from error
-            if result == -2:
-                await self._wait_readable()
-                self._check_open("read")
-                continue
-            if isinstance(result, int) and result < 0:
-                raise self._mark_broken(RuntimeError(f"virStreamRecv returned {result}"))
-            return result
+        with self._reads.reading(stop_at_hole):
+            return await self._reads.read(max_bytes, stop_at_hole)
 
     async def recv_hole(self) -> int:
         """Length of the hole at the current position of a sparse stream; 0 if data is next.
@@ -319,24 +219,8 @@ class AsyncStream(anyio.abc.ByteStream):
         if isinstance(item, Hole):
             return item.length
         if item:
-            self._pending = item
+            self._reads.keep(item)
         return 0
-
-    def _get_receiver(self) -> Receiver:
-        if self._receiver is None:
-            self._receiver = receiver_for(self.virstream)
-        return self._receiver
-
-    def _start_reading(self, stop_at_hole: bool) -> None:
-        if stop_at_hole and not self.sparse:
-            raise SparseNotSupportedError(
-                f"the {self.description} was not opened sparse: it has no holes to stop at; "
-                "open it with sparse=True"
-            )
-        self._check_open("read")
-        if self._reading:
-            raise StreamBusyError("reading from")
-        self._reading = True
 
     async def read_into(self, buffer: Buffer, *, stop_at_hole: bool = False) -> int | Hole:
         """Receive into ``buffer`` (a ``bytearray`` or writable ``memoryview``).
@@ -348,23 +232,8 @@ class AsyncStream(anyio.abc.ByteStream):
         size = memoryview(buffer).nbytes
         if size == 0:
             raise ValueError("the buffer is empty")
-        self._start_reading(stop_at_hole)
-        try:
-            pending = self._pending
-            if pending is not None:
-                take = min(size, len(pending))
-                memoryview(buffer).cast("B")[:take] = pending[:take]
-                self._pending = pending[take:] or None
-                return take
-            if self._eof:
-                return 0
-            receiver = self._get_receiver()
-            result = await self._receive(lambda: receiver.recv_into(buffer, 0, size, stop_at_hole))
-            if result == 0:
-                self._eof = True
-            return result
-        finally:
-            self._reading = False
+        with self._reads.reading(stop_at_hole):
+            return await self._reads.read_into(buffer, size, stop_at_hole)
 
     async def pump(self, sink: ReceiveSink, *, stop_at_hole: bool = False) -> None:
         """Receive everything up to the end of the stream into ``sink``.
@@ -378,27 +247,26 @@ class AsyncStream(anyio.abc.ByteStream):
         connection too, with ``get_event_impl().pause_reading(socket)``).
         Cancelled, it stops at once; what was received stays received.
         """
-        self._start_reading(stop_at_hole)
+        finish_reading = self._reads.begin(stop_at_hole)
         pump = self._pump = Pump(
             sink,
-            self._get_receiver(),
+            self._reads.receiver,
             stop_at_hole,
             self._loop.create_future(),
             events=self._events,
-            broken=self._mark_broken,
+            broken=self._life.mark_broken,
         )
         try:
-            if self._pending is not None:
-                pending, self._pending = self._pending, None
+            if (pending := self._reads.take_pending()) is not None:
                 pump.feed(pending)
-            if self._eof and not pump.done.done():
+            if self._reads.eof and not pump.done.done():
                 pump.done.set_result(None)
             self._pump_step()  # what is queued already; events bring the rest
             self._resubscribe()
             await pump.done
         finally:
             self._pump = None
-            self._reading = False
+            finish_reading()
             if not pump.done.done():
                 pump.done.cancel()
             self._resubscribe()
@@ -418,11 +286,11 @@ class AsyncStream(anyio.abc.ByteStream):
         if pump is None or pump.paused or pump.done.done():
             return
         if not self._events.active:  # finished or aborted meanwhile
-            pump.done.set_exception(self._closed_error("read"))
+            pump.done.set_exception(self._life.closed_error("read"))
             return
         pump.step()
         if pump.ended:
-            self._eof = True
+            self._reads.eof = True
         self._resubscribe()
 
     async def receive(self, max_bytes: int = DEFAULT_READ_SIZE) -> bytes:
@@ -457,7 +325,7 @@ class AsyncStream(anyio.abc.ByteStream):
         Returns once the data is queued, not sent: :meth:`finish` (or
         leaving ``async with``) waits for the queue and reports a failed send.
         """
-        self._check_open("write")
+        self._life.check_open("write")
         self._check_write_side()
         if self._writing:
             raise StreamBusyError("writing to")
@@ -473,7 +341,7 @@ class AsyncStream(anyio.abc.ByteStream):
                     chunk = view[start : start + MAX_CHUNK].tobytes()
                 await self._sender.put(chunk)  # type: ignore[arg-type]
                 queued_any = True
-                self._check_open("write")
+                self._life.check_open("write")
                 self._raise_send_error()
         except BaseException:
             if queued_any:
@@ -495,7 +363,7 @@ class AsyncStream(anyio.abc.ByteStream):
                 f"the {self.description} was not opened sparse: it cannot carry holes; "
                 "open it with sparse=True"
             )
-        self._check_open("send a hole")
+        self._life.check_open("send a hole")
         self._check_write_side()
         if length == 0:
             return
@@ -504,7 +372,7 @@ class AsyncStream(anyio.abc.ByteStream):
         self._writing = True
         try:
             await self._sender.put(Hole(length))
-            self._check_open("send a hole")
+            self._life.check_open("send a hole")
             self._raise_send_error()
         finally:
             self._writing = False
@@ -517,11 +385,11 @@ class AsyncStream(anyio.abc.ByteStream):
     def _raise_send_error(self) -> None:
         error = self._sender.error
         if error is not None:
-            raise self._mark_broken(error) from error
+            raise self._life.mark_broken(error) from error
 
     async def flush(self) -> None:
         """Wait until every queued write was handed to libvirt."""
-        self._check_open("flush")
+        self._life.check_open("flush")
         await self._sender.join()
         self._check_write_side()
 
@@ -542,7 +410,7 @@ class AsyncStream(anyio.abc.ByteStream):
                 waiter.set_result(ERROR)
         pump = self._pump
         if pump is not None and not pump.done.done():
-            pump.done.set_exception(self._closed_error("read"))
+            pump.done.set_exception(self._life.closed_error("read"))
 
     async def send_all(self, items: Iterator[StreamItem]) -> None:
         """Send every item of ``items``, pulled on the connection's runner.
@@ -555,7 +423,7 @@ class AsyncStream(anyio.abc.ByteStream):
         :class:`StreamBrokenError`. A cancellation stops the sending (the
         caller's ``async with`` then aborts the stream).
         """
-        self._check_open("send")
+        self._life.check_open("send")
         self._check_write_side()
         if self._writing:
             raise StreamBusyError("writing to")
@@ -568,7 +436,7 @@ class AsyncStream(anyio.abc.ByteStream):
             raise
         finally:
             self._writing = False
-        self._check_open("send")
+        self._life.check_open("send")
         error = self._sender.error
         if error is not None and not isinstance(error, libvirt.libvirtError):
             self._write_side_broken = f"sending stopped: {error}"
@@ -581,10 +449,10 @@ class AsyncStream(anyio.abc.ByteStream):
         Raises :class:`StreamBrokenError` if the daemon reports the transfer
         failed. A finished stream cannot be used again.
         """
-        if self._state is _State.FINISHED:
+        if self._life.state is State.FINISHED:
             return
-        self._check_open("finish")
-        self._closing = True
+        self._life.check_open("finish")
+        self._life.closing = True
         with anyio.CancelScope(shield=True):
             await self._sender.join()
             try:
@@ -598,7 +466,7 @@ class AsyncStream(anyio.abc.ByteStream):
             try:
                 done.result()
             except libvirt.libvirtError as error:
-                broken = self._mark_broken(error)
+                broken = self._life.mark_broken(error)
                 if cancelled is not None:
                     try:
                         raise cancelled from broken
@@ -607,7 +475,7 @@ class AsyncStream(anyio.abc.ByteStream):
                 raise broken from error
             finally:
                 self._sender.release()
-            self._state = _State.FINISHED
+            self._life.state = State.FINISHED
             if cancelled is not None:
                 try:
                     raise cancelled
@@ -616,7 +484,7 @@ class AsyncStream(anyio.abc.ByteStream):
 
     async def abort(self) -> None:
         """Abandon the transfer: drop queued data and tell the daemon. Idempotent."""
-        if self._state in (_State.FINISHED, _State.ABORTED):
+        if self._life.state in (State.FINISHED, State.ABORTED):
             return
         with anyio.CancelScope(shield=True):
             await self._abort()
@@ -625,9 +493,9 @@ class AsyncStream(anyio.abc.ByteStream):
         if self._abort_sent:
             return  # a broken stream aborted once already
         self._abort_sent = True
-        self._closing = True
-        was_broken = self._state is _State.BROKEN
-        self._state = _State.ABORTED if not was_broken else _State.BROKEN
+        self._life.closing = True
+        was_broken = self._life.state is State.BROKEN
+        self._life.state = State.ABORTED if not was_broken else State.BROKEN
         self._sender.stop()
         self._remove_callback()
 
@@ -671,7 +539,7 @@ class AsyncStream(anyio.abc.ByteStream):
         exc_tb: TracebackType | None,
     ) -> None:
         """Finish on a clean exit; abort on an exception or a cancellation."""
-        if exc_type is None and self._state is _State.OPEN:
+        if exc_type is None and self._life.state is State.OPEN:
             try:
                 await self.finish()
             except BaseException:
@@ -690,7 +558,7 @@ class AsyncStream(anyio.abc.ByteStream):
             events.remove()
 
     def __repr__(self) -> str:
-        return f"<AsyncStream {self.description} {self._state.value}>"
+        return f"<AsyncStream {self.description} {self._life.state.value}>"
 
 
 def _weak_connection_lost(stream: AsyncStream) -> Callable[[ConnectionLostError], None]:
