@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 __all__ = [
+    "SUN_PATH_MAX",
     "DaemonProcess",
+    "DaemonFiles",
     "find_programs",
     "daemon_config",
     "write_config",
@@ -15,13 +17,18 @@ import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import threading
 import warnings
 from pathlib import Path
 
-from .._exceptions import DaemonNotInstalledError
+from .._exceptions import DaemonNotInstalledError, SandboxError
 from . import _watchdog
-from ._files import find_driver_dir, open_beneath
+from ._files import find_driver_dir, open_beneath, read_regular, traversable
+from ._processes import start_watchdog
+
+#: sizeof(sockaddr_un.sun_path) - 1 on Linux.
+SUN_PATH_MAX = 107
 
 
 class DaemonProcess:
@@ -105,6 +112,80 @@ class DaemonProcess:
                 except subprocess.TimeoutExpired:
                     watchdog.kill()
                     watchdog.wait()
+
+    def make_folders(self, tmp_dir: Path | None, user: str, *, full: bool) -> Path:
+        """The daemon's folder (returned), the caller's private folder and, with
+        ``full``, the guest files' folder; the watchdog that removes them."""
+        uid, gid = self.uid, self.gid
+        parents = [tmp_dir] if tmp_dir else [Path(tempfile.gettempdir()), Path("/tmp")]
+        usable = [p for p in dict.fromkeys(parents) if p.is_dir() and traversable(p, uid, gid)]
+        if not usable:
+            raise SandboxError(
+                f"user {user} cannot enter {parents[0]}: pass tmp_dir= a folder it can enter"
+            )
+        private = Path(tempfile.mkdtemp(prefix="aiovirtstream-owner-", dir=usable[0]))
+        self.private = private
+        root = Path(tempfile.mkdtemp(prefix="aiovirtstream-", dir=usable[0]))
+        self.root = root
+        self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        folders = [root, private]
+        if full:
+            # The test guest's kernel and initramfs: the caller's, the daemon's user
+            # may only read them (root never writes in the daemon's folder for them).
+            guest_files = Path(tempfile.mkdtemp(prefix="aiovirtstream-guest-", dir=usable[0]))
+            self.guest_files = guest_files
+            fd = os.open(guest_files, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fchmod(fd, 0o755)
+            finally:
+                os.close(fd)
+            folders.append(guest_files)
+        self.watchdog = start_watchdog(folders, self.uid)
+        sock = root / "run" / "libvirt" / "libvirt-sock"
+        if len(os.fsencode(sock)) > SUN_PATH_MAX:
+            raise SandboxError(f"socket path {sock} is too long for a unix socket: use tmp_dir=")
+        return root
+
+
+class DaemonFiles:
+    """Reads files of a sandbox: those in the daemon's folder below its descriptor,
+    without following links, and only regular files of the daemon's user."""
+
+    def __init__(self, daemon: DaemonProcess) -> None:
+        self._daemon = daemon
+
+    def read(self, path: Path, lines: int, offset: int | None = None) -> str:
+        """The last ``lines`` lines (or all from ``offset``); '' if unreadable."""
+        opened = self._open(path)
+        if opened is None:
+            return ""
+        fd, uid = opened
+        try:
+            return read_regular(fd, uid, lines, offset)
+        except OSError:
+            return ""
+        finally:
+            os.close(fd)
+
+    def size(self, path: Path) -> int:
+        opened = self._open(path)
+        if opened is None:
+            return 0
+        try:
+            return os.fstat(opened[0]).st_size
+        finally:
+            os.close(opened[0])
+
+    def _open(self, path: Path) -> tuple[int, int | None] | None:
+        root, root_fd = self._daemon.root, self._daemon.root_fd
+        try:
+            if root_fd is not None and root is not None and path.is_relative_to(root):
+                rel = path.relative_to(root).as_posix()
+                return open_beneath(root_fd, rel, os.O_RDONLY | os.O_NONBLOCK), self._daemon.uid
+            flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+            return os.open(path, flags), None
+        except (OSError, ValueError):
+            return None
 
 
 def find_programs(

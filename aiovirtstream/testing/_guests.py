@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["TestGuests", "NAME_RE", "SUN_PATH_MAX"]
+__all__ = ["TestGuests", "NAME_RE"]
 
 import contextlib
 import os
@@ -16,14 +16,13 @@ import libvirt
 
 from .._exceptions import SandboxError, map_libvirt_errors
 from . import _guest, _watchdog
-from ._daemon import DaemonProcess
+from ._daemon import SUN_PATH_MAX, DaemonProcess
 from ._records import GuestInfo
 
 if TYPE_CHECKING:
     from ._sandbox import Sandbox
 
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
-SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 
 
 class TestGuests:

@@ -14,7 +14,6 @@ import pwd
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 import weakref
 from collections.abc import Iterator
@@ -35,10 +34,9 @@ from .._exceptions import (
 from .._workers import run_to_the_end
 from . import _guest
 from ._certs import default_path, install_certificates, sandbox_user
-from ._daemon import DaemonProcess, daemon_config, find_programs, write_config
-from ._files import open_beneath, read_regular, traversable
-from ._guests import NAME_RE, SUN_PATH_MAX, TestGuests
-from ._processes import free_port, probe, process_state, start_watchdog
+from ._daemon import DaemonFiles, DaemonProcess, daemon_config, find_programs, write_config
+from ._guests import NAME_RE, TestGuests
+from ._processes import free_port, probe, process_state
 from ._records import GuestInfo, PoolInfo, SandboxMode, VolumeInfo
 from ._storage import pool_xml, remove_pool, volume_xml
 
@@ -133,7 +131,8 @@ class Sandbox:
         self._port_attempts = 0
         self._libvirtd: Path | None = None
         self._spawn_offsets: dict[Path, int] = {}
-        self._guests = TestGuests(self, self._daemon, self._read_file)
+        self._files = DaemonFiles(self._daemon)
+        self._guests = TestGuests(self, self._daemon, self.read_file)
 
     # --- properties -----------------------------------------------------------
 
@@ -226,7 +225,7 @@ class Sandbox:
             return ""
         parts = []
         for path in (self._stderr_path, self.log_path):
-            text = self._read_file(path, lines)
+            text = self.read_file(path, lines)
             if text.strip():
                 parts.append(f"--- {path} (last lines) ---\n{text}")
         return "\n".join(parts)
@@ -235,44 +234,15 @@ class Sandbox:
     def _stderr_path(self) -> Path:
         return self._private_path / "libvirtd.stderr"
 
-    def _read_file(
-        self, path: Path, lines: int = _LOG_TAIL_LINES, offset: int | None = None
-    ) -> str:
-        """The last lines of a file of the sandbox (or all from offset); '' if unreadable.
+    def read_file(self, path: Path, lines: int = _LOG_TAIL_LINES, offset: int | None = None) -> str:
+        """The last ``lines`` lines of a file of the sandbox (or all of it from
+        ``offset``); '' if it cannot be read.
 
         A file in the daemon user's folder is opened below it without
-        following links and read only if it is a regular file of that user.
+        following links, and read only if it is a regular file of that user:
+        safe as root on a folder another user controls.
         """
-        opened = self._open_file(path)
-        if opened is None:
-            return ""
-        fd, uid = opened
-        try:
-            return read_regular(fd, uid, lines, offset)
-        except OSError:
-            return ""
-        finally:
-            os.close(fd)
-
-    def _file_size(self, path: Path) -> int:
-        opened = self._open_file(path)
-        if opened is None:
-            return 0
-        try:
-            return os.fstat(opened[0]).st_size
-        finally:
-            os.close(opened[0])
-
-    def _open_file(self, path: Path) -> tuple[int, int | None] | None:
-        root_fd = self._daemon.root_fd
-        try:
-            if root_fd is not None and self._root is not None and path.is_relative_to(self._root):
-                rel = path.relative_to(self._root).as_posix()
-                return open_beneath(root_fd, rel, os.O_RDONLY | os.O_NONBLOCK), self._daemon.uid
-            flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
-            return os.open(path, flags), None
-        except (OSError, ValueError):
-            return None
+        return self._files.read(path, lines, offset)
 
     # --- start and stop -------------------------------------------------------
 
@@ -402,37 +372,6 @@ class Sandbox:
             raise SandboxError("the sandbox's libvirtd must not run as root")
         return entry.pw_uid, entry.pw_gid, name
 
-    def _make_root(self) -> Path:
-        uid, gid = self._daemon.uid, self._daemon.gid
-        parents = [self._tmp_dir] if self._tmp_dir else [Path(tempfile.gettempdir()), Path("/tmp")]
-        usable = [p for p in dict.fromkeys(parents) if p.is_dir() and traversable(p, uid, gid)]
-        if not usable:
-            raise SandboxError(
-                f"user {self._user} cannot enter {parents[0]}: pass tmp_dir= a folder it can enter"
-            )
-        private = Path(tempfile.mkdtemp(prefix="aiovirtstream-owner-", dir=usable[0]))
-        self._daemon.private = private
-        root = Path(tempfile.mkdtemp(prefix="aiovirtstream-", dir=usable[0]))
-        self._daemon.root = root
-        self._daemon.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        folders = [root, private]
-        if self.mode == "full":
-            # The test guest's kernel and initramfs: the caller's, the daemon's user
-            # may only read them (root never writes in the daemon's folder for them).
-            guest_files = Path(tempfile.mkdtemp(prefix="aiovirtstream-guest-", dir=usable[0]))
-            self._daemon.guest_files = guest_files
-            fd = os.open(guest_files, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                os.fchmod(fd, 0o755)
-            finally:
-                os.close(fd)
-            folders.append(guest_files)
-        self._daemon.watchdog = start_watchdog(folders, self._daemon.uid)
-        sock = root / "run" / "libvirt" / "libvirt-sock"
-        if len(os.fsencode(sock)) > SUN_PATH_MAX:
-            raise SandboxError(f"socket path {sock} is too long for a unix socket: use tmp_dir=")
-        return root
-
     def _claim(self) -> None:
         if self._started:
             raise SandboxError("a Sandbox can be started only once; create a new one")
@@ -441,7 +380,9 @@ class Sandbox:
     def _begin(self) -> None:
         """Check the programs, make and populate the folder, spawn libvirtd."""
         self._libvirtd, driver_dir = find_programs(self._libvirtd_arg, self._env_path, self.mode)
-        root = self._root = self._make_root()
+        root = self._root = self._daemon.make_folders(
+            self._tmp_dir, self._user, full=self.mode == "full"
+        )
         for sub in ("run", "config/libvirt", "cache", "data", "pools"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         if self.mode == "storage":
@@ -482,7 +423,7 @@ class Sandbox:
         self._port_attempts += 1
         root = self.path
         self._spawn_offsets = {
-            path: self._file_size(path) for path in (self._stderr_path, self.log_path)
+            path: self._files.size(path) for path in (self._stderr_path, self.log_path)
         }
         env = {
             "PATH": self._env_path,
@@ -514,7 +455,7 @@ class Sandbox:
         self._daemon.record(proc)
 
     def _output_since_spawn(self) -> str:
-        return "\n".join(self._read_file(p, 0, off) for p, off in self._spawn_offsets.items())
+        return "\n".join(self.read_file(p, 0, off) for p, off in self._spawn_offsets.items())
 
     def _fail(self, message: str) -> SandboxStartError:
         return SandboxStartError(f"libvirtd of {self!r} {message}", self.log_tail())
