@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = ["Reads"]
 
 import contextlib
+import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
@@ -36,7 +37,8 @@ class Reads:
     ) -> None:
         self._virstream = virstream
         self._life = life
-        self._wait_readable = wait_readable
+        # Weakly: the stream holds this object (no reference cycle through it).
+        self._wait_readable = weakref.WeakMethod(wait_readable)
         self._sparse = sparse
         self._receiver: Receiver | None = None
         self._pending: bytes | None = None  # data pushed back by recv_hole()
@@ -132,7 +134,11 @@ class Reads:
             except libvirt.libvirtError as error:
                 raise self._life.mark_broken(error) from error
             if result == -2:
-                await self._wait_readable()
+                wait_readable = self._wait_readable()
+                if wait_readable is None:
+                    raise self._life.closed_error("read")  # the stream is gone
+                await wait_readable()
+                del wait_readable
                 self._life.check_open("read")
                 continue
             if isinstance(result, int) and result < 0:
