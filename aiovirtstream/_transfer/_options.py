@@ -196,10 +196,11 @@ class ProgressReporter:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        # The task's cancellation is a reference cycle (its traceback holds
-        # _run's frame): let it hold no stream, so no connection either.
+        # Forgotten before it is cancelled: the task's CancelledError holds
+        # _run's frame, which holds this reporter (a cycle if it held the task).
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
         self._target = self._stream = None
         self._counts = _no_counts
 

@@ -258,6 +258,7 @@ async def download_parts(
         else:
             # Several streams over ranges of one volume: the daemon keeps one
             # packet in flight per stream, so ranges overlap on its side.
+            error: BaseException | None = None
             try:
                 async with anyio.create_task_group() as group:
                     for range_stream, writer in zip(ranges, writers, strict=True):
@@ -265,9 +266,17 @@ async def download_parts(
                             _download_range, range_stream, writer, worker, options, limit
                         )
             except BaseExceptionGroup as errors:
+                error = first_error(errors)
+            if error is not None:
                 # The ranges are ours, not the caller's: one error, as for one
-                # stream (re-raised as it is: its __cause__ stays the libvirtError).
-                raise first_error(errors)  # noqa: B904
+                # stream, re-raised as it is (its __cause__ stays the libvirtError).
+                # Raised outside the handler: inside, its __context__ would be
+                # the group that holds it, a cycle that keeps every frame of its
+                # traceback alive.
+                try:
+                    raise error
+                finally:
+                    del error  # its traceback holds this frame
         last = max(writers, key=lambda w: w.end)
 
         def complete() -> tuple[int, int]:
