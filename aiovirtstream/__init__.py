@@ -1,34 +1,126 @@
-"""aiovirtstream: libvirt data streams, native to asyncio."""
+"""aiovirtstream: libvirt data streams, native to asyncio.
+
+Names are loaded on first use (PEP 562), so that importing the package (the
+pytest plugin does, at every pytest start) costs nothing until it is used.
+"""
 
 from __future__ import annotations
 
-from ._connect import aclose_connection, connect, connection_socket
-from ._copy import copy
-from ._domain import (
-    SCREENSHOT_MAX_BYTES,
-    ScreenshotTooLargeError,
-    lookup_domain,
-    open_channel,
-    open_console,
-    screenshot,
-    screenshot_to_file,
-)
-from ._events import EventImplStats, bind_event_loop, get_event_impl, register_event_impl
-from ._exceptions import *  # noqa: F403
-from ._exceptions import __all__ as _exceptions_all
-from ._extents import Extent, file_extents
-from ._lifeline import ConnectionWatch, watch_connection
-from ._stream import AsyncStream, Hole, ReceiveSink, StreamItem, open_stream
-from ._transfer import (
-    DestinationIsDirectoryError,
-    ProgressTarget,
-    SourceNotFoundError,
-    TransferProgress,
-    TransferResult,
-    download,
-    upload,
-)
-from ._volume import lookup_volume, open_volume_download, open_volume_upload
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._connection import (
+        ConnectionWatch,
+        aclose_connection,
+        connect,
+        connection_socket,
+        watch_connection,
+    )
+    from ._domain import (
+        SCREENSHOT_MAX_BYTES,
+        lookup_domain,
+        open_channel,
+        open_console,
+        screenshot,
+        screenshot_to_file,
+    )
+    from ._events import (
+        EventImplStats,
+        bind_event_loop,
+        get_event_impl,
+        register_event_impl,
+    )
+    from ._exceptions import (
+        AioVirtStreamError,
+        ConnectError,
+        ConnectionLostError,
+        DaemonNotInstalledError,
+        DestinationExistsError,
+        DestinationIsDirectoryError,
+        EventLoopError,
+        EventLoopNotRegisteredError,
+        GuestPackageMissingError,
+        InvalidRangeError,
+        LibvirtError,
+        NotFoundError,
+        OperationInvalidError,
+        SandboxError,
+        SandboxStartError,
+        ScreenshotTooLargeError,
+        SourceNotFoundError,
+        SourceTooLargeError,
+        SparseNotSupportedError,
+        StreamBrokenError,
+        StreamBusyError,
+        StreamClosedError,
+        StreamError,
+        TransferError,
+        UnsupportedError,
+        VolumeBusyError,
+        VolumeChangedError,
+        libvirt_error_to_exception,
+        map_libvirt_errors,
+    )
+    from ._stream import (
+        AsyncStream,
+        Hole,
+        ReceiveSink,
+        StreamItem,
+        open_stream,
+    )
+    from ._transfer import (
+        Extent,
+        ProgressCallback,
+        ProgressTarget,
+        TransferProgress,
+        TransferResult,
+        copy,
+        download,
+        file_extents,
+        upload,
+    )
+    from ._volume import (
+        lookup_volume,
+        open_volume_download,
+        open_volume_upload,
+    )
+
+#: Where each public name lives but the exceptions (added below __all__).
+_EXPORTS: dict[str, str] = {
+    "ConnectionWatch": "._connection",
+    "aclose_connection": "._connection",
+    "connect": "._connection",
+    "connection_socket": "._connection",
+    "watch_connection": "._connection",
+    "SCREENSHOT_MAX_BYTES": "._domain",
+    "lookup_domain": "._domain",
+    "open_channel": "._domain",
+    "open_console": "._domain",
+    "screenshot": "._domain",
+    "screenshot_to_file": "._domain",
+    "EventImplStats": "._events",
+    "bind_event_loop": "._events",
+    "get_event_impl": "._events",
+    "register_event_impl": "._events",
+    "AsyncStream": "._stream",
+    "Hole": "._stream",
+    "ReceiveSink": "._stream",
+    "StreamItem": "._stream",
+    "open_stream": "._stream",
+    "Extent": "._transfer",
+    "ProgressCallback": "._transfer",
+    "ProgressTarget": "._transfer",
+    "TransferProgress": "._transfer",
+    "TransferResult": "._transfer",
+    "copy": "._transfer",
+    "download": "._transfer",
+    "file_extents": "._transfer",
+    "upload": "._transfer",
+    "lookup_volume": "._volume",
+    "open_volume_download": "._volume",
+    "open_volume_upload": "._volume",
+}
 
 __all__ = [
     "connect",
@@ -53,7 +145,6 @@ __all__ = [
     "open_channel",
     "screenshot",
     "screenshot_to_file",
-    "ScreenshotTooLargeError",
     "SCREENSHOT_MAX_BYTES",
     "upload",
     "download",
@@ -61,10 +152,53 @@ __all__ = [
     "TransferResult",
     "TransferProgress",
     "ProgressTarget",
-    "SourceNotFoundError",
-    "DestinationIsDirectoryError",
+    "ProgressCallback",
     "Extent",
     "file_extents",
-    *_exceptions_all,
+    "AioVirtStreamError",
+    "LibvirtError",
+    "NotFoundError",
+    "UnsupportedError",
+    "OperationInvalidError",
+    "ConnectError",
+    "EventLoopError",
+    "EventLoopNotRegisteredError",
+    "StreamError",
+    "StreamClosedError",
+    "StreamBrokenError",
+    "ConnectionLostError",
+    "StreamBusyError",
+    "InvalidRangeError",
+    "SparseNotSupportedError",
+    "ScreenshotTooLargeError",
+    "TransferError",
+    "DestinationExistsError",
+    "SourceTooLargeError",
+    "VolumeBusyError",
+    "VolumeChangedError",
+    "SourceNotFoundError",
+    "DestinationIsDirectoryError",
+    "SandboxError",
+    "DaemonNotInstalledError",
+    "SandboxStartError",
+    "GuestPackageMissingError",
+    "map_libvirt_errors",
+    "libvirt_error_to_exception",
 ]
+
 __version__ = "0.1.0.dev0"
+# The rest of __all__: the exceptions.
+_EXPORTS.update(dict.fromkeys((name for name in __all__ if name not in _EXPORTS), "._exceptions"))
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # the next lookup does not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -12,7 +12,6 @@ __all__ = [
     "open_channel",
     "screenshot",
     "screenshot_to_file",
-    "ScreenshotTooLargeError",
     "SCREENSHOT_MAX_BYTES",
 ]
 
@@ -26,18 +25,14 @@ import anyio
 import anyio.to_thread
 import libvirt
 
-from ._exceptions import StreamError
-from ._lifeline import map_connection_errors
+from ._connection import map_connection_errors
+from ._exceptions import ScreenshotTooLargeError
 from ._stream import AsyncStream, open_stream
-from ._workqueue import run_to_the_end
+from ._workers import run_to_the_end, runner_for
 
-#: The default limit of a screenshot's size: an uncompressed 4096 x 4096
-#: RGBA image; a 4K screen in PPM (uncompressed RGB) is 24 MiB.
 SCREENSHOT_MAX_BYTES = 64 * 1024 * 1024
-
-
-class ScreenshotTooLargeError(StreamError, ValueError):
-    """The daemon sent a screenshot larger than ``max_bytes``; the stream was aborted."""
+"""The default limit of a screenshot's size (``max_bytes``): an uncompressed
+4096 x 4096 RGBA image; a 4K screen in PPM (uncompressed RGB) is 24 MiB."""
 
 
 def _domain_name(domain: libvirt.virDomain) -> str:
@@ -73,7 +68,7 @@ async def lookup_domain(
         return conn.lookupByName(key)
 
     with map_connection_errors(conn, context=f"cannot find domain {key!r}"):
-        return await run_to_the_end(lookup)
+        return await run_to_the_end(lookup, runner_for(conn))
 
 
 async def open_console(

@@ -22,12 +22,18 @@ __all__ = [
     "StreamBusyError",
     "InvalidRangeError",
     "SparseNotSupportedError",
+    "ScreenshotTooLargeError",
     "TransferError",
     "DestinationExistsError",
     "SourceTooLargeError",
     "VolumeBusyError",
     "VolumeChangedError",
+    "SourceNotFoundError",
+    "DestinationIsDirectoryError",
     "SandboxError",
+    "DaemonNotInstalledError",
+    "SandboxStartError",
+    "GuestPackageMissingError",
     "map_libvirt_errors",
     "libvirt_error_to_exception",
 ]
@@ -152,6 +158,10 @@ class InvalidRangeError(AioVirtStreamError, ValueError):
     """
 
 
+class ScreenshotTooLargeError(StreamError, ValueError):
+    """The daemon sent a screenshot larger than ``max_bytes``; the stream was aborted."""
+
+
 class SparseNotSupportedError(StreamError, ValueError):
     """A hole was sent or asked for on a stream that was not opened sparse.
 
@@ -198,6 +208,14 @@ class VolumeBusyError(TransferError, anyio.BusyResourceError):
         self.activity = activity
 
 
+class SourceNotFoundError(TransferError, FileNotFoundError):
+    """The upload's source file does not exist."""
+
+
+class DestinationIsDirectoryError(TransferError, IsADirectoryError):
+    """The download's destination is a directory; name a file inside it."""
+
+
 class VolumeChangedError(TransferError):
     """The volume was deleted, or shrunk below the uploaded data, while an upload ran.
 
@@ -213,6 +231,36 @@ class VolumeChangedError(TransferError):
 
 class SandboxError(AioVirtStreamError):
     """The private libvirt daemon of :mod:`aiovirtstream.testing` failed."""
+
+
+class DaemonNotInstalledError(SandboxError):
+    """A program or driver module the sandbox needs is missing; ``package`` installs it."""
+
+    def __init__(self, what: str, package: str) -> None:
+        super().__init__(
+            f"{what}; install the Debian package {package} "
+            f"(apt-get install --no-install-recommends {package})"
+        )
+        self.package = package
+
+
+class SandboxStartError(SandboxError):
+    """libvirtd did not come up; the message ends with the tail of its log."""
+
+    def __init__(self, message: str, log_tail: str) -> None:
+        super().__init__(f"{message}\n{log_tail}" if log_tail else message)
+        self.log_tail = log_tail
+
+
+class GuestPackageMissingError(SandboxError):
+    """A file the test guest is built from is missing; ``package`` installs it."""
+
+    def __init__(self, what: str, package: str) -> None:
+        super().__init__(
+            f"{what}; install the Debian package {package} "
+            f"(apt-get install --no-install-recommends {package})"
+        )
+        self.package = package
 
 
 _NOT_FOUND_CODES = frozenset(

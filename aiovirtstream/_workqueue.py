@@ -1,151 +1,40 @@
-"""A bounded queue drained in order by a worker thread.
+"""A bounded queue drained in order, a share at a time, on a runner.
 
-It carries a stream's outgoing data to libvirt's blocking ``send`` (upload)
-and downloaded data to the disk (write-behind). Producers are coroutines on
-the loop (:meth:`WorkQueue.put`) or worker threads (:meth:`WorkQueue.put_blocking`,
-used by read-ahead). The loop is woken only when a coroutine waits; a busy
-transfer costs no wake-up per item. The drain job runs on a shared executor
-and ends when the queue is empty, so no thread is started per transfer.
+It carries a stream's outgoing data to libvirt's blocking ``send`` (on the
+connection's runner) and downloaded data to the disk (write-behind, on the
+shared pool). Producers are coroutines on the loop (:meth:`WorkQueue.put`).
+The loop is woken only when a coroutine waits: a busy transfer costs no
+wake-up per item. A drain job handles at most ``quantum`` items and then
+queues itself again, so the queues that share a runner take turns.
 """
 
 from __future__ import annotations
 
-__all__ = [
-    "WorkQueue",
-    "WOULD_BLOCK",
-    "run_in_worker",
-    "submit_to_worker",
-    "run_to_the_end",
-    "run_or_back_out",
-    "wait_through_cancellation",
-]
+__all__ = ["WorkQueue", "WOULD_BLOCK"]
 
 import asyncio
-import concurrent.futures
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from ._exceptions import detach_traceback
+from ._workers import Runner
 
 T = TypeVar("T")
 
 #: What ``process`` returns when the sink is full (a local stream's -2):
 #: draining pauses until :meth:`WorkQueue.resume`.
 WOULD_BLOCK = -2
-
-_executor = concurrent.futures.ThreadPoolExecutor(
-    max_workers=256, thread_name_prefix="aiovirtstream-io"
-)
+#: Items a drain job handles before the other queues of its runner get a turn.
+DEFAULT_QUANTUM = 8
 
 
-class _Job(Generic[T]):
-    """``func`` and the future it resolves; ``func`` is forgotten as soon as it
-    returned, before the future is resolved."""
-
-    __slots__ = ("_func", "_future")
-
-    def __init__(self, func: Callable[[], T], future: concurrent.futures.Future[T]) -> None:
-        self._func: Callable[[], T] | None = func
-        self._future: concurrent.futures.Future[T] | None = future
-
-    def __call__(self) -> None:
-        func, self._func = self._func, None
-        future, self._future = self._future, None
-        assert func is not None and future is not None, "called twice"
-        if not future.set_running_or_notify_cancel():
-            return
-        try:
-            result = func()
-        except BaseException as error:  # noqa: BLE001 - handed to the future
-            del func
-            future.set_exception(error)
-            # The error's traceback holds this frame: no cycle back to it.
-            del future
-        else:
-            del func
-            future.set_result(result)
-
-
-def run_in_worker(func: Callable[[], T]) -> asyncio.Future[T]:
-    """Run ``func`` on the shared I/O executor (threads are reused across transfers).
-
-    The executor's thread keeps its work item until some time after the
-    item ran. A ``virstream.finish`` bound method held there kept the
-    stream, and so the connection, open after ``aclose_connection`` on a
-    loaded machine; so does a stream returned by ``func``, if the item's
-    future holds it. The item holds neither: ``func`` is dropped once it
-    returned, and the result goes to a future of our own.
-    """
-    return asyncio.wrap_future(submit_to_worker(func))
-
-
-def submit_to_worker(func: Callable[[], T]) -> concurrent.futures.Future[T]:
-    """:func:`run_in_worker` for a caller that is a thread: a plain future."""
-    future: concurrent.futures.Future[T] = concurrent.futures.Future()
-    _executor.submit(_Job(func, future))
-    return future
-
-
-async def wait_through_cancellation(
-    future: asyncio.Future[T],
-) -> asyncio.CancelledError | None:
-    """Wait until ``future`` is done, even if the task is cancelled meanwhile.
-
-    For calls that cannot be interrupted once started (a finish, a stream's
-    start): returning early would leave them running unseen. Returns the
-    cancellation that arrived meanwhile, if any: the caller must raise *that
-    instance* after dealing with the result. A fresh ``CancelledError``
-    would not carry the cancel scope's message, and anyio would then let it
-    escape a ``fail_after`` or ``move_on_after`` that meant to catch it.
-    """
-    cancelled: asyncio.CancelledError | None = None
-    while not future.done():
-        try:
-            await asyncio.shield(future)
-        except asyncio.CancelledError as cancellation:
-            if cancelled is None:
-                cancelled = cancellation
-        except BaseException:  # noqa: BLE001 - the future's own; the caller reads it
-            break
-    try:
-        return cancelled
-    finally:
-        del cancelled  # its traceback holds this frame: no cycle back to it
-
-
-async def run_to_the_end(func: Callable[[], T]) -> T:
-    """:func:`run_in_worker`, and a cancellation waits for ``func`` to return first.
-
-    anyio's shielded ``to_thread.run_sync`` does not hold back asyncio's own
-    ``task.cancel()``: a cancelled ``Sandbox`` start cleaned up while its
-    thread went on spawning libvirtd, and that daemon outlived the sandbox.
-    """
-    return await run_or_back_out(func, None)
-
-
-async def run_or_back_out(func: Callable[[], T], back_out: Callable[[T], None] | None) -> T:
-    """:func:`run_to_the_end` for a start that made something (a started stream,
-    a temporary file): cancelled meanwhile, ``back_out(its result)`` runs in a
-    worker before the cancellation is raised."""
-    future = run_in_worker(func)
-    if (cancelled := await wait_through_cancellation(future)) is not None:
-        # Its traceback holds wait_through_cancellation's frame, whose f_back (Python 3.12+)
-        # is this one: deleted on every way out (a back-out cancelled again included), else
-        # a cycle holds it and what this frame holds.
-        try:
-            # Retrieved either way: the cancellation is what is raised.
-            if not future.cancelled() and future.exception() is None and back_out is not None:
-                result = future.result()
-                await run_to_the_end(lambda: back_out(result))
-            raise cancelled
-        finally:
-            del cancelled
-    try:
-        return future.result()
-    finally:
-        del future  # an error's traceback holds this frame: no cycle back to it
+def _close(source: Iterator[object] | None) -> None:
+    """Close a dropped iterator (a generator's ``finally`` runs now, in this thread)."""
+    close = getattr(source, "close", None)
+    if close is not None:
+        close()
 
 
 def _released(_item: object) -> int:
@@ -175,8 +64,12 @@ class WorkQueue(Generic[T]):
         split: Callable[[T, int], T] | None = None,
         on_would_block: Callable[[], None] | None = None,
         on_error: Callable[[BaseException], None] | None = None,
+        runner: Runner,
+        quantum: int = DEFAULT_QUANTUM,
     ) -> None:
         self._loop = loop
+        self._runner = runner
+        self._quantum = quantum
         self._process = process
         self._weight = weight
         self._split = split
@@ -184,15 +77,20 @@ class WorkQueue(Generic[T]):
         self._on_error = on_error
         self._limit = limit
         self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)
         self._queue: deque[T] = deque()
         self._queued = 0
         self._running = False
         self._paused = False
         self._stopped = False
+        self._source: Iterator[T] | None = None
         self.error: BaseException | None = None
         self._room_waiter: asyncio.Future[None] | None = None
         self._idle_waiters: list[asyncio.Future[None]] = []
+
+    @property
+    def stopped(self) -> bool:
+        """Whether :meth:`stop` or :meth:`release` was called."""
+        return self._stopped
 
     def has_room(self) -> bool:
         return self._queued < self._limit
@@ -230,22 +128,27 @@ class WorkQueue(Generic[T]):
             self._append_locked(item)
             return True
 
-    def put_blocking(self, item: T) -> bool:
-        """Queue ``item`` from a worker thread; False if the queue failed or stopped."""
+    def feed(self, source: Iterator[T]) -> None:
+        """Pull items from ``source`` once the queue is empty, on the runner.
+
+        For producers that block anyway (reading a file): their work is done
+        by the runner, a share at a time, with no hand-off per item. An error
+        ``source`` raises ends the queue like a failed item.
+        """
         with self._lock:
-            while self._queued >= self._limit and self.error is None and not self._stopped:
-                self._room.wait()
             if self.error is not None or self._stopped:
-                return False
-            self._append_locked(item)
-            return True
+                return
+            self._source = source
+            if not self._running and not self._paused:
+                self._running = True
+                self._runner.submit(self._drain)
 
     def _append_locked(self, item: T) -> None:
         self._queue.append(item)
         self._queued += self._weight(item)
         if not self._running and not self._paused:
             self._running = True
-            _executor.submit(self._drain)
+            self._runner.submit(self._drain)
 
     async def join(self) -> None:
         """Wait until the queue is empty and nothing is being processed."""
@@ -256,65 +159,83 @@ class WorkQueue(Generic[T]):
             self._idle_waiters.append(waiter)
         await asyncio.shield(waiter)
 
-    def wait_idle_blocking(self) -> None:
-        """From a worker thread: wait until no item is being processed."""
-        with self._lock:
-            while self._running:
-                self._room.wait()
-
     def release(self) -> None:
         """Forget the callables (they usually belong to the queue's owner: a cycle)."""
         with self._lock:
             self._stopped = True
+            source = self._take_idle_source_locked()
             self._process = _released
             self._split = None
             self._on_would_block = None
             self._on_error = None
+        _close(source)
 
     def stop(self) -> None:
         """Drop everything queued; the item being processed completes."""
         with self._lock:
             self._stopped = True
+            source = self._take_idle_source_locked()
             self._queue.clear()
             self._queued = 0
-            self._room.notify_all()
             if not self._running:
                 self._wake_idle_locked()
+        _close(source)
+
+    def _take_idle_source_locked(self) -> Iterator[T] | None:
+        """The fed iterator, if no drain runs now (else the drain closes it)."""
+        if self._running:
+            return None
+        source, self._source = self._source, None
+        return source
 
     def resume(self) -> None:
         """Continue after :data:`WOULD_BLOCK` (the sink is ready again)."""
         with self._lock:
             self._paused = False
-            if self._running or not self._queue or self._stopped:
+            if self._running or self._stopped or (not self._queue and self._source is None):
                 return
             self._running = True
-        _executor.submit(self._drain)
+        self._runner.submit(self._drain)
 
     # -- the worker
 
     def _drain(self) -> None:
-        while True:
+        dropped: Iterator[T] | None = None
+        for _ in range(self._quantum):
+            item: T | None = None
             with self._lock:
-                if not self._queue or self._stopped:
+                source = None if self._queue else self._source
+                if self._stopped or (not self._queue and source is None):
                     self._running = False
-                    self._room.notify_all()  # wakes wait_idle_blocking() too
+                    dropped, self._source = self._source, None
                     self._wake_idle_locked()
-                    return
-                item = self._queue[0]
+                    break
+                if source is None:
+                    item = self._queue[0]
             try:
+                if source is not None:
+                    pulled = next(source, None)
+                    with self._lock:
+                        if pulled is None:
+                            self._source = None
+                            continue
+                        item = pulled
+                        self._queue.append(item)
+                        self._queued += self._weight(item)
+                assert item is not None
                 consumed = self._process(item)
             except BaseException as error:  # noqa: BLE001 - handed to the loop
                 with self._lock:
                     self.error = detach_traceback(error)
+                    dropped, self._source = self._source, None
                     self._queue.clear()
                     self._queued = 0
                     self._running = False
-                    self._room.notify_all()
                     self._wake_room_locked()
                     self._wake_idle_locked()
                     if self._on_error is not None:
                         self._call_in_loop(self._on_error, error)
-                return
+                break
             with self._lock:
                 if consumed == WOULD_BLOCK:
                     self._running = False
@@ -330,10 +251,12 @@ class WorkQueue(Generic[T]):
                     else:
                         self._queue.popleft()
                         self._queued -= weight
-                if self._queued < self._limit:
-                    self._room.notify()
-                    if self._queued <= self._limit // 2 or not self._queue:
-                        self._wake_room_locked()
+                if self._queued <= self._limit // 2 or not self._queue:
+                    self._wake_room_locked()
+        else:
+            self._runner.submit(self._drain)  # still _running: the others' turn first
+            return
+        _close(dropped)
 
     def _wake_room_locked(self) -> None:
         if self._room_waiter is not None:

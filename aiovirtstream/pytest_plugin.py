@@ -293,7 +293,7 @@ def pytest_runtest_makereport(
             text = _daemon_log(owner, item)
             if text:
                 report.sections.append(("libvirtd log (libvirt_sandbox_full)", text))
-        text = owner._read_file(guest.log_path)
+        text = owner.read_file(guest.log_path)
         if text:
             report.sections.append((f"QEMU log of test guest {guest.name}", text))
     return report

@@ -12,9 +12,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import anyio.abc
 import libvirt
@@ -23,7 +25,70 @@ import pytest
 import aiovirtstream as avs
 from aiovirtstream.testing import Sandbox
 
+if TYPE_CHECKING:
+    from conftest import MakeVolume
+
 MiB = 1024 * 1024
+BLOCK = os.statvfs("/tmp").f_bsize  # holes exist at the file system's block size
+Layout = list[tuple[str, int]]  # ("data" | "hole", length)
+
+
+def write_layout(path: Path, layout: Layout) -> bytes:
+    """Create a sparse file with data and holes; returns its logical content."""
+    content = bytearray()
+    with open(path, "wb") as f:
+        for kind, length in layout:
+            if kind == "data":
+                chunk = os.urandom(length)
+                f.write(chunk)
+                content += chunk
+            else:
+                f.seek(length, os.SEEK_CUR)
+                content += bytes(length)
+        f.truncate()
+    return bytes(content)
+
+
+def data_size(layout: Layout) -> int:
+    """The bytes of data (not holes) in ``layout``."""
+    return sum(length for kind, length in layout if kind == "data")
+
+
+def allocated(path: Path) -> int:
+    """The bytes the file system allocated for ``path``."""
+    return os.stat(path).st_blocks * 512
+
+
+async def iter_once(data: bytes) -> AsyncIterator[bytes]:
+    """``data`` as an async iterable (an upload's source), in one chunk."""
+    yield data
+
+
+async def download_bytes(vol: libvirt.virStorageVol, path: Path) -> bytes:
+    """All of ``vol``, downloaded into ``path`` (overwritten) and read back."""
+    await avs.download(vol, path, overwrite=True)
+    return await asyncio.to_thread(path.read_bytes)
+
+
+async def random_volume(
+    make_volume: MakeVolume, tmp_path: Path, name: str, size: int
+) -> tuple[libvirt.virStorageVol, Path]:
+    """A volume holding ``size`` random bytes, and the file they came from."""
+    source = tmp_path / f"{name}.src"
+    source.write_bytes(os.urandom(size))
+    vol = await make_volume(name, size)
+    await avs.upload(vol, source)
+    return vol, source
+
+
+def was_aborted(virstream: libvirt.virStream) -> bool:
+    """True if ``virstream`` (with data still to come) was aborted already:
+    libvirt then refuses another abort ("stream is closed")."""
+    try:
+        virstream.abort()
+    except libvirt.libvirtError:
+        return True
+    return False
 
 
 async def upload_all(vol: libvirt.virStorageVol, data: bytes) -> None:
@@ -191,3 +256,116 @@ class Collect(anyio.abc.ByteSendStream):
 
     async def aclose(self) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class StreamStart:
+    """One start of a volume's stream, seen at libvirt-python's public API."""
+
+    vol: libvirt.virStorageVol
+    stream: libvirt.virStream
+    offset: int
+    length: int
+    flags: int
+
+
+VolumeStreamCall = Callable[[libvirt.virStorageVol, libvirt.virStream, int, int, int], int]
+AroundStreamCall = Callable[
+    [VolumeStreamCall, libvirt.virStorageVol, libvirt.virStream, int, int, int], int
+]
+
+
+def spy_stream_starts(
+    monkeypatch: pytest.MonkeyPatch,
+    method: str = "download",
+    around: AroundStreamCall | None = None,
+) -> list[StreamStart]:
+    """Record the streams started by ``virStorageVol.download`` (or ``upload``).
+
+    The calls run in worker threads (``list.append`` is atomic); a start that
+    raised is not recorded. ``around(real, vol, stream, offset, length, flags)``
+    replaces the call: to delay it, or to start it on another volume.
+    """
+    starts: list[StreamStart] = []
+    real: VolumeStreamCall = getattr(libvirt.virStorageVol, method)
+
+    def spy(
+        vol: libvirt.virStorageVol,
+        stream: libvirt.virStream,
+        offset: int,
+        length: int,
+        flags: int = 0,
+    ) -> int:
+        if around is not None:
+            result = around(real, vol, stream, offset, length, flags)
+        else:
+            result = real(vol, stream, offset, length, flags)
+        starts.append(StreamStart(vol, stream, offset, length, flags))
+        return result
+
+    monkeypatch.setattr(libvirt.virStorageVol, method, spy)
+    return starts
+
+
+def around_writes(
+    monkeypatch: pytest.MonkeyPatch,
+    folder: Path,
+    before: Callable[[], object] | None = None,
+    after: Callable[[], object] | None = None,
+) -> None:
+    """Run ``before`` / ``after`` around every ``os.pwrite`` and ``os.pwritev`` into a
+    file in ``folder``: a download's writes (in its writer thread), through the page
+    cache or direct. ``before`` may raise, as a full disk does."""
+    inside = str(folder) + os.sep
+
+    for name in ("pwrite", "pwritev"):
+        real = getattr(os, name)
+
+        def wrapped(fd: int, data: Any, offset: int, *args: int, _real: Any = real) -> int:
+            try:
+                ours = os.readlink(f"/proc/self/fd/{fd}").startswith(inside)
+            except OSError:
+                ours = False
+            if ours and before is not None:
+                before()
+            written: int = _real(fd, data, offset, *args)
+            if ours and after is not None:
+                after()
+            return written
+
+        monkeypatch.setattr(os, name, wrapped)
+
+
+@dataclass
+class SocketPauses:
+    """The fds a download paused and resumed reading (the event implementation's
+    public ``pause_reading`` / ``resume_reading``)."""
+
+    paused: list[int] = field(default_factory=list)
+    resumed: list[int] = field(default_factory=list)
+
+    def unbalanced(self) -> dict[int, int]:
+        """Pauses less resumes, by fd where they differ (empty: every socket paused
+        was resumed, once a pause)."""
+        left = Counter(self.paused)
+        left.subtract(self.resumed)
+        return {fd: count for fd, count in left.items() if count}
+
+
+def spy_socket_pauses(monkeypatch: pytest.MonkeyPatch) -> SocketPauses:
+    """Record every ``pause_reading`` and ``resume_reading`` from now on."""
+    pauses = SocketPauses()
+    impl = avs.get_event_impl()
+    real_pause, real_resume = impl.pause_reading, impl.resume_reading
+
+    def pause(fd: int) -> None:
+        pauses.paused.append(fd)
+        real_pause(fd)
+
+    def resume(fd: int) -> None:
+        pauses.resumed.append(fd)
+        real_resume(fd)
+
+    monkeypatch.setattr(impl, "pause_reading", pause)
+    monkeypatch.setattr(impl, "resume_reading", resume)
+    return pauses

@@ -23,10 +23,10 @@ from typing import NoReturn
 
 import libvirt
 import pytest
+from _helpers import spy_stream_starts
 
 import aiovirtstream as avs
-import aiovirtstream._transfer as transfer_module
-from aiovirtstream._volumesize import volume_size
+from aiovirtstream._volume import volume_size
 from aiovirtstream.testing import PoolInfo, Sandbox
 
 MiB = 1024 * 1024
@@ -142,20 +142,6 @@ def virsh(sandbox: Sandbox, *args: str) -> None:
     subprocess.run(["virsh", "-c", sandbox.uri, *args], check=True, capture_output=True)
 
 
-class Spy:
-    """Records the calls of a function of aiovirtstream._transfer, then calls it."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-        self.calls: list[tuple[object, ...]] = []
-        real = getattr(transfer_module, name)
-
-        def spy(*args: object) -> object:
-            self.calls.append(args[1:])
-            return real(*args)
-
-        monkeypatch.setattr(transfer_module, name, spy)
-
-
 async def test_a_device_node_is_a_fully_allocated_raw_volume_of_the_devices_size(
     block: BlockVolume,
 ) -> None:
@@ -262,14 +248,14 @@ async def test_a_download_gives_the_bytes_virsh_gives(
     )
     expected = await asyncio.to_thread(digest, reference)
     assert expected == await asyncio.to_thread(digest, block.node)
-    starts = Spy(monkeypatch, "start_volume_download")
+    starts = spy_stream_starts(monkeypatch)
 
     dest = tmp_path / "ours.img"
     result = await avs.download(block.vol, dest, sparse=sparse, parallel=parallel)
 
     assert await asyncio.to_thread(digest, dest) == expected
     assert (result.data_bytes, result.hole_bytes) == (SIZE, 0)
-    ranges = [call[:2] for call in starts.calls]  # (offset, length); length 0: to the end
+    ranges = sorted((start.offset, start.length) for start in starts)  # length 0: to the end
     assert ranges == ([(0, SIZE // 2), (SIZE // 2, SIZE // 2)] if parallel == 2 else [(0, 0)])
 
 
@@ -278,8 +264,7 @@ async def test_an_upload_past_the_devices_end_is_refused_before_anything_is_sent
     block: BlockVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
 ) -> None:
     before = await asyncio.to_thread(digest, block.node)
-    starts = Spy(monkeypatch, "start_volume_upload")  # a file's stream
-    opens = Spy(monkeypatch, "open_upload_stream")  # an iterable's
+    starts = spy_stream_starts(monkeypatch, "upload")
     source = tmp_path / "source.img"
 
     if case == "larger":
@@ -302,7 +287,7 @@ async def test_an_upload_past_the_devices_end_is_refused_before_anything_is_sent
         with pytest.raises(avs.InvalidRangeError):
             await avs.upload(block.vol, chunks(), offset=SIZE + 1)
 
-    assert starts.calls == [] and opens.calls == []
+    assert starts == []
     assert await asyncio.to_thread(digest, block.node) == before
     with pytest.raises(avs.InvalidRangeError):
         await avs.download(block.vol, tmp_path / "past.img", offset=SIZE - MiB, length=2 * MiB)

@@ -24,7 +24,7 @@ import pytest
 from _helpers import Collect, Footprint, fd_count, left_behind
 
 import aiovirtstream as avs
-import aiovirtstream._transfer as transfer_module
+import aiovirtstream._transfer._ranges as ranges_module
 from aiovirtstream.testing import PoolInfo, Sandbox
 
 MiB = 1024 * 1024
@@ -287,7 +287,7 @@ async def test_cancellation_is_exact(
 ) -> None:
     """Every transfer, cancelled ``how`` after each delay: the cancellation is
     seen as what it is, and nothing stays behind."""
-    monkeypatch.setattr(transfer_module, "PARALLEL_MIN_PART", MiB)  # 2 streams of 2 MiB
+    monkeypatch.setattr(ranges_module, "PARALLEL_MIN_PART", MiB)  # 2 streams of 2 MiB
     folder = tmp_path / "out"
     folder.mkdir()
     before = Footprint.take(folder)

@@ -1,7 +1,7 @@
 """Consoles, channels and screenshots against a real QEMU/TCG guest (libvirt_guest).
 
 The guest's serial console answers every byte upper-cased, its virtio-serial
-channel with letters' case swapped (aiovirtstream._testguest): an answer can
+channel with letters' case swapped (aiovirtstream.testing._guest): an answer can
 only have made the round trip through the guest. Without QEMU these tests
 skip (fail with CI=true): see the libvirt_guest fixture.
 """
@@ -29,7 +29,8 @@ from anyio.streams.text import TextStream
 
 import aiovirtstream as avs
 from aiovirtstream.pytest_plugin import require_test_guest
-from aiovirtstream.testing import GuestInfo, Sandbox, _alive, _processes_using
+from aiovirtstream.testing import GuestInfo, Sandbox
+from aiovirtstream.testing._processes import alive, processes_using
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 KiB = 1024
@@ -450,10 +451,10 @@ def test_sandbox_stop_kills_guest_qemu_and_virtlogd(pytestconfig: pytest.Config)
         guest = sb.start_test_guest("solo")
         assert guest.name == "solo" and guest.tcp_uri is None
         path, uid = sb.path, os.stat(sb.path).st_uid
-        pids = [p for p in _processes_using(str(path), uid) if p != sb.pid]
+        pids = [p for p in processes_using(str(path), uid) if p != sb.pid]
         names = {Path(f"/proc/{p}/exe").resolve().name for p in pids}
         assert "virtlogd" in names and any(n.startswith("qemu-system") for n in names), names
-    assert [p for p in pids if _alive(p)] == []
+    assert [p for p in pids if alive(p)] == []
     assert not path.exists()
 
 

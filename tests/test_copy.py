@@ -22,7 +22,7 @@ import pytest
 from _helpers import Footprint, left_behind
 
 import aiovirtstream as avs
-import aiovirtstream._copy as copy_module
+import aiovirtstream._transfer._copy as copy_module
 from aiovirtstream.testing import PoolInfo, Sandbox
 
 MiB = 1 << 20

@@ -155,12 +155,6 @@ def test_every_exception_is_on_the_errors_page_with_guidance(built: Site) -> Non
     assert not without, f"exceptions in docs/errors.md without '{GUIDANCE}': {without}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="no docstring yet: aiovirtstream.StreamItem, SCREENSHOT_MAX_BYTES, ProgressTarget, "
-    "aiovirtstream.testing.SandboxMode (modules being moved, issue 24); remove this mark "
-    "once they have one",
-)
 def test_every_public_name_has_a_docstring() -> None:
     _require_docs_tools()
     import griffe

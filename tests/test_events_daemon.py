@@ -412,7 +412,7 @@ async def test_connect_widens_the_send_buffer_of_unix_sockets_only(
     """A unix socket gets connect()'s send buffer; TCP keeps the kernel's autotuning."""
     import socket
 
-    from aiovirtstream._connect import DEFAULT_SEND_BUFFER, widen_send_buffer
+    from aiovirtstream._connection._connect import DEFAULT_SEND_BUFFER, widen_send_buffer
 
     def send_buffer(conn: libvirt.virConnect) -> tuple[int, int]:
         fd = avs.connection_socket(conn)

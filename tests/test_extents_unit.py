@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from aiovirtstream import Extent, file_extents
-from aiovirtstream._extents import zero_runs
+from aiovirtstream._transfer._extents import zero_runs
 
 BLOCK = os.statvfs("/tmp").f_bsize
 

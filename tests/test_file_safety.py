@@ -17,12 +17,18 @@ from typing import Any
 import anyio
 import libvirt
 import pytest
-from _helpers import busy_worker_threads, download_all, upload_all
+from _helpers import (
+    busy_worker_threads,
+    download_all,
+    spy_stream_starts,
+    upload_all,
+)
 from conftest import MakeVolume
 
 import aiovirtstream as avs
-import aiovirtstream._transfer as transfer_module
-from aiovirtstream._writebehind import FileWriter, WriteBehind, WriteWorker, open_direct
+import aiovirtstream._transfer._files as files_module
+import aiovirtstream._transfer._ranges as ranges_module
+from aiovirtstream._transfer._writebehind import FileWriter, WriteBehind, WriteWorker, open_direct
 from aiovirtstream.testing import GuestInfo
 
 MiB = 1024 * 1024
@@ -47,19 +53,6 @@ async def data_volume(make_volume: MakeVolume, name: str, size: int) -> libvirt.
     vol = await make_volume(name, size)
     await upload_all(vol, os.urandom(size))
     return vol
-
-
-def spy_stream_starts(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """Count the download streams started (the seam tests/test_transfer.py spies on too)."""
-    starts: list[object] = []
-    real = transfer_module.start_volume_download
-
-    def spy(*args: Any, **kwargs: Any) -> libvirt.virStream:
-        starts.append(args)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(transfer_module, "start_volume_download", spy)
-    return starts
 
 
 # ------------------------------------------------------------------------ umask and modes
@@ -162,7 +155,7 @@ async def test_unreadable_umask_keeps_the_file_private(
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr("builtins.open", no_status)
-    assert transfer_module.current_umask() == 0o077
+    assert files_module.current_umask() == 0o077
     await avs.download(vol, tmp_path / "out")
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o600
 
@@ -170,7 +163,7 @@ async def test_unreadable_umask_keeps_the_file_private(
 def test_current_umask_reads_proc(umask: Callable[[int], None]) -> None:
     for value in (0o022, 0o077, 0o002):
         umask(value)
-        assert transfer_module.current_umask() == value
+        assert files_module.current_umask() == value
 
 
 # ------------------------------------------------------------------------ symbolic links
@@ -387,10 +380,10 @@ async def test_write_behind_refuses_data_past_its_range_at_once(tmp_path: Path) 
 
 
 def test_stream_download_refuses_more_than_asked() -> None:
-    transfer_module._check_not_past(900, 100, 1000)
-    transfer_module._check_not_past(900, 100, None)
+    ranges_module.check_not_past(900, 100, 1000)
+    ranges_module.check_not_past(900, 100, None)
     with pytest.raises(avs.TransferError, match="more than the 1000 bytes"):
-        transfer_module._check_not_past(900, 101, 1000)
+        ranges_module.check_not_past(900, 101, 1000)
 
 
 # ------------------------------------------------------------------------ screenshots

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from _helpers import Collect
+from _helpers import (
+    Collect,
+    spy_stream_starts,
+)
 
 import aiovirtstream as avs
-import aiovirtstream._transfer as transfer_module
 from aiovirtstream.testing import PoolInfo, Sandbox
 
 MiB = 1024 * 1024
@@ -154,16 +156,9 @@ async def test_a_large_qcow2_file_downloads_over_two_streams(
     expected = await virsh_download(libvirt_sandbox, libvirt_pool, "big.qcow2", tmp_path / "v")
     assert expected == image.read_bytes()
 
-    opened: list[tuple[int, int]] = []
-    real_start = transfer_module.start_volume_download
-
-    def spy(vol: libvirt.virStorageVol, offset: int, length: int, sparse: bool) -> object:
-        opened.append((offset, length))
-        return real_start(vol, offset, length, sparse)
-
-    monkeypatch.setattr(transfer_module, "start_volume_download", spy)
+    starts = spy_stream_starts(monkeypatch)
     result = await avs.download(vol, tmp_path / "ours", parallel=2)
-    assert len(opened) == 2 and sum(length for _, length in opened) == len(expected)
+    assert len(starts) == 2 and sum(start.length for start in starts) == len(expected)
     assert result.total_bytes == len(expected)
     assert (tmp_path / "ours").read_bytes() == expected
 

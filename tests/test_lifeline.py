@@ -15,7 +15,7 @@ import libvirt
 import pytest
 
 import aiovirtstream as avs
-from aiovirtstream._lifeline import LOST_POLL_INTERVAL
+from aiovirtstream._connection import LOST_POLL_INTERVAL
 from aiovirtstream.testing import Sandbox
 
 MiB = 1024 * 1024

@@ -11,15 +11,15 @@ from _helpers import MiB, upload_all
 from conftest import MakeVolume
 
 import aiovirtstream as avs
-import aiovirtstream._stream as stream_module
-from aiovirtstream._native import Receiver, native_receive_available
+import aiovirtstream._stream._reads as reads_module
+from aiovirtstream._stream._native import Receiver, native_receive_available
 
 
 @pytest.fixture(params=["native", "binding"])
 def receive_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run the test through the ctypes receiver and through libvirt-python's recv."""
     if request.param == "binding":
-        monkeypatch.setattr(stream_module, "receiver_for", Receiver)
+        monkeypatch.setattr(reads_module, "receiver_for", Receiver)
     else:
         assert native_receive_available(), "libvirt.so.0 should load through ctypes here"
     return str(request.param)
@@ -211,7 +211,7 @@ async def test_pump_reports_an_aborted_stream(make_volume: MakeVolume) -> None:
 
 async def test_libvirt_errors_from_native_recv_are_typed(make_volume: MakeVolume) -> None:
     """-1 from virStreamRecvFlags through ctypes becomes libvirt's own error, then ours."""
-    from aiovirtstream._native import receiver_for
+    from aiovirtstream._stream._native import receiver_for
 
     vol = await make_volume("native-error", MiB)
     stream = await avs.open_volume_download(vol)
@@ -227,7 +227,7 @@ async def test_libvirt_errors_from_native_recv_are_typed(make_volume: MakeVolume
 
 def test_receiver_falls_back_to_the_binding(monkeypatch: pytest.MonkeyPatch) -> None:
     """A libvirt-python that keeps its pointer differently gets the binding's recv."""
-    import aiovirtstream._native as native
+    import aiovirtstream._stream._native as native
 
     conn = libvirt.open("test:///default")
     try:

@@ -193,11 +193,6 @@ def test_loading_the_plugin_imports_nothing_more(user_python: Path) -> None:
     assert ms < IMPORT_BUDGET_MS, f"aiovirtstream.pytest_plugin took {ms:.1f} ms"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="aiovirtstream/__init__.py imports libvirt and anyio at once; importing the "
-    "plugin imports the package first (issue 25: a lazy __init__ is pending)",
-)
 def test_loading_the_plugin_is_cheap(user_python: Path) -> None:
     """The whole cost of the plugin at pytest's start: the package's import included."""
     ms, names = _import_ms(

@@ -22,7 +22,7 @@ import anyio
 import libvirt
 import pytest
 
-import aiovirtstream.testing as testing
+import aiovirtstream.testing._sandbox as sandbox_module
 from aiovirtstream.testing import (
     DaemonNotInstalledError,
     PoolInfo,
@@ -31,6 +31,7 @@ from aiovirtstream.testing import (
     SandboxStartError,
     TcpRelay,
 )
+from aiovirtstream.testing._processes import free_port
 
 MiB = 1 << 20
 
@@ -333,8 +334,7 @@ def test_tcp_port_collision_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
         taken.listen()
         busy = taken.getsockname()[1]
         ports = iter([busy])
-        real = testing._free_port
-        monkeypatch.setattr(testing, "_free_port", lambda: next(ports, None) or real())
+        monkeypatch.setattr(sandbox_module, "free_port", lambda: next(ports, None) or free_port())
         with Sandbox(tcp=True) as sb:
             assert sb.tcp_port != busy
             conn = libvirt.open(sb.tcp_uri)
@@ -685,7 +685,7 @@ def test_relay_passes_a_reset_on_and_keeps_relaying() -> None:
 
 
 def test_relay_to_a_closed_port_closes_the_client() -> None:
-    port = testing._free_port()
+    port = free_port()
     with TcpRelay("127.0.0.1", port) as relay:
         with socket.create_connection(relay.address, timeout=10) as client:
             assert client.recv(1) == b""

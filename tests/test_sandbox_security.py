@@ -13,13 +13,15 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from xml.etree import ElementTree
 
 import libvirt
 import pytest
 
 import aiovirtstream as avs
 from aiovirtstream.pytest_plugin import _in_ci, require_test_guest
-from aiovirtstream.testing import Sandbox, SandboxError, _make_certificates
+from aiovirtstream.testing import Sandbox, SandboxError
+from aiovirtstream.testing._certs import make_certificates
 
 OTHER_USER = "aiovirtstream-test-other"
 
@@ -87,7 +89,7 @@ def test_tls_uri_works_for_the_owner_only(other_user: pwd.struct_passwd) -> None
 def test_a_certificate_of_another_ca_is_refused(tmp_path: Path) -> None:
     """What another user could make for themselves: a CA and a client certificate of theirs."""
     with Sandbox(tcp=True) as sb:
-        _make_certificates(tmp_path, "aiovirtstream-intruder")
+        make_certificates(tmp_path, "aiovirtstream-intruder")
         (tmp_path / "servercert.pem").unlink()
         uri = f"storage+tls://127.0.0.1:{sb.tcp_port}/session?pkipath={tmp_path}"
         with pytest.raises(libvirt.libvirtError):
@@ -188,15 +190,19 @@ def test_guest_files_do_not_follow_a_planted_link(request: pytest.FixtureRequest
             guest = sb.start_test_guest("planted")
             assert guest.channel_path.parent == link and not link.is_symlink()
             assert link.stat().st_uid == entry.pw_uid
-            files = sb._guest_files()
-            for path in (files.initrd, files.kernel):
+            with sb.connect() as conn:
+                booted = ElementTree.fromstring(conn.lookupByName("planted").XMLDesc(0))
+            kernel, initrd = (
+                Path(booted.findtext(f"os/{tag}") or "") for tag in ("kernel", "initrd")
+            )
+            for path in (initrd, kernel):
                 if path.is_relative_to(Path("/boot")):
                     continue  # a kernel everyone may read is used in place
                 assert not path.is_relative_to(sb.path)
                 assert path.stat().st_uid == 0 and path.parent.stat().st_uid == 0
                 assert path.parent.stat().st_mode & 0o777 == 0o755
             sb.stop_test_guest(guest, wait=False)
-            guest_folder = files.initrd.parent
+            guest_folder = initrd.parent
         assert not guest_folder.exists(), "the guest files' folder outlived the sandbox"
         assert _state(target) == before
     finally:

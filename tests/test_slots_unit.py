@@ -12,16 +12,24 @@ from pathlib import Path
 import pytest
 from _helpers import require_direct_io
 
-from aiovirtstream._slots import SLOT_SIZE, SlotPool
-from aiovirtstream._writebehind import FileWriter, WriteBehind, WriteWorker, open_direct
+from aiovirtstream._transfer._slots import MIN_SHARE, SLOT_SIZE, SlotAccount, SlotPool
+from aiovirtstream._transfer._writebehind import FileWriter, WriteBehind, WriteWorker, open_direct
 
 
 def address(slot: memoryview) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(slot))
 
 
+def take(pool: SlotPool, account: SlotAccount) -> memoryview:
+    slot = pool.take(account)
+    assert slot is not None
+    return slot
+
+
 def test_new_slots_are_page_aligned_and_writable() -> None:
-    slot = SlotPool().take()
+    pool = SlotPool()
+    slot = pool.take(pool.open_account())
+    assert slot is not None
     assert slot.nbytes == SLOT_SIZE
     assert address(slot) % mmap.PAGESIZE == 0  # what O_DIRECT needs
     slot[-1] = 7
@@ -30,33 +38,37 @@ def test_new_slots_are_page_aligned_and_writable() -> None:
 
 def test_the_slot_given_back_last_is_taken_first() -> None:
     pool = SlotPool(keep=4)
-    first, second = pool.take(), pool.take()
+    account = pool.open_account()
+    first, second = take(pool, account), take(pool, account)
     pool.give_back([first, second])
     assert len(pool) == 2
-    assert pool.take() is second
-    assert pool.take() is first
-    fresh = pool.take()  # empty: a new one
+    assert pool.take(account) is second
+    assert pool.take(account) is first
+    fresh = pool.take(account)  # empty: a new one
     assert fresh is not first and fresh is not second
 
 
 def test_the_pool_keeps_at_most_its_bound() -> None:
     pool = SlotPool(keep=3)
-    pool.give_back([pool.take() for _ in range(5)])
+    account = pool.open_account()
+    pool.give_back([take(pool, account) for _ in range(5)], account)
     assert len(pool) == 3
 
 
 async def test_slots_unused_for_the_idle_time_are_dropped() -> None:
     pool = SlotPool(keep=8, idle=0.05)
-    pool.give_back([pool.take(), pool.take()])
+    account = pool.open_account()
+    pool.give_back([take(pool, account), take(pool, account)])
     await asyncio.sleep(0.15)
     assert len(pool) == 0
 
 
 async def test_a_download_meanwhile_keeps_the_slots() -> None:
     pool = SlotPool(keep=8, idle=0.5)
-    pool.give_back([pool.take(), pool.take()])
+    account = pool.open_account()
+    pool.give_back([take(pool, account), take(pool, account)])
     await asyncio.sleep(0.2)
-    slot = pool.take()  # the next download starts before the idle time is up...
+    slot = take(pool, account)  # the next download starts before the idle time is up...
     await asyncio.sleep(0.5)
     assert len(pool) == 1  # ...so the first timer dropped nothing
     pool.give_back([slot])
@@ -70,7 +82,7 @@ async def test_a_finished_download_gives_its_slots_back(
 ) -> None:
     """The write-behind's slots go to the process's pool once every write is done."""
     pool = SlotPool()
-    monkeypatch.setattr("aiovirtstream._writebehind.slot_pool", pool)
+    monkeypatch.setattr("aiovirtstream._transfer._writebehind.slot_pool", pool)
     path = tmp_path / "out"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     writer = FileWriter(fd, 0, False, None, -1)
@@ -101,7 +113,7 @@ async def test_slots_stay_with_a_write_still_under_way(
     pool: a slot being written must not be handed to the next download."""
     require_direct_io(tmp_path)
     pool = SlotPool()
-    monkeypatch.setattr("aiovirtstream._writebehind.slot_pool", pool)
+    monkeypatch.setattr("aiovirtstream._transfer._writebehind.slot_pool", pool)
     path = tmp_path / "out"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     direct_fd = open_direct(path)
@@ -133,3 +145,23 @@ async def test_slots_stay_with_a_write_still_under_way(
     await worker.join()
     os.close(fd)
     os.close(direct_fd)
+
+
+def test_the_process_maps_at_most_its_budget_and_each_download_its_minimum() -> None:
+    pool = SlotPool(keep=64, budget=20)
+    first, second, third = (pool.open_account() for _ in range(3))
+    assert pool.share() == max(MIN_SHARE, 20 // 3)
+    held = [take(pool, first) for _ in range(20)]
+    assert pool.take(first) is None, "over the budget"
+    # Another download still gets its minimum, beyond the budget.
+    late = [take(pool, second) for _ in range(MIN_SHARE)]
+    assert pool.take(second) is None and pool.mapped == 20 + MIN_SHARE
+    pool.give_back(held[:10], first)
+    assert pool.take(third) is not None  # a kept slot: the budget is not consulted
+    pool.close_account(first)  # its other 10 slots were dropped with it
+    pool.close_account(first)  # idempotent
+    assert pool.mapped == 20 + MIN_SHARE - 10
+    pool.give_back(late, second)
+    pool.close_account(second)
+    pool.close_account(third)  # the one it took leaves the budget
+    assert pool.mapped == len(pool)

@@ -17,7 +17,7 @@ import pytest
 from _helpers import Footprint, left_behind
 
 import aiovirtstream as avs
-import aiovirtstream._transfer as transfer_module
+import aiovirtstream._transfer._ranges as ranges_module
 from aiovirtstream.testing import PoolInfo, Sandbox
 
 MiB = 1024 * 1024
@@ -101,7 +101,7 @@ async def test_cancellation_storm(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(transfer_module, "PARALLEL_MIN_PART", 2 * MiB)
+    monkeypatch.setattr(ranges_module, "PARALLEL_MIN_PART", 2 * MiB)
     rng = random.Random(SEED)
     folder = tmp_path / "out"
     folder.mkdir()

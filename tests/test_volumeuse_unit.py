@@ -1,5 +1,5 @@
 """claim_volume's bookkeeping, with stand-in volumes (the real-daemon tests are in
-test_transfer.py)."""
+test_claims.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import cast
 import libvirt
 import pytest
 
-import aiovirtstream._volumeuse as volumeuse
+import aiovirtstream._volume._claims as volumeuse
 from aiovirtstream import VolumeBusyError
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from aiovirtstream._workqueue import _Job, run_in_worker, submit_to_worker
+from aiovirtstream._workers import _Job, run_in_worker, submit_to_worker
 
 
 class Result:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from _helpers import refuse_direct_open, require_direct_io
 
-from aiovirtstream._writebehind import (
+from aiovirtstream._transfer._writebehind import (
     DIRECT_ALIGN,
     SLOT_SIZE,
     FileWriter,

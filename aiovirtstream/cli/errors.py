@@ -126,6 +126,7 @@ def describe(error: BaseException) -> str:
 @contextlib.contextmanager
 def single_errors() -> Iterator[None]:
     """A task group's group of one exception raised as that exception (with its cause)."""
+    single: BaseException | None = None
     try:
         yield
     except BaseExceptionGroup as group:
@@ -137,6 +138,13 @@ def single_errors() -> Iterator[None]:
                 pending.extend(error.exceptions)
             else:
                 leaves.append(error)
-        if len(leaves) == 1:
-            raise leaves[0] from leaves[0].__cause__
-        raise
+        if len(leaves) != 1:
+            raise
+        single = leaves[0]
+    if single is not None:
+        # Raised outside the handler: inside, its __context__ would be the
+        # group that holds it (a reference cycle).
+        try:
+            raise single from single.__cause__
+        finally:
+            del single

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import libvirt
 
-from ._exceptions import VolumeBusyError, map_libvirt_errors
+from .._exceptions import VolumeBusyError, map_libvirt_errors
 
 
 @dataclass(slots=True)

@@ -23,8 +23,8 @@ from xml.etree import ElementTree
 
 import libvirt
 
-from ._exceptions import InvalidRangeError
-from ._lifeline import map_connection_errors
+from .._connection import map_connection_errors
+from .._exceptions import InvalidRangeError
 
 
 @dataclass(frozen=True, slots=True)

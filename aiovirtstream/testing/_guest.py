@@ -32,7 +32,6 @@ __all__ = [
     "DEFAULT_CHANNEL_NAME",
     "VIRTIO_MODULES",
     "GuestFiles",
-    "GuestPackageMissingError",
     "console_transform",
     "channel_transform",
     "find_kernel",
@@ -60,7 +59,7 @@ from pathlib import Path
 from typing import Literal
 from xml.sax.saxutils import escape, quoteattr
 
-from ._exceptions import SandboxError
+from .._exceptions import GuestPackageMissingError
 
 READY_MARKER = b"AIOVIRTSTREAM-GUEST-READY\n"
 """Written once on the serial console when the guest answers on console and channels."""
@@ -154,17 +153,6 @@ while :; do
     nap 0.05
 done
 """
-
-
-class GuestPackageMissingError(SandboxError):
-    """A file the test guest is built from is missing; ``package`` installs it."""
-
-    def __init__(self, what: str, package: str) -> None:
-        super().__init__(
-            f"{what}; install the Debian package {package} "
-            f"(apt-get install --no-install-recommends {package})"
-        )
-        self.package = package
 
 
 @dataclass(frozen=True)

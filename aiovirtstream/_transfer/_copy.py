@@ -25,11 +25,10 @@ import anyio
 import anyio.to_thread
 import libvirt
 
-from ._connect import connection_socket
-from ._events import get_event_impl
-from ._exceptions import SourceTooLargeError, TransferError
-from ._lifeline import map_connection_errors
-from ._stream import (
+from .._connection import connection_socket, map_connection_errors
+from .._events import get_event_impl
+from .._exceptions import SourceTooLargeError, TransferError
+from .._stream import (
     DEFAULT_WRITE_BUFFER,
     MAX_CHUNK,
     AsyncStream,
@@ -38,31 +37,36 @@ from ._stream import (
     adopt_stream,
     check_stream_events,
 )
-
-# upload()'s planning of holes and its checks, shared so that a copy treats
-# the destination exactly as an upload into it would.
-from ._transfer import (
-    ProgressTarget,
-    TransferResult,
-    _check_stored,
-    _closing,
-    _empty_before_overwriting,
-    _first_error,
-    _Hasher,
-    _Options,
-    _size_restoring_hole,
-    _upload_plan,
-    _UploadPlan,
-)
-from ._volume import (
+from .._volume import (
+    VolumeSize,
+    check_download_range,
+    check_not_negative,
+    claim_volume,
     download_description,
     start_volume_download,
     start_volume_upload,
     upload_description,
+    volume_size,
 )
-from ._volumesize import VolumeSize, check_download_range, check_not_negative, volume_size
-from ._volumeuse import claim_volume
-from ._workqueue import run_or_back_out, run_to_the_end
+from .._workers import run_or_back_out, run_to_the_end
+
+# upload()'s planning of holes and its checks, shared so that a copy treats
+# the destination exactly as an upload into it would.
+from ._options import (
+    ContentHasher,
+    ProgressTarget,
+    TransferOptions,
+    TransferResult,
+    closing_progress,
+)
+from ._plan import (
+    UploadPlan,
+    check_stored,
+    empty_before_overwriting,
+    make_upload_plan,
+    size_restoring_hole,
+)
+from ._ranges import first_error
 
 MiB = 1024 * 1024
 #: Bytes a copy holds between the two daemons, at most: its own queue, the
@@ -117,9 +121,9 @@ async def copy(
     the destination stream finished, the destination is checked as after
     :func:`upload` (:class:`VolumeChangedError`).
     """
-    async with _closing(progress):
+    async with closing_progress(progress):
         check_not_negative(offset, length)
-        options = _Options(sparse, offset, length, progress, progress_interval, checksum)
+        options = TransferOptions(sparse, offset, length, progress, progress_interval, checksum)
         with claim_volume(src_vol, upload=False), claim_volume(dst_vol, upload=True):
             return await _copy(src_vol, dst_vol, options)
 
@@ -129,7 +133,7 @@ class _Started:
     """Both streams started (worker thread), not yet adopted on the loop."""
 
     total: int | None  # bytes the source range holds (None: not known)
-    plan: _UploadPlan
+    plan: UploadPlan
     source: libvirt.virStream | None
     dest: libvirt.virStream | None
 
@@ -186,7 +190,7 @@ def _check_not_itself(src_vol: libvirt.virStorageVol, dst_vol: libvirt.virStorag
 
 
 def _start(
-    src_vol: libvirt.virStorageVol, dst_vol: libvirt.virStorageVol, options: _Options
+    src_vol: libvirt.virStorageVol, dst_vol: libvirt.virStorageVol, options: TransferOptions
 ) -> _Started:
     """Size both volumes, check the range, plan the holes, start both streams (worker thread)."""
     _check_not_itself(src_vol, dst_vol)
@@ -198,9 +202,9 @@ def _start(
     source = start_volume_download(src_vol, offset, options.length, options.sparse)
     try:
         if total is not None:
-            dest_size = _empty_before_overwriting(dst_vol, options, total, dest_size)
+            dest_size = empty_before_overwriting(dst_vol, options, total, dest_size)
         # The range's size is the upload's amount; its length check is _check_fits'.
-        plan = _upload_plan(
+        plan = make_upload_plan(
             dataclasses.replace(options, length=0), total, source_size.describe(), dest_size
         )
         dest = start_volume_upload(dst_vol, offset, plan.stream_length, plan.holes)
@@ -211,7 +215,7 @@ def _start(
 
 
 async def _copy(
-    src_vol: libvirt.virStorageVol, dst_vol: libvirt.virStorageVol, options: _Options
+    src_vol: libvirt.virStorageVol, dst_vol: libvirt.virStorageVol, options: TransferOptions
 ) -> TransferResult:
     check_stream_events(src_vol.connect())
     check_stream_events(dst_vol.connect())
@@ -243,7 +247,7 @@ async def _copy(
             async with dest:  # finished first; an error there aborts the source too
                 position = await _move(source, dest, started, options, hasher)
             await run_to_the_end(
-                functools.partial(_check_stored, dst_vol, options.offset + position)
+                functools.partial(check_stored, dst_vol, options.offset + position)
             )
             await reporter.final()
         data_bytes = dest.bytes_sent
@@ -360,8 +364,8 @@ async def _move(
     source: AsyncStream,
     dest: AsyncStream,
     started: _Started,
-    options: _Options,
-    hasher: _Hasher | None,
+    options: TransferOptions,
+    hasher: ContentHasher | None,
 ) -> int:
     """Move the range's items from ``source`` to ``dest``; returns the bytes moved."""
     total, plan = started.total, started.plan
@@ -394,7 +398,7 @@ async def _move(
                 for chunk in item:
                     await dest.write(chunk)
                     written += len(chunk)
-        if last_hole := _size_restoring_hole(plan, written):
+        if last_hole := size_restoring_hole(plan, written):
             await dest.send_hole(last_hole)
 
     await _together(read_side, write_side)
@@ -416,7 +420,7 @@ async def _together(*jobs: Callable[[], Coroutine[Any, Any, None]]) -> None:
                 group.start_soon(job)
         return
     except BaseExceptionGroup as errors:
-        error = _first_error(errors)
+        error = first_error(errors)
     finally:
         del group
     try:
@@ -425,7 +429,7 @@ async def _together(*jobs: Callable[[], Coroutine[Any, Any, None]]) -> None:
         del error
 
 
-def _check_room(end: int, *, total: int | None, plan: _UploadPlan, offset: int) -> None:
+def _check_room(end: int, *, total: int | None, plan: UploadPlan, offset: int) -> None:
     """Raise at once when the source sends past its range or past the destination's room."""
     if total is not None and end > total:
         raise TransferError(
@@ -439,7 +443,7 @@ def _check_room(end: int, *, total: int | None, plan: _UploadPlan, offset: int) 
         )
 
 
-def _hash(hasher: _Hasher, item: list[bytes] | Hole) -> None:
+def _hash(hasher: ContentHasher, item: list[bytes] | Hole) -> None:
     if isinstance(item, Hole):
         hasher.hole(item.length)
     else:
@@ -447,7 +451,7 @@ def _hash(hasher: _Hasher, item: list[bytes] | Hole) -> None:
             hasher.data(chunk)
 
 
-async def _write_hole(dest: AsyncStream, plan: _UploadPlan, position: int, length: int) -> None:
+async def _write_hole(dest: AsyncStream, plan: UploadPlan, position: int, length: int) -> None:
     """A source hole at volume ``position``: zeroes where the plan keeps no holes, else a hole."""
     zeroes = length
     if plan.holes_from is not None:

@@ -5,7 +5,7 @@ here), what they forked in their sessions, and the daemons libvirtd left pid
 files for in the sandbox's run folder (QEMU, virtlogd), each of them only if
 it runs as the daemon's user. Nothing is found by its command line.
 
-``python -m aiovirtstream._watchdog UID FOLDER...`` reads pids, one a line, on
+``python -I aiovirtstream/testing/_watchdog.py UID FOLDER...`` reads pids, one a line, on
 stdin until EOF (the sandbox stopped or its process died), then ends those
 processes and removes the folders; the first folder is the daemon's.
 """

@@ -18,15 +18,15 @@ from collections.abc import Callable
 
 import libvirt
 
-from ._lifeline import map_connection_errors
-from ._stream import DEFAULT_WRITE_BUFFER, AsyncStream, open_stream, start_stream_blocking
-from ._volumesize import (
+from .._connection import map_connection_errors
+from .._stream import DEFAULT_WRITE_BUFFER, AsyncStream, open_stream, start_stream_blocking
+from .._workers import run_to_the_end, runner_for
+from ._size import (
     check_download_range,
     check_not_negative,
     check_upload_range,
     volume_size,
 )
-from ._workqueue import run_to_the_end
 
 
 def _volume_name(vol: libvirt.virStorageVol) -> str:
@@ -182,4 +182,4 @@ async def lookup_volume(
 
     where = f"in pool {pool!r}" if pool is not None else "by path or key"
     with map_connection_errors(conn, context=f"cannot find volume {name_or_path!r} {where}"):
-        return await run_to_the_end(lookup)
+        return await run_to_the_end(lookup, runner_for(conn))

@@ -26,14 +26,15 @@ import logging
 import mmap
 import os
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
-from ._exceptions import TransferError
-from ._native import Buffer
+from .._exceptions import TransferError
+from .._stream import MAX_CHUNK, Buffer, Hole
+from .._workers import shared_pool, wait_through_cancellation
+from .._workqueue import WorkQueue
 from ._slots import SLOT_SIZE, slot_pool
-from ._stream import MAX_CHUNK, Hole
-from ._workqueue import WorkQueue, wait_through_cancellation
 
 T = TypeVar("T")
 
@@ -41,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 #: Slots handed to the worker at once.
 BATCH = 8
+#: Batches a file's writer writes before other files' writers get a turn
+#: on the shared pool.
+WRITER_TURN = 2
 
 #: The size of each ``pwrite`` through the page cache: see the module's docstring.
 WRITE_PIECE = 128 * 1024
@@ -307,6 +311,8 @@ class WriteWorker:
             _batch_weight,
             limit=1 << 62,  # each write-behind bounds its own slots
             on_error=self._failed,
+            runner=shared_pool,
+            quantum=WRITER_TURN,
         )
         self._sinks: list[WriteBehind] = []
 
@@ -389,7 +395,8 @@ class WriteBehind:
         self._pause = pause
         self._resume = resume
         self._max_slots = max(limit // SLOT_SIZE, 2 * BATCH)
-        self._slots_made = 0
+        self._account = slot_pool.open_account()  # slots drawn from the process's budget
+        weakref.finalize(self, slot_pool.close_account, self._account)
         self._lock = threading.Lock()
         self._free: list[memoryview] = []
         self._waiting = False  # out of slots: the worker wakes the loop when it frees some
@@ -441,10 +448,12 @@ class WriteBehind:
         with self._lock:
             if self._free:
                 return self._free.pop()
-            if self._slots_made < self._max_slots:
-                self._slots_made += 1
-                return slot_pool.take()
-        # Out of slots: the worker has to give some back first.
+            if self._account.held < min(self._max_slots, slot_pool.share()):
+                slot = slot_pool.take(self._account)
+                if slot is not None:
+                    return slot
+        # Out of slots (its share, or the process's budget): the worker has to
+        # give some back first.
         self._flush()
         with self._lock:
             if self._free:
@@ -507,9 +516,15 @@ class WriteBehind:
         finally:
             with self._lock:
                 self._free.extend(done)
+                # More than its share now that other downloads started: the
+                # excess goes back to the pool.
+                excess = min(len(self._free), self._account.held - slot_pool.share())
+                extra = [self._free.pop() for _ in range(excess)] if excess > 0 else []
                 wake = self._waiting and bool(self._free)
                 if wake:
                     self._waiting = False
+            if extra:
+                slot_pool.give_back(extra, self._account)
             if wake:
                 self._call_in_loop(self._resume)
 
@@ -532,7 +547,8 @@ class WriteBehind:
         """Return the free slots to the process's pool, for the next download."""
         with self._lock:
             free, self._free = self._free, []
-        slot_pool.give_back(free)
+        slot_pool.give_back(free, self._account)
+        slot_pool.close_account(self._account)
 
     async def abandon(self) -> None:
         """Drop what is not written yet and wait for the write under way."""

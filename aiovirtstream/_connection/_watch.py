@@ -30,9 +30,9 @@ from typing import Any
 import libvirt
 import libvirtmod
 
-from ._events import get_event_impl
-from ._exceptions import ConnectionLostError, libvirt_error_to_exception
-from ._workqueue import submit_to_worker
+from .._events import get_event_impl
+from .._exceptions import ConnectionLostError, libvirt_error_to_exception
+from .._workers import submit_to_worker
 
 #: Seconds between ``virConnectIsAlive`` checks of a connection that has no
 #: close callback of ours, while something is subscribed to it.

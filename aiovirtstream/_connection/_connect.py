@@ -11,10 +11,10 @@ from typing import Any
 import anyio
 import libvirt
 
-from ._events import bind_event_loop
-from ._exceptions import ConnectError, map_libvirt_errors
-from ._lifeline import release_collected, watch_connection
-from ._workqueue import run_to_the_end
+from .._events import bind_event_loop
+from .._exceptions import ConnectError, map_libvirt_errors
+from .._workers import run_to_the_end
+from ._watch import release_collected, watch_connection
 
 # The socket fd of each connection opened by connect(), for backpressure
 # (EventImpl.pause_reading): libvirt does not tell, but its watch is the one

@@ -8,124 +8,35 @@ from __future__ import annotations
 
 __all__ = [
     "EventImpl",
-    "EventImplStats",
-    "get_event_impl",
-    "register_event_impl",
-    "bind_event_loop",
 ]
 
 import asyncio
 import contextlib
 import itertools
 import logging
-import select
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import libvirt
 
-from ._exceptions import EventLoopError
+from .._exceptions import EventLoopError
+from ._records import (
+    ERROR,
+    HANGUP,
+    READABLE,
+    WRITABLE,
+    EventImplStats,
+    FdEntry,
+    FiringAfterDispatch,
+    HandleCallback,
+    TimeoutCallback,
+    Timer,
+    Watch,
+)
 
 logger = logging.getLogger(__name__)
-
-READABLE: int = libvirt.VIR_EVENT_HANDLE_READABLE
-WRITABLE: int = libvirt.VIR_EVENT_HANDLE_WRITABLE
-ERROR: int = libvirt.VIR_EVENT_HANDLE_ERROR
-HANGUP: int = libvirt.VIR_EVENT_HANDLE_HANGUP
-_IO = READABLE | WRITABLE
-_POLL_ERRORS = select.POLLERR | select.POLLNVAL
-
-HandleCallback = Callable[[int, int, int, Any], None]
-TimeoutCallback = Callable[[int, Any], None]
-
-
-@dataclass(eq=False, slots=True)
-class _Watch:
-    """One libvirt handle watch (several may share an fd)."""
-
-    id: int
-    fd: int
-    events: int
-    callback: HandleCallback
-    opaque: Any
-    removed: bool = False
-
-
-@dataclass(eq=False, slots=True)
-class _FdEntry:
-    """The watches of one fd, from the first added until the last removed.
-
-    A new entry is made when the fd number comes back after all its watches
-    were removed: the number may now name another file, whose loop
-    registration must start afresh.
-    """
-
-    fd: int
-    watches: dict[int, _Watch] = field(default_factory=dict)
-    wanted: int = 0  # READABLE/WRITABLE that some watch asks for
-    registered: int = 0  # READABLE/WRITABLE registered on the loop for this entry
-    poller: Any = None  # a select.poll for ERROR/HANGUP, made on first use
-
-    def error_events(self) -> int:
-        """ERROR/HANGUP pending on the fd (asyncio reports them only as readiness)."""
-        if self.poller is None:
-            self.poller = select.poll()
-            self.poller.register(self.fd, 0)
-        ready = self.poller.poll(0)
-        if not ready:
-            return 0
-        revents = ready[0][1]
-        return (ERROR if revents & _POLL_ERRORS else 0) | (
-            HANGUP if revents & select.POLLHUP else 0
-        )
-
-    def recompute(self, paused: bool = False) -> None:
-        wanted = 0
-        for watch in self.watches.values():
-            wanted |= watch.events
-        self.wanted = wanted & (WRITABLE if paused else _IO)
-
-
-@dataclass(eq=False, slots=True)
-class _Timer:
-    id: int
-    interval: int  # ms; -1 disabled
-    callback: TimeoutCallback
-    opaque: Any
-    generation: int = 0  # bumped by every change; stale firings are ignored
-    handle: asyncio.Handle | _FiringAfterDispatch | None = None
-    armed_for: float = 0.0  # loop time the armed handle fires at
-    deadline: float | None = None  # a later due time set from another thread
-    removed: bool = False
-
-
-class _FiringAfterDispatch:
-    """A 0 ms timer armed by an fd callback: it fires when that dispatch returns."""
-
-    __slots__ = ("cancelled",)
-
-    def __init__(self) -> None:
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-@dataclass(frozen=True, slots=True)
-class EventImplStats:
-    """A snapshot of the implementation's bookkeeping, for tests and debugging."""
-
-    watches: int
-    fds: int
-    fds_registered_on_loop: int
-    timers: int
-    timers_enabled: int
-    pending_frees: int
-    loop_bound: bool
-
 
 # The C function itself: called several times per packet.
 _running_loop: Callable[[], asyncio.AbstractEventLoop | None] = asyncio._get_running_loop
@@ -148,20 +59,20 @@ class EventImpl:
         self._watch_ids = itertools.count(1)
         self._timer_ids = itertools.count(1)
         self._free_ids = itertools.count(1)
-        self._watches: dict[int, _Watch] = {}
-        self._fds: dict[int, _FdEntry] = {}
+        self._watches: dict[int, Watch] = {}
+        self._fds: dict[int, FdEntry] = {}
         # Which entry holds the loop's reader/writer for an fd (loop thread only).
-        self._on_loop: dict[int, _FdEntry] = {}
+        self._on_loop: dict[int, FdEntry] = {}
         self._dirty_fds: set[int] = set()
         self._paused: dict[int, int] = {}  # fd -> pause_reading() nesting
-        self._dirty_timers: dict[int, _Timer] = {}
+        self._dirty_timers: dict[int, Timer] = {}
         self._flush_scheduled = False
-        self._timers: dict[int, _Timer] = {}
+        self._timers: dict[int, Timer] = {}
         self._frees: dict[int, Any] = {}
         self._idle_waiters: list[asyncio.Future[None]] = []
         # 0 ms timers armed while an fd callback runs (loop thread only).
         self._dispatching_fd = False
-        self._after_dispatch: list[tuple[_FiringAfterDispatch, _Timer, int]] = []
+        self._after_dispatch: list[tuple[FiringAfterDispatch, Timer, int]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.registered_with_libvirt = False
 
@@ -312,11 +223,11 @@ class EventImpl:
     def add_handle(self, fd: int, events: int, callback: HandleCallback, opaque: Any) -> int:
         """libvirt hook: watch ``fd`` for ``events``; returns the new watch id (>= 1)."""
         with self._lock:
-            watch = _Watch(next(self._watch_ids), fd, events, callback, opaque)
+            watch = Watch(next(self._watch_ids), fd, events, callback, opaque)
             self._watches[watch.id] = watch
             entry = self._fds.get(fd)
             if entry is None:
-                entry = self._fds[fd] = _FdEntry(fd)
+                entry = self._fds[fd] = FdEntry(fd)
             entry.watches[watch.id] = watch
             entry.recompute(fd in self._paused)
             self._fd_changed_locked(entry)
@@ -374,7 +285,7 @@ class EventImpl:
             self._defer_free_locked(watch.opaque)
             return 0
 
-    def _fd_changed_locked(self, entry: _FdEntry) -> None:
+    def _fd_changed_locked(self, entry: FdEntry) -> None:
         fd = entry.fd
         self._dirty_fds.add(fd)
         owner = self._on_loop.get(fd)
@@ -430,7 +341,7 @@ class EventImpl:
                 pass
         self._on_loop.pop(fd, None)
 
-    def _on_fd_ready(self, entry: _FdEntry, kind: int) -> None:
+    def _on_fd_ready(self, entry: FdEntry, kind: int) -> None:
         fd = entry.fd
         # The common case reads without the lock: under the GIL these reads
         # see either the state before a hook or the state after it, and a
@@ -476,7 +387,7 @@ class EventImpl:
     def add_timeout(self, interval: int, callback: TimeoutCallback, opaque: Any) -> int:
         """libvirt hook: a timer firing every ``interval`` ms (-1: disabled); returns its id."""
         with self._lock:
-            timer = _Timer(next(self._timer_ids), interval, callback, opaque)
+            timer = Timer(next(self._timer_ids), interval, callback, opaque)
             self._timers[timer.id] = timer
             self._timer_changed_locked(timer)
             return timer.id
@@ -514,7 +425,7 @@ class EventImpl:
             self._defer_free_locked(timer.opaque)
             return 0
 
-    def _timer_changed_locked(self, timer: _Timer) -> None:
+    def _timer_changed_locked(self, timer: Timer) -> None:
         timer.generation += 1
         timer.deadline = None
         if timer.interval <= 0 and not timer.removed and self._maybe_rebind_locked():
@@ -530,7 +441,7 @@ class EventImpl:
         # pending firing sees the new generation and does nothing.
         self._request_flush_locked(urgent=timer.interval >= 0 and not timer.removed)
 
-    def _arm_timer_locked(self, timer: _Timer) -> None:
+    def _arm_timer_locked(self, timer: Timer) -> None:
         loop = self._loop
         assert loop is not None
         if timer.handle is not None:
@@ -540,7 +451,7 @@ class EventImpl:
             return
         if timer.interval == 0:
             if self._dispatching_fd and _running_loop() is loop:
-                firing = _FiringAfterDispatch()
+                firing = FiringAfterDispatch()
                 self._after_dispatch.append((firing, timer, timer.generation))
                 timer.handle = firing
             else:
@@ -552,7 +463,7 @@ class EventImpl:
             )
             timer.armed_for = loop.time() + timer.interval / 1000
 
-    def _fire_timer(self, timer: _Timer, generation: int) -> None:
+    def _fire_timer(self, timer: Timer, generation: int) -> None:
         with self._lock:
             if timer.removed or timer.generation != generation:
                 return
@@ -733,35 +644,3 @@ _libvirt_logger = logging.getLogger("aiovirtstream.libvirt")
 def _log_libvirt_error(_context: object, error: Any) -> None:
     # error is libvirt's error tuple: (code, domain, message, level, ...)
     _libvirt_logger.debug("libvirt: %s", error[2] if len(error) > 2 else error)
-
-
-_impl = EventImpl()
-_register_lock = threading.Lock()
-
-
-def get_event_impl() -> EventImpl:
-    """The process-wide implementation (registered or not)."""
-    return _impl
-
-
-def register_event_impl() -> EventImpl:
-    """Register aiovirtstream's event implementation with libvirt, once per process.
-
-    Call it before opening any connection with plain ``libvirt.open`` that
-    streams will use; :func:`aiovirtstream.connect` does it for you.
-    """
-    with _register_lock:
-        _impl.register()
-    return _impl
-
-
-def bind_event_loop(loop: asyncio.AbstractEventLoop | None = None) -> EventImpl:
-    """Register (if needed) and bind the implementation to the running loop.
-
-    Cheap when already bound; safe to call at the start of every coroutine
-    that uses libvirt.
-    """
-    if not _impl.registered_with_libvirt:
-        register_event_impl()
-    _impl.bind(loop)
-    return _impl

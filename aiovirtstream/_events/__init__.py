@@ -1,0 +1,15 @@
+"""libvirt's event loop on asyncio: the implementation libvirt calls for its I/O and timers."""
+
+from __future__ import annotations
+
+from ._impl import EventImpl
+from ._records import EventImplStats
+from ._registry import bind_event_loop, get_event_impl, register_event_impl
+
+__all__ = [
+    "EventImpl",
+    "EventImplStats",
+    "bind_event_loop",
+    "get_event_impl",
+    "register_event_impl",
+]

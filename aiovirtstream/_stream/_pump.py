@@ -1,0 +1,115 @@
+"""Receiving a stream into a sink from inside its READABLE events, on the loop's thread.
+
+No coroutine wakes per packet: each event receives a few packets straight
+into the sink's buffers (:meth:`AsyncStream.pump`).
+"""
+
+from __future__ import annotations
+
+__all__ = ["Pump", "PUMP_BURST"]
+
+import asyncio
+from collections.abc import Callable
+
+import libvirt
+
+from .._exceptions import StreamBrokenError, StreamBusyError, detach_traceback
+from ._items import ReceiveSink
+from ._native import Receiver
+from ._subscription import EventSubscription
+
+#: recv calls one stream event may make before it lets the loop run (a
+#: longer burst raises the loop's lag).
+PUMP_BURST = 4
+
+
+class Pump:
+    """One :meth:`AsyncStream.pump`: its sink, and how far it got.
+
+    ``done`` is resolved at end of stream, or fails with what broke it:
+    libvirt's error as ``broken(error)`` maps it, or what the sink raised.
+    """
+
+    def __init__(
+        self,
+        sink: ReceiveSink,
+        receiver: Receiver,
+        stop_at_hole: bool,
+        done: asyncio.Future[None],
+        *,
+        events: EventSubscription,
+        broken: Callable[[BaseException], StreamBrokenError],
+    ) -> None:
+        self.sink = sink
+        self.receiver = receiver
+        self.stop_at_hole = stop_at_hole
+        self.done = done
+        self._events = events
+        self._broken = broken
+        #: The sink has no room: receiving waits for ``AsyncStream.resume_pump``.
+        self.paused = False
+        #: End of stream reached.
+        self.ended = False
+
+    def feed(self, data: bytes) -> None:
+        """Put data received before the pump started (kept by ``recv_hole``) first."""
+        while data:
+            target = self.sink.buffer()
+            if target is None:
+                raise StreamBusyError("pumping (the sink has no room for data kept by recv_hole)")
+            buffer, offset, room = target
+            take = min(room, len(data))
+            memoryview(buffer).cast("B")[offset : offset + take] = data[:take]
+            self.sink.received(take)
+            data = data[take:]
+
+    def step(self) -> None:
+        """Receive what libvirt has queued, up to :data:`PUMP_BURST` calls (loop thread)."""
+        if self.paused or self.done.done():
+            return
+        sink, receiver, stop_at_hole = self.sink, self.receiver, self.stop_at_hole
+        after_data = False  # the last call of this step received data
+        try:
+            for _ in range(PUMP_BURST):
+                target = sink.buffer()
+                if target is None:
+                    self.paused = True
+                    return
+                buffer, offset, room = target
+                result = receiver.recv_into(buffer, offset, room, stop_at_hole)
+                if result > 0:
+                    sink.received(result)
+                    if result < room:
+                        # libvirt's recv copies from every queued packet until
+                        # it has room bytes: a short one emptied the queue (or
+                        # stopped at a hole, whose packet re-arms the event).
+                        return
+                    after_data = True
+                elif result == -2:
+                    # libvirt leaves the stream's 0 ms timer enabled when a
+                    # recv finds the queue empty (that path skips its timer
+                    # update, virNetClientStreamRecvPacket in
+                    # src/rpc/virnetclientstream.c). Re-stating our events
+                    # re-evaluates it; not needed right after a recv that got
+                    # data, which updated the timer.
+                    if not after_data:
+                        self._events.restate()
+                    return
+                elif result == 0:
+                    self.ended = True
+                    self.done.set_result(None)
+                    return
+                elif result == -3:
+                    length = receiver.recv_hole()
+                    if length:
+                        sink.hole(length)
+                    after_data = False
+                else:
+                    raise self._broken(RuntimeError(f"virStreamRecv returned {result}"))
+            # Burst used up: libvirt's 0 ms timer fires again next iteration.
+        except libvirt.libvirtError as error:
+            broken = self._broken(error)
+            broken.__cause__ = detach_traceback(error)
+            self.done.set_exception(broken)
+        except Exception as error:  # the sink's: pump() raises it
+            self.done.set_exception(detach_traceback(error))

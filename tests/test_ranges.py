@@ -1,0 +1,143 @@
+"""A download over several streams (parallel ranges) against a real daemon: the split, the
+default, a range that cannot start, a cancellation while one starts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import libvirt
+import pytest
+from _helpers import (
+    BLOCK,
+    Layout,
+    MiB,
+    VolumeStreamCall,
+    allocated,
+    data_size,
+    spy_stream_starts,
+    was_aborted,
+    write_layout,
+)
+from conftest import MakeVolume
+
+import aiovirtstream as avs
+import aiovirtstream._transfer._ranges as ranges_module
+
+
+async def test_parallel_download_over_ranges(
+    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    size = 200 * MiB
+    source = tmp_path / "src"
+    layout: Layout = [("data", 3 * MiB), ("hole", 60 * MiB), ("data", 70 * MiB)]
+    layout += [("hole", size - data_size(layout) - 60 * MiB - MiB), ("data", MiB)]
+    content = write_layout(source, layout)
+    vol = await make_volume("parallel.img", size)
+    await avs.upload(vol, source)
+    dest = tmp_path / "out"
+    seen: list[avs.TransferProgress] = []
+    starts = spy_stream_starts(monkeypatch)
+    result = await avs.download(vol, dest, parallel=3, progress=seen.append)
+    assert len(starts) == 3 and sum(start.length for start in starts) == size
+    assert result.total_bytes == size
+    assert seen[-1].done_bytes == size
+    assert dest.read_bytes() == content
+    assert allocated(dest) <= allocated(source) + 4 * BLOCK
+    # Offsets that are not MiB-aligned, into an open file over existing data.
+    with open(tmp_path / "window", "wb") as f:
+        f.write(b"\xff" * (150 * MiB))
+        f.seek(0)
+        await avs.download(vol, f, offset=MiB + 5, length=140 * MiB, parallel=2)
+    assert (tmp_path / "window").read_bytes()[: 140 * MiB] == content[MiB + 5 : 141 * MiB + 5]
+
+
+async def test_parallel_by_default_only_for_large_downloads(
+    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    size = ranges_module.AUTO_PARALLEL_MIN
+    vol = await make_volume("auto-parallel.img", size)  # allocation 0: all hole
+    starts = spy_stream_starts(monkeypatch)
+
+    def opened() -> list[int]:
+        return [start.length for start in starts]
+
+    # 256 MiB: two streams, dense or sparse.
+    result = await avs.download(vol, tmp_path / "dense", sparse=False)
+    assert len(opened()) == 2 and sum(opened()) == size and result.data_bytes == size
+    starts.clear()
+    result = await avs.download(vol, tmp_path / "sparse", sparse=True)
+    assert len(opened()) == 2 and result.hole_bytes == size
+    assert os.stat(tmp_path / "sparse").st_size == size
+    # Smaller, a checksum, or parallel=1: one stream.
+    for kwargs in ({"length": size - 1}, {"checksum": True}, {"parallel": 1}):
+        starts.clear()
+        await avs.download(vol, tmp_path / "one", sparse=False, overwrite=True, **kwargs)
+        assert len(opened()) == 1, kwargs
+    with pytest.raises(ValueError, match="parallel"):
+        await avs.download(vol, tmp_path / "bad", parallel=0)
+
+
+async def test_a_range_that_cannot_start_fails_the_download_and_aborts_the_others(
+    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    size = 2 * ranges_module.PARALLEL_MIN_PART
+    vol = await make_volume("ranges.img", size)
+    gone = await make_volume("gone-range.img", MiB)
+    await asyncio.to_thread(gone.delete, 0)
+
+    def second_on_gone(
+        real: VolumeStreamCall,
+        vol: libvirt.virStorageVol,
+        stream: libvirt.virStream,
+        offset: int,
+        length: int,
+        flags: int,
+    ) -> int:
+        # The second range asks the daemon for a volume deleted meanwhile: a real refusal.
+        return real(gone if offset else vol, stream, offset, length, flags)
+
+    starts = spy_stream_starts(monkeypatch, around=second_on_gone)
+    with pytest.raises(avs.NotFoundError, match="gone-range.img") as failure:
+        await avs.download(vol, tmp_path / "out", sparse=False, parallel=2)
+    assert isinstance(failure.value.__cause__, libvirt.libvirtError)
+    assert os.listdir(tmp_path) == []
+    assert len(starts) == 1 and await asyncio.to_thread(was_aborted, starts[0].stream)
+    monkeypatch.undo()
+    result = await avs.download(vol, tmp_path / "out", sparse=False, parallel=2)
+    assert result.data_bytes == size  # the connection carries on
+
+
+async def test_cancelled_while_a_range_starts_aborts_every_stream(
+    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    size = 2 * ranges_module.PARALLEL_MIN_PART
+    vol = await make_volume("slow-range.img", size)
+    second_asked = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow_second(
+        real: VolumeStreamCall,
+        vol: libvirt.virStorageVol,
+        stream: libvirt.virStream,
+        offset: int,
+        length: int,
+        flags: int,
+    ) -> int:
+        if offset:
+            loop.call_soon_threadsafe(second_asked.set)
+            time.sleep(0.3)  # the download is cancelled meanwhile
+        return real(vol, stream, offset, length, flags)
+
+    starts = spy_stream_starts(monkeypatch, around=slow_second)
+    task = asyncio.create_task(avs.download(vol, tmp_path / "out", sparse=False, parallel=2))
+    await second_asked.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The second stream started after the cancellation; both were aborted.
+    assert len(starts) == 2
+    assert [await asyncio.to_thread(was_aborted, s.stream) for s in starts] == [True, True]
+    assert os.listdir(tmp_path) == []
