@@ -21,6 +21,39 @@ from ._subscription import EventSubscription
 #: recv calls one stream event may make before it lets the loop run (a
 #: longer burst raises the loop's lag).
 PUMP_BURST = 4
+#: recv calls all the pumps of a loop may make in one pass of the loop: with
+#: many streams ready at once, the others wait for the next pass.
+LOOP_SLICE = 16
+
+
+class _Slice:
+    """The recv calls made in the current pass of one loop."""
+
+    __slots__ = ("loop", "used", "resetting")
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.used = 0
+        self.resetting = False
+
+    def take(self, loop: asyncio.AbstractEventLoop) -> int:
+        """How many recv calls this pump may make now (0: wait for the next pass)."""
+        if self.loop is not loop:
+            self.loop, self.used, self.resetting = loop, 0, False
+        if not self.resetting:
+            # Handles scheduled now run in the next pass, before the streams
+            # whose events are re-armed after this one.
+            loop.call_soon(self._reset)
+            self.resetting = True
+        left = LOOP_SLICE - self.used
+        return min(PUMP_BURST, left) if left > 0 else 0
+
+    def _reset(self) -> None:
+        self.used = 0
+        self.resetting = False
+
+
+_slice = _Slice()
 
 
 class Pump:
@@ -67,10 +100,14 @@ class Pump:
         """Receive what libvirt has queued, up to :data:`PUMP_BURST` calls (loop thread)."""
         if self.paused or self.done.done():
             return
+        calls = _slice.take(self.done.get_loop())
+        if not calls:
+            return  # libvirt's 0 ms timer brings this stream's event again next pass
         sink, receiver, stop_at_hole = self.sink, self.receiver, self.stop_at_hole
         after_data = False  # the last call of this step received data
         try:
-            for _ in range(PUMP_BURST):
+            for _ in range(calls):
+                _slice.used += 1
                 target = sink.buffer()
                 if target is None:
                     self.paused = True

@@ -33,8 +33,9 @@ KEEP_SLOTS = 64
 IDLE_SECONDS = 30.0
 #: The most slots the process maps for downloads, in use and kept (24 MiB).
 BUDGET_SLOTS = 96
-#: Slots every download may have, whatever the budget: enough for a batch.
-MIN_SHARE = 8
+#: Slots every download may have, whatever the budget: one being filled,
+#: one being written.
+MIN_SHARE = 2
 
 
 def new_slot() -> memoryview:

