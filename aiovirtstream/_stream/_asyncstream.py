@@ -20,7 +20,7 @@ import anyio
 import anyio.abc
 import libvirt
 
-from .._connection import watch_connection
+from .._connection import connection_socket, watch_connection
 from .._exceptions import (
     ConnectionLostError,
     SparseNotSupportedError,
@@ -255,6 +255,7 @@ class AsyncStream(anyio.abc.ByteStream):
             self._loop.create_future(),
             events=self._events,
             broken=self._life.mark_broken,
+            socket=connection_socket(stream_connection(self.virstream)),
         )
         try:
             if (pending := self._reads.take_pending()) is not None:

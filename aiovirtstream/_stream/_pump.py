@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import libvirt
 
+from .._events import get_event_impl
 from .._exceptions import StreamBrokenError, StreamBusyError, detach_traceback
 from ._items import ReceiveSink
 from ._native import Receiver
@@ -27,14 +28,17 @@ LOOP_SLICE = 16
 
 
 class _Slice:
-    """The recv calls made in the current pass of one loop."""
+    """The recv calls made in the current pass of one loop, and the sockets held
+    until the next: libvirt would go on reading them into its unbounded queues
+    for the streams that wait."""
 
-    __slots__ = ("loop", "used", "resetting")
+    __slots__ = ("loop", "used", "resetting", "held")
 
     def __init__(self) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.used = 0
         self.resetting = False
+        self.held: set[int] = set()
 
     def take(self, loop: asyncio.AbstractEventLoop) -> int:
         """How many recv calls this pump may make now (0: wait for the next pass)."""
@@ -48,9 +52,18 @@ class _Slice:
         left = LOOP_SLICE - self.used
         return min(PUMP_BURST, left) if left > 0 else 0
 
+    def hold(self, socket: int) -> None:
+        """Do not read ``socket`` until the next pass (its stream waits for it)."""
+        if socket not in self.held:
+            self.held.add(socket)
+            get_event_impl().pause_reading(socket)
+
     def _reset(self) -> None:
         self.used = 0
         self.resetting = False
+        held, self.held = self.held, set()
+        for socket in held:
+            get_event_impl().resume_reading(socket)
 
 
 _slice = _Slice()
@@ -72,6 +85,7 @@ class Pump:
         *,
         events: EventSubscription,
         broken: Callable[[BaseException], StreamBrokenError],
+        socket: int | None = None,
     ) -> None:
         self.sink = sink
         self.receiver = receiver
@@ -79,6 +93,7 @@ class Pump:
         self.done = done
         self._events = events
         self._broken = broken
+        self._socket = socket  # the connection's (None: not known)
         #: The sink has no room: receiving waits for ``AsyncStream.resume_pump``.
         self.paused = False
         #: End of stream reached.
@@ -102,6 +117,8 @@ class Pump:
             return
         calls = _slice.take(self.done.get_loop())
         if not calls:
+            if self._socket is not None:
+                _slice.hold(self._socket)
             return  # libvirt's 0 ms timer brings this stream's event again next pass
         sink, receiver, stop_at_hole = self.sink, self.receiver, self.stop_at_hole
         after_data = False  # the last call of this step received data
