@@ -1,7 +1,8 @@
 """aiovirtstream: libvirt data streams, native to asyncio.
 
-Names are loaded on first use (PEP 562), so that importing the package (the
-pytest plugin does, at every pytest start) costs nothing until it is used.
+Names are loaded on first use (PEP 562), all of them at once: importing the
+package (the pytest plugin does, at every pytest start) costs nothing until
+it is used, and no later first use stalls the loop with an import.
 """
 
 from __future__ import annotations
@@ -192,12 +193,13 @@ _EXPORTS.update(dict.fromkeys((name for name in __all__ if name not in _EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
+    if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value  # the next lookup does not come here
-    return value
+    # Every name at once, on the first use of any (usually connect() at the
+    # start): no later first use stalls the loop with an import.
+    for exported, module in _EXPORTS.items():
+        globals()[exported] = getattr(importlib.import_module(module, __name__), exported)
+    return globals()[name]
 
 
 def __dir__() -> list[str]:
