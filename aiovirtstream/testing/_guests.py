@@ -99,20 +99,7 @@ class TestGuests:
             return folder
 
     def start(self, name: str, ready_timeout: float) -> GuestInfo:
-        """Boot the tiny test guest as a transient domain; return once it answers.
-
-        Full mode only. The guest (:mod:`aiovirtstream._testguest`: TCG, no
-        KVM, about 2 s to boot) has a pty serial console that upper-cases what
-        it reads and a virtio-serial channel that swaps letters' case. Its
-        kernel and initramfs are built (once per sandbox) into a folder of the
-        caller's beside :attr:`path` that the daemon's user may only read; its
-        channel's socket is ``<path>/guests/<name>.chan``; its display is VNC
-        on a unix socket (no TCP port for concurrent daemons to race for). The ready
-        marker is consumed here: the console opened next shows only answers.
-        Raises :class:`GuestPackageMissingError` naming a missing package, or
-        :class:`SandboxError` with the guest's console output and log if it
-        did not come up within ``ready_timeout`` seconds.
-        """
+        """:meth:`Sandbox.start_test_guest`: boot the guest, return once it answers."""
         if self._sandbox.mode != "full":
             raise SandboxError("test guests need a full-mode sandbox: Sandbox('full')")
         if not NAME_RE.fullmatch(name):
@@ -150,15 +137,7 @@ class TestGuests:
         )
 
     def stop(self, guest: GuestInfo | str, wait: bool) -> None:
-        """Stop the guest (a transient domain: it is gone then); no-op if it is not running.
-
-        ``wait=True`` destroys it through libvirt and returns once libvirt
-        saw QEMU go (here up to 2 s: libvirt polls every 200 ms until the
-        process is reaped). ``wait=False`` SIGKILLs the guest's QEMU (found
-        by its pid file in the sandbox) and returns at once; libvirtd notices
-        and removes the domain in the background. Open streams of the guest
-        end either way.
-        """
+        """:meth:`Sandbox.stop_test_guest`: destroy the guest, or kill its QEMU."""
         name = str(guest)
         if not wait and self._kill_qemu(name):
             return
