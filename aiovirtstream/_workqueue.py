@@ -205,11 +205,15 @@ class WorkQueue(Generic[T]):
             item: T | None = None
             with self._lock:
                 source = None if self._queue else self._source
-                if self._stopped or (not self._queue and source is None):
-                    self._running = False
+                if self._stopped:
+                    # Nothing more is accepted: close what was fed first, then
+                    # say the queue is idle (join() then means it is closed).
                     dropped, self._source = self._source, None
-                    self._wake_idle_locked()
                     break
+                if not self._queue and source is None:
+                    self._running = False
+                    self._wake_idle_locked()
+                    return
                 if source is None:
                     item = self._queue[0]
             try:
@@ -230,9 +234,7 @@ class WorkQueue(Generic[T]):
                     dropped, self._source = self._source, None
                     self._queue.clear()
                     self._queued = 0
-                    self._running = False
                     self._wake_room_locked()
-                    self._wake_idle_locked()
                     if self._on_error is not None:
                         self._call_in_loop(self._on_error, error)
                 break
@@ -256,7 +258,12 @@ class WorkQueue(Generic[T]):
         else:
             self._runner.submit(self._drain)  # still _running: the others' turn first
             return
-        _close(dropped)
+        try:
+            _close(dropped)
+        finally:
+            with self._lock:
+                self._running = False
+                self._wake_idle_locked()
 
     def _wake_room_locked(self) -> None:
         if self._room_waiter is not None:

@@ -434,6 +434,9 @@ class AsyncStream(anyio.abc.ByteStream):
             await self._sender.join()
         except BaseException:
             self._sender.stop()
+            # The runner closes ``items`` (an open file) once the send under
+            # way returned: nothing is left open when this raises.
+            await wait_through_cancellation(asyncio.ensure_future(self._sender.join()))
             raise
         finally:
             self._writing = False
