@@ -277,9 +277,10 @@ async def download_parts(
                     raise error
                 finally:
                     del error  # its traceback holds this frame
-        last = max(writers, key=lambda w: w.end)
-
         def complete() -> tuple[int, int]:
+            # Here, after every write: a range's trailing holes move its
+            # writer's end only once the writer took them.
+            last = max(writers, key=lambda w: w.end)
             last.close()
             data, holes = counts()
             check_complete(data + holes, total)
