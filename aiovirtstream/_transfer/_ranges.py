@@ -277,6 +277,7 @@ async def download_parts(
                     raise error
                 finally:
                     del error  # its traceback holds this frame
+
         def complete() -> tuple[int, int]:
             # Here, after every write: a range's trailing holes move its
             # writer's end only once the writer took them.
