@@ -42,8 +42,9 @@ class _Slice:
 
     def take(self, loop: asyncio.AbstractEventLoop) -> int:
         """How many recv calls this pump may make now (0: wait for the next pass)."""
-        if self.loop is not loop:
-            self.loop, self.used, self.resetting = loop, 0, False
+        if self.loop is not loop:  # another loop: the last one's pass will not end
+            self._reset()
+            self.loop = loop
         if not self.resetting:
             # Handles scheduled now run in the next pass, before the streams
             # whose events are re-armed after this one.
