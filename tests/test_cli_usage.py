@@ -17,7 +17,8 @@ import pytest
 import aiovirtstream as avs
 from aiovirtstream import cli
 from aiovirtstream.cli import errors, parser, transfers
-from aiovirtstream.cli.parser import Pair, parse_size
+from aiovirtstream.cli.pairs import Pair
+from aiovirtstream.cli.units import parse_size
 
 MiB = 1024 * 1024
 

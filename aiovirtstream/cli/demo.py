@@ -3,7 +3,7 @@ bytes and holes checked. Plain text; bars when rich is installed and stderr a te
 
 from __future__ import annotations
 
-__all__ = ["cmd_demo", "make_demo_image"]
+__all__ = ["cmd_demo", "make_demo_image", "DEMO_MIN_MIB"]
 
 import argparse
 import hashlib
@@ -18,9 +18,10 @@ import anyio.to_thread
 
 import aiovirtstream as avs
 
-from .output import format_rate, format_size, say, with_bar
-from .parser import DEMO_MIN_MIB
+from .output import say, with_bar
+from .units import format_rate, format_size
 
+DEMO_MIN_MIB = 64
 MiB = 1024 * 1024
 
 

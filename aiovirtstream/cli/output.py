@@ -1,11 +1,9 @@
-"""What the command prints on stdout: sizes in binary units, one plain line or one JSON
-object per transfer, or the SHA-256 alone (in ``sha256sum``'s format) with ``-q``."""
+"""What the command prints on stdout: one plain line or one JSON object per transfer,
+or the SHA-256 alone (in ``sha256sum``'s format) with ``-q``."""
 
 from __future__ import annotations
 
 __all__ = [
-    "format_size",
-    "format_rate",
     "Outcome",
     "print_outcomes",
     "say",
@@ -22,27 +20,12 @@ from typing import TYPE_CHECKING
 
 import aiovirtstream as avs
 
+from .units import format_rate, format_size
+
 if TYPE_CHECKING:
     from .progress import Board
 
 _PAST = {"upload": "uploaded", "download": "downloaded", "copy": "copied"}
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
-
-
-def format_size(n: float) -> str:
-    """``n`` bytes in binary units: ``512 B``, ``1.5 MiB``, ``2.0 GiB``."""
-    for unit in _UNITS:
-        if abs(n) < 1024 or unit == _UNITS[-1]:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError  # pragma: no cover
-
-
-def format_rate(bytes_per_second: float) -> str:
-    """A data rate in binary units: ``812.4 MiB/s``."""
-    if bytes_per_second == float("inf"):
-        return "- B/s"
-    return f"{format_size(bytes_per_second)}/s"
 
 
 @dataclass

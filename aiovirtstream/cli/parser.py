@@ -6,48 +6,19 @@ usage error: one line naming the option and ``--help``, exit status 2.
 
 from __future__ import annotations
 
-__all__ = ["build_parser", "parse_size", "Pair", "DEMO_MIN_MIB"]
+__all__ = ["build_parser"]
 
 import argparse
-import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 import libvirt
 
 import aiovirtstream as avs
 
 from .errors import EXIT_USAGE
-
-DEMO_MIN_MIB = 64
-
-#: Size suffixes, as virsh takes them: a bare letter and ``xiB`` are powers
-#: of 1024, ``xB`` powers of 1000. Case does not matter.
-_PREFIXES = "kmgtpe"
-_SIZE_RE = re.compile(r"\s*([+-]?\d+)\s*(?:([kmgtpe])(i?b)?|(b))?\s*", re.IGNORECASE)
-
-SIZE_HELP = (
-    "sizes are whole numbers of bytes, or with a suffix: K, M, G, T (also KiB, MiB, "
-    "GiB, TiB) are powers of 1024, KB, MB, GB, TB powers of 1000; e.g. 4096, 1M, 2GiB, 500MB"
-)
-
-
-def parse_size(text: str) -> int:
-    """``"4096"``, ``"1M"``/``"1MiB"`` (1,048,576), ``"1MB"`` (1,000,000): a number of bytes.
-
-    Raises ``ValueError`` for anything else (fractions included).
-    """
-    match = _SIZE_RE.fullmatch(text)
-    if match is None:
-        raise ValueError(f"expected a size such as 4096, 1M or 2GiB, not {text!r}")
-    number, prefix, binary_or_decimal, _ = match.groups()
-    value = int(number)
-    if prefix:
-        power = _PREFIXES.index(prefix.lower()) + 1
-        decimal = binary_or_decimal is not None and binary_or_decimal.lower() == "b"
-        value *= (1000 if decimal else 1024) ** power
-    return value
+from .pairs import PairsAction
+from .units import SIZE_HELP, parse_size
 
 
 def _size(minimum: int, what: str) -> Callable[[str], int]:
@@ -80,46 +51,6 @@ def _whole_number(minimum: int, what: str) -> Callable[[str], int]:
         return value
 
     return parse
-
-
-@dataclass(frozen=True)
-class Pair:
-    """One transfer asked for: a volume and a local file."""
-
-    volume: str
-    file: str
-
-
-class _PairsAction(argparse.Action):
-    """``VOLUME FILE [VOLUME FILE ...]``, where any pair may be one ``VOLUME=FILE``."""
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: str | Sequence[Any] | None,
-        option_string: str | None = None,
-    ) -> None:
-        items = list(values or [])
-        pairs: list[Pair] = []
-        while items:
-            volume = items.pop(0)
-            if "=" in volume:
-                volume, file = volume.split("=", 1)
-            elif items:
-                file = items.pop(0)
-            else:
-                raise argparse.ArgumentError(self, f"volume {volume!r} has no FILE")
-            if not volume or not file:
-                raise argparse.ArgumentError(self, "VOLUME=FILE needs both, around the '='")
-            pairs.append(Pair(volume, file))
-        # What two transfers of one command must not share: where they write.
-        written = [p.volume if self.const == "upload" else p.file for p in pairs]
-        twice = sorted({x for x in written if written.count(x) > 1})
-        if twice:
-            what = "volume" if self.const == "upload" else "file"
-            raise argparse.ArgumentError(self, f"{what} {twice[0]!r} is written twice")
-        setattr(namespace, self.dest, pairs)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -165,7 +96,7 @@ def _pairs(sub: argparse.ArgumentParser, verb: str) -> None:
     sub.add_argument(
         "pairs",
         nargs="+",
-        action=_PairsAction,
+        action=PairsAction,
         const="upload" if verb == "upload" else "download",
         metavar="VOLUME FILE",
         help="a volume and the local file to " + verb + " (or one VOLUME=FILE); several "
@@ -347,9 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     dem.add_argument(
         "--size-mib",
         metavar="N",
-        type=_whole_number(DEMO_MIN_MIB, "MiB"),
+        type=_whole_number(demo.DEMO_MIN_MIB, "MiB"),
         default=1024,
-        help=f"logical image size in MiB (at least {DEMO_MIN_MIB})",
+        help=f"logical image size in MiB (at least {demo.DEMO_MIN_MIB})",
     )
     dem.add_argument("--tcp", action="store_true", help="use the loopback TLS transport")
     dem.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

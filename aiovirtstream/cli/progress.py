@@ -18,7 +18,7 @@ import rich.text
 
 import aiovirtstream as avs
 
-from .output import format_rate, format_size
+from .units import format_rate, format_size
 
 
 class Board:

@@ -23,7 +23,8 @@ import aiovirtstream as avs
 
 from .errors import CommandError
 from .lookup import connection, find_domain
-from .output import format_size, say
+from .output import say
+from .units import format_size
 
 _EXTENSIONS = {"image/png": ".png", "image/x-portable-pixmap": ".ppm"}
 

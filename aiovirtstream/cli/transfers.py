@@ -25,7 +25,7 @@ import aiovirtstream as avs
 from .errors import FAILURES, CommandError, describe
 from .lookup import connection, find_volume
 from .output import Outcome, err, open_board, print_outcomes, with_bar
-from .parser import Pair
+from .pairs import Pair
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["TestGuests", "NAME_RE"]
+__all__ = ["TestGuests", "GuestsSandbox", "NAME_RE"]
 
 import contextlib
 import os
@@ -10,19 +10,32 @@ import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import libvirt
 
 from .._exceptions import SandboxError, map_libvirt_errors
 from . import _guest, _watchdog
 from ._daemon import SUN_PATH_MAX, DaemonProcess
-from ._records import GuestInfo
-
-if TYPE_CHECKING:
-    from ._sandbox import Sandbox
+from ._records import GuestInfo, SandboxMode
 
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+
+
+class GuestsSandbox(Protocol):
+    """What the test guests use of their sandbox (a ``Sandbox``)."""
+
+    @property
+    def mode(self) -> SandboxMode: ...
+    @property
+    def tcp(self) -> bool: ...
+    @property
+    def path(self) -> Path: ...
+    @property
+    def uri(self) -> str: ...
+    @property
+    def tcp_uri(self) -> str: ...
+    def connect(self) -> contextlib.AbstractContextManager[libvirt.virConnect]: ...
 
 
 class TestGuests:
@@ -31,7 +44,7 @@ class TestGuests:
     __test__ = False  # not a pytest test class
 
     def __init__(
-        self, sandbox: Sandbox, daemon: DaemonProcess, read_file: Callable[..., str]
+        self, sandbox: GuestsSandbox, daemon: DaemonProcess, read_file: Callable[..., str]
     ) -> None:
         self._sandbox = sandbox
         self._daemon = daemon
