@@ -9,6 +9,7 @@ __all__ = [
 
 import contextlib
 import os
+import stat
 import threading
 from collections.abc import Iterator
 
@@ -101,8 +102,21 @@ class FileReader:
                 yield from self._data(extent)
             else:
                 yield from self._hole(extent.offset, extent.length)
+        self._check_not_shrunk()
         if self._trailing_hole:
             yield Hole(self._trailing_hole)
+
+    def _check_not_shrunk(self) -> None:
+        """Refuse a regular file that ends before the range read: once it shrank
+        below a hole, SEEK_DATA finds no more data and its lost end would go as
+        a hole (the items end before the stream finishes: it is aborted)."""
+        info = os.fstat(self._fd)
+        if stat.S_ISREG(info.st_mode) and info.st_size < self._end:
+            raise TransferError(
+                f"the upload source shrank while it was read (to {info.st_size} bytes, "
+                f"{self._end} expected): the upload was aborted; upload it again once "
+                "nothing else writes it"
+            )
 
     def _hole(self, pos: int, length: int) -> Iterator[StreamItem]:
         if self._hasher:
