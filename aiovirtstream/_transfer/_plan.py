@@ -5,7 +5,9 @@ from __future__ import annotations
 __all__ = [
     "UploadPlan",
     "make_upload_plan",
+    "check_room",
     "plan_upload",
+    "prepare_upload",
     "empty_before_overwriting",
     "check_stored",
     "check_upload_stored",
@@ -13,6 +15,7 @@ __all__ = [
 ]
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import libvirt
@@ -55,17 +58,43 @@ class UploadPlan:
 
 
 async def plan_upload(
-    vol: libvirt.virStorageVol, options: TransferOptions, amount: int | None
+    vol: libvirt.virStorageVol, options: TransferOptions, amount: int | None, *, empty: bool
 ) -> UploadPlan:
-    """:func:`make_upload_plan` with the volume's size asked off the loop."""
-    size = await run_to_the_end(functools.partial(volume_size, vol), runner_for(vol.connect()))
-    return make_upload_plan(options, amount, "the upload source", size)
+    """:func:`prepare_upload` off the loop, for a source of ``amount`` bytes (None: not known)."""
+    prepare = functools.partial(
+        prepare_upload, vol, options, amount, "the upload source", empty=empty
+    )
+    return await run_to_the_end(prepare, runner_for(vol.connect()))
 
 
-def make_upload_plan(
+def prepare_upload(
+    vol: libvirt.virStorageVol,
+    options: TransferOptions,
+    amount: int | None,
+    name: str,
+    *,
+    empty: bool = True,
+    check_source: Callable[[], object] | None = None,
+) -> UploadPlan:
+    """Size the volume, check the range and the room, then ``check_source()``,
+    then (``empty``) empty a volume the source overwrites whole
+    (:func:`empty_before_overwriting`), and plan; in a worker thread. A range
+    or a source refused leaves the volume as it was."""
+    size = volume_size(vol)
+    check_room(options, amount, name, size)
+    if check_source is not None:
+        check_source()
+    if empty and amount is not None:
+        size = empty_before_overwriting(vol, options, amount, size)
+    return make_upload_plan(options, amount, name, size)
+
+
+def check_room(
     options: TransferOptions, amount: int | None, name: str, size: VolumeSize
-) -> UploadPlan:
-    """Check the range and the room, and choose how holes go (``amount`` None: not known)."""
+) -> int | None:
+    """The room from the offset to the volume's end (None: a container file, which
+    grows); raises :class:`InvalidRangeError` for a range past the end, and
+    :class:`SourceTooLargeError` for ``amount`` bytes that do not fit."""
     offset = options.offset
     room = check_upload_range(size, offset, options.length)
     if amount is not None and room is not None and amount > room:
@@ -73,6 +102,15 @@ def make_upload_plan(
             f"{name} has {amount} bytes to upload at offset {offset}, but the "
             f"volume holds {size.capacity} bytes: resize the volume or pass a smaller length"
         )
+    return room
+
+
+def make_upload_plan(
+    options: TransferOptions, amount: int | None, name: str, size: VolumeSize
+) -> UploadPlan:
+    """Check the range and the room, and choose how holes go (``amount`` None: not known)."""
+    offset = options.offset
+    room = check_room(options, amount, name, size)
     # libvirt stores an uploaded hole by seeking over it and truncating the
     # volume's file at the hole's end (virFDStreamThreadDoWrite in
     # src/util/virfdstream.c): whatever the file held in the hole stays, and

@@ -19,6 +19,7 @@ import anyio.abc
 import anyio.to_thread
 import libvirt
 
+from .._connection import map_connection_errors
 from .._exceptions import (
     SourceNotFoundError,
     SourceTooLargeError,
@@ -37,7 +38,6 @@ from .._volume import (
     start_volume_upload,
     upload_call,
     upload_description,
-    volume_size,
 )
 from .._workers import (
     run_or_back_out,
@@ -50,9 +50,8 @@ from ._options import ProgressTarget, TransferOptions, TransferResult, closing_p
 from ._plan import (
     UploadPlan,
     check_upload_stored,
-    empty_before_overwriting,
-    make_upload_plan,
     plan_upload,
+    prepare_upload,
     size_restoring_hole,
 )
 
@@ -122,7 +121,7 @@ def _upload_for(
     if has_fileno(source):
         return functools.partial(_upload_file, vol, cast(IO[bytes], source), options)
     if isinstance(source, AsyncIterable):
-        return functools.partial(_upload_iterable, vol, source, options)
+        return functools.partial(_upload_iterable, vol, source, options, exact=True)
     raise TypeError(
         f"cannot upload from {type(source).__name__}: pass a path, a binary file, "
         "or an async iterable of bytes"
@@ -205,17 +204,58 @@ def _open_and_start_upload(
         size, seekable = _source_size(fd, name)
         if not seekable:
             return _UploadStart(fd, position, owned, 0, None, None)
-        volume = volume_size(vol)
+        _check_not_the_volume(fd, vol, name)
         available = max(size - position, 0)
         amount = min(options.length, available) if options.length else available
-        volume = empty_before_overwriting(vol, options, amount, volume)
-        plan = make_upload_plan(options, amount, repr(name), volume)
+        check_long_enough = functools.partial(
+            _check_long_enough, name, position, available, options
+        )
+        plan = prepare_upload(vol, options, amount, repr(name), check_source=check_long_enough)
         virstream = start_volume_upload(vol, options.offset, plan.stream_length, plan.holes)
     except BaseException:
         if owned:
             os.close(fd)
         raise
     return _UploadStart(fd, position, owned, amount, plan, virstream)
+
+
+def _check_not_the_volume(fd: int, vol: libvirt.virStorageVol, name: str) -> None:
+    """Refuse a source that is the volume's own file (or device) on this host.
+
+    The upload would overwrite what it is reading, and a source that covers
+    the volume whole would be wiped before it is read. A volume whose path
+    does not exist here (on another host, or not a file) is not compared.
+    """
+    with map_connection_errors(vol.connect(), context="cannot read the volume's path"):
+        path = str(vol.path())
+    try:
+        target = os.stat(path)
+    except (OSError, ValueError):
+        return
+    info = os.fstat(fd)
+    same_file = (info.st_dev, info.st_ino) == (target.st_dev, target.st_ino)
+    same_device = (
+        stat.S_ISBLK(info.st_mode)
+        and stat.S_ISBLK(target.st_mode)
+        and info.st_rdev == target.st_rdev
+    )
+    if same_file or same_device:
+        raise TransferError(
+            f"upload source {name!r} is the volume's own file ({path}): uploading volume "
+            f"{vol.name()!r} into itself would overwrite (or first wipe) what it reads. "
+            "Copy the file elsewhere and upload the copy, or upload into another volume"
+        )
+
+
+def _check_long_enough(name: str, position: int, available: int, options: TransferOptions) -> None:
+    """Refuse a file with fewer bytes than the ``length`` asked for."""
+    if options.length and available < options.length:
+        start = f" from position {position}" if position else ""
+        raise TransferError(
+            f"upload source {name!r} has {available} bytes{start}, fewer than the "
+            f"length {options.length} asked for: nothing was sent. Pass a length of at "
+            f"most {available}, or 0 to upload all of it"
+        )
 
 
 async def _upload_file(
@@ -235,8 +275,9 @@ async def _upload_file(
     try:
         if plan is None:
             if owned:
-                return await _upload_iterable(vol, _iter_special(fd), options)
-            return await _upload_iterable(vol, _iter_file(cast(IO[bytes], source)), options)
+                return await _upload_iterable(vol, _iter_special(fd), options, exact=False)
+            source_file = cast(IO[bytes], source)
+            return await _upload_iterable(vol, _iter_file(source_file), options, exact=False)
         virstream, start.virstream = start.virstream, None
         assert virstream is not None
         stream = await adopt_stream(
@@ -302,10 +343,24 @@ async def _iter_special(fd: int) -> AsyncIterable[bytes]:
 
 
 async def _upload_iterable(
-    vol: libvirt.virStorageVol, source: AsyncIterable[bytes], options: TransferOptions
+    vol: libvirt.virStorageVol,
+    source: AsyncIterable[bytes],
+    options: TransferOptions,
+    *,
+    exact: bool,
 ) -> TransferResult:
+    """Upload what ``source`` yields; with a ``length`` it must yield that many bytes.
+
+    ``exact``: the caller's iterable, which may yield no more than ``length``
+    (read on to its end to see that it does not, but a byte stream, which
+    its peer may keep open, only up to ``length``); otherwise a pipe or a
+    device read up to ``length``. Zero runs found with ``detect_zeroes`` go
+    as holes, so a volume that a ``length`` overwrites whole is emptied
+    first, as for a file.
+    """
     offset, length = options.offset, options.length
-    plan = await plan_upload(vol, options, length or None)
+    plan = await plan_upload(vol, options, length or None, empty=options.detect_zeroes)
+    read_to_end = exact and not isinstance(source, anyio.abc.ByteReceiveStream)
     holes_from = plan.holes_from
     detect = options.detect_zeroes and holes_from is not None
     call = upload_call(vol, offset, plan.stream_length, plan.holes)
@@ -320,7 +375,13 @@ async def _upload_iterable(
                     continue
                 data = bytes(chunk)
                 if length and position + len(data) > length:
-                    data = data[: length - position]  # the caller asked for a prefix
+                    if exact:
+                        raise TransferError(
+                            f"the upload source yielded more than the {length} bytes of its "
+                            "length: nothing past them was sent, and the upload was aborted. "
+                            "Pass the source's whole length, or 0 to upload all of it"
+                        )
+                    data = data[: length - position]  # the first length bytes of a pipe
                 if plan.room is not None and position + len(data) > plan.room:
                     raise SourceTooLargeError(
                         f"the upload source has more than {plan.room} bytes, the room in the "
@@ -344,8 +405,15 @@ async def _upload_iterable(
                 else:
                     await stream.write(data)
                 position += len(data)
-                if length and position >= length:
+                if length and position >= length and not read_to_end:
                     break
+            if length and position < length:
+                raise TransferError(
+                    f"the upload source ended after {position} bytes, before the length "
+                    f"{length} it was given: the upload was aborted, and the volume may "
+                    "hold part of it. Upload the whole source again, or pass the length "
+                    "it has"
+                )
             if last_hole := size_restoring_hole(plan, position):
                 await stream.send_hole(last_hole)
         await check_upload_stored(vol, offset + position)
