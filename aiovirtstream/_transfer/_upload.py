@@ -81,10 +81,15 @@ async def upload(
     SEEK_DATA/SEEK_HOLE and sent as holes when ``sparse``), or an async
     iterable of bytes / an anyio byte stream. ``detect_zeroes`` also sends
     aligned runs of zeroes (4 KiB blocks) inside data as holes. ``length``
-    limits how many bytes of the source are sent (0: all of it). A file that
-    does not fit in the volume raises :class:`SourceTooLargeError` before
-    anything is sent (a pipe or an iterable, whose size is unknown, when it
-    overflows; the upload is then aborted). Holes are sent as holes only into
+    is how many bytes of the source are sent (0: all of it): a source with
+    fewer raises :class:`TransferError` (a file before anything is sent),
+    as does an async iterable that yields more (nothing past ``length`` is
+    sent); a file, a pipe or a device is read up to ``length``. The
+    volume's own file raises :class:`TransferError` before anything is
+    sent. A file that does not fit in the volume raises
+    :class:`SourceTooLargeError` before anything is sent (a pipe or an
+    iterable, whose size is unknown, when it overflows; the upload is then
+    aborted). Holes are sent as holes only into
     a volume that holds no data yet (libvirt would keep a volume's old data
     inside them): a raw file volume that the source overwrites whole (a
     source of the volume's size at offset 0) is emptied first with libvirt's
