@@ -240,6 +240,21 @@ async def test_a_volume_is_not_uploaded_into_itself(
     assert await download_bytes(vol, tmp_path / "back") == old
 
 
+async def test_a_file_of_the_same_name_is_another_file_on_another_host(
+    make_volume: MakeVolume, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over a connection to another host, the volume's path names a file there, not here."""
+    vol, _ = await volume_with_data(make_volume, "elsewhere.img", 4 * MiB, 2 * MiB)
+    path = await asyncio.to_thread(vol.path)
+    uri = await asyncio.to_thread(vol.connect().getURI)
+    monkeypatch.setattr(libvirt.virConnect, "getURI", lambda _conn: "qemu+ssh://elsewhere/system")
+    result = await avs.upload(vol, path, sparse=False)
+    assert result.total_bytes == 4 * MiB
+    monkeypatch.setattr(libvirt.virConnect, "getURI", lambda _conn: uri)
+    with pytest.raises(avs.TransferError, match="is the volume's own file"):
+        await avs.upload(vol, path, sparse=False)
+
+
 # ------------------------------------------------------------- ranges and the wipe
 
 

@@ -11,6 +11,7 @@ import errno
 import functools
 import os
 import stat
+import urllib.parse
 from collections.abc import AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass
 from typing import IO, cast
@@ -58,6 +59,9 @@ from ._plan import (
 UploadSource = (
     str | os.PathLike[str] | IO[bytes] | AsyncIterable[bytes] | anyio.abc.ByteReceiveStream
 )
+
+#: Hosts of a connection URI that name this machine (no host: a local daemon).
+_THIS_HOST = frozenset({None, "localhost", "127.0.0.1", "::1"})
 
 
 async def upload(
@@ -229,9 +233,12 @@ def _check_not_the_volume(fd: int, vol: libvirt.virStorageVol, name: str) -> Non
 
     The upload would overwrite what it is reading, and a source that covers
     the volume whole would be wiped before it is read. A volume whose path
-    does not exist here (on another host, or not a file) is not compared.
+    does not exist here (not a file), or of a connection to another host (a
+    file of the same name here is another file), is not compared.
     """
     with map_connection_errors(vol.connect(), context="cannot read the volume's path"):
+        if urllib.parse.urlsplit(vol.connect().getURI()).hostname not in _THIS_HOST:
+            return
         path = str(vol.path())
     try:
         target = os.stat(path)
