@@ -2,12 +2,14 @@
 
 For each operation (a download over one stream and over two, a hand-read
 ``AsyncStream``, an upload, a console read when the QEMU test guest can run
-here), in the middle of it: the daemon is SIGKILLed (a fresh sandbox every
-round), or SIGSTOPped on a connection with keepalive (1, 3), which gives up
-after about 4 s, or its loopback TCP connection is cut (a
-:class:`~aiovirtstream.testing.TcpRelay`). The time from the fault to the
-operation's error is reported, median of ``--rounds``, as a Markdown table
-(docs/reliability.md).
+here, a dense ``copy()`` between two daemons with the fault at its source
+and, as another row, at its destination), in the middle of it: the daemon is
+SIGKILLed (a fresh sandbox every round), or SIGSTOPped on a connection with
+keepalive (1, 3), which gives up after about 4 s, or its loopback TCP
+connection is cut (a :class:`~aiovirtstream.testing.TcpRelay`). A copy's
+other daemon (its peer, one sandbox for all the copy rounds) is left alone.
+The time from the fault to the operation's error is reported, median of
+``--rounds``, as a Markdown table (docs/reliability.md).
 
 ``python -m benchmarks faults [--rounds N] [--quick] [--no-console]``
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import importlib.metadata as metadata
 import os
 import platform
@@ -27,6 +30,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import anyio
 import libvirt
@@ -115,6 +119,37 @@ async def _console(fault: _Fault, conn: libvirt.virConnect, work: Path) -> None:
         await reading
 
 
+Side = Literal["source", "destination"]
+COPIES: dict[str, Side] = {
+    "copy, fault at the source": "source",
+    "copy, fault at the destination": "destination",
+}
+
+
+async def _copy(fault: _Fault, conn: libvirt.virConnect, work: Path, peer: str, side: Side) -> None:
+    """Copy between ``conn``'s daemon (the faulted ``side``) and ``peer`` (default keepalive)."""
+    other = await avs.connect(peer)
+    try:
+        # The faulted daemon's data.img is the source (data) or the destination
+        # (empty); the peer has a volume for either role (_prepare_peer).
+        here = await avs.lookup_volume(conn, "data.img", pool="pool")
+        there = await avs.lookup_volume(other, f"{_other(side)}.img", pool="pool")
+        src, dst = (here, there) if side == "source" else (there, here)
+        await avs.copy(src, dst, sparse=False, progress=fault.progress, progress_interval=0.005)
+    finally:
+        with contextlib.suppress(avs.AioVirtStreamError):
+            await avs.aclose_connection(other)
+
+
+def _other(side: Side) -> Side:
+    return "destination" if side == "source" else "source"
+
+
+def _copy_operations(peer: str) -> dict[str, Operation]:
+    """The copy rows, their peer bound."""
+    return {name: functools.partial(_copy, peer=peer, side=side) for name, side in COPIES.items()}
+
+
 OPERATIONS: dict[str, Operation] = {
     "download, 1 stream": _download_one,
     "download, 2 streams": _download_two,
@@ -134,24 +169,36 @@ def _fill(path: Path, size: int) -> None:
             f.write(block)
 
 
+async def _volume(sb: Sandbox, name: str, data: bool) -> None:
+    """A volume of SIZE in ``pool``, every byte data or none."""
+    info = await sb.acreate_volume("pool", name, SIZE)
+    if data:
+        await anyio.to_thread.run_sync(_fill, info.path, SIZE)
+
+
 async def _prepare(sb: Sandbox, name: str) -> None:
     if name == "console read":
         await sb.astart_test_guest("guest")
         return
     await sb.acreate_pool("pool")
-    info = await sb.acreate_volume("pool", "data.img", SIZE)
-    if name != "upload":
-        await anyio.to_thread.run_sync(_fill, info.path, SIZE)
+    await _volume(sb, "data.img", name != "upload" and COPIES.get(name) != "destination")
+
+
+async def _prepare_peer(sb: Sandbox) -> None:
+    """The copies' other daemon: a source full of data and an empty destination."""
+    await sb.acreate_pool("pool")
+    for side in COPIES.values():
+        await _volume(sb, f"{side}.img", side == "source")
 
 
 async def _run_round(
-    uri: str, name: str, fault: _Fault, work: Path, keepalive: tuple[int, int]
+    uri: str, operation: Operation, fault: _Fault, work: Path, keepalive: tuple[int, int]
 ) -> _Round:
     conn = await avs.connect(uri, keepalive=keepalive)
     try:
         with anyio.move_on_after(TIMEOUT):
             try:
-                await OPERATIONS[name](fault, conn, work)
+                await operation(fault, conn, work)
             except avs.AioVirtStreamError as error:
                 failed_at = time.perf_counter()
                 reason = getattr(error, "reason", None)
@@ -168,14 +215,14 @@ async def _run_round(
             leftover.unlink()
 
 
-async def _kill_round(mode: SandboxMode, name: str, work: Path) -> _Round:
+async def _kill_round(mode: SandboxMode, name: str, operation: Operation, work: Path) -> _Round:
     async with Sandbox(mode) as sb:
         await _prepare(sb, name)
-        return await _run_round(sb.uri, name, _Fault(sb.kill), work, (5, 3))
+        return await _run_round(sb.uri, operation, _Fault(sb.kill), work, (5, 3))
 
 
 async def _freeze_and_cut_rounds(
-    mode: SandboxMode, name: str, work: Path, rounds: int
+    mode: SandboxMode, name: str, operation: Operation, work: Path, rounds: int
 ) -> tuple[list[_Round], list[_Round]]:
     """Rounds of both faults on one sandbox: it survives them (thawed, the relay's cut)."""
     async with Sandbox(mode, tcp=True) as sb:
@@ -184,12 +231,13 @@ async def _freeze_and_cut_rounds(
         for _ in range(rounds):
             try:
                 fault = _Fault(sb.freeze)
-                frozen.append(await _run_round(sb.uri, name, fault, work, KEEPALIVE))
+                frozen.append(await _run_round(sb.uri, operation, fault, work, KEEPALIVE))
             finally:
                 sb.thaw()
             with TcpRelay("127.0.0.1", sb.tcp_port) as relay:
                 fault = _Fault(relay.cut)
-                cut.append(await _run_round(relay.uri_for(sb.tcp_uri), name, fault, work, (5, 3)))
+                uri = relay.uri_for(sb.tcp_uri)
+                cut.append(await _run_round(uri, operation, fault, work, (5, 3)))
         return frozen, cut
 
 
@@ -217,7 +265,6 @@ FAULTS = ("kill", "freeze", "cut")
 
 
 async def _main(rounds: int, console: bool) -> int:
-    names = [n for n in OPERATIONS if n != "console read" or console]
     table = []
     status = 0
     with tempfile.TemporaryDirectory(prefix="aiovirtstream-faults-") as folder:
@@ -226,16 +273,21 @@ async def _main(rounds: int, console: bool) -> int:
         source = Path(folder) / "source.img"
         source.touch()
         await anyio.to_thread.run_sync(_fill, source, SIZE)
-        for name in names:
-            mode: SandboxMode = "full" if name == "console read" else "storage"
-            killed = [await _kill_round(mode, name, work) for _ in range(rounds)]
-            frozen, cut = await _freeze_and_cut_rounds(mode, name, work, rounds)
-            summaries = [_summary(results) for results in (killed, frozen, cut)]
-            if any(seconds == "-" for seconds, _ in summaries):
-                status = 1
-            errors = _errors_cell([outcomes for _, outcomes in summaries])
-            table.append([name, *(seconds for seconds, _ in summaries), errors])
-            print(f"  {' | '.join(table[-1])}", flush=True)
+        async with Sandbox("storage") as peer:
+            await _prepare_peer(peer)
+            operations = {**OPERATIONS, **_copy_operations(peer.uri)}
+            if not console:
+                del operations["console read"]
+            for name, operation in operations.items():
+                mode: SandboxMode = "full" if name == "console read" else "storage"
+                killed = [await _kill_round(mode, name, operation, work) for _ in range(rounds)]
+                frozen, cut = await _freeze_and_cut_rounds(mode, name, operation, work, rounds)
+                summaries = [_summary(results) for results in (killed, frozen, cut)]
+                if any(seconds == "-" for seconds, _ in summaries):
+                    status = 1
+                errors = _errors_cell([outcomes for _, outcomes in summaries])
+                table.append([name, *(seconds for seconds, _ in summaries), errors])
+                print(f"  {' | '.join(table[-1])}", flush=True)
     print()
     print(
         f"Seconds from the fault to the error, median (min-max) of {rounds} round(s). "
