@@ -25,8 +25,9 @@ import libvirt
 import pytest
 
 import aiovirtstream as avs
+import aiovirtstream._transfer._copy as copy_module
 from aiovirtstream.pytest_plugin import require_test_guest
-from aiovirtstream.testing import GuestInfo, Sandbox, TcpRelay, VolumeInfo
+from aiovirtstream.testing import GuestInfo, PoolInfo, Sandbox, TcpRelay, VolumeInfo
 
 MiB = 1 << 20
 DENSE = 512 * MiB  # a dense download of this much takes long enough to be cut in the middle
@@ -121,12 +122,15 @@ def _counts() -> tuple[int, int, int, int]:
 
 
 @contextlib.asynccontextmanager
-async def nothing_left_behind() -> AsyncIterator[None]:
+async def nothing_left_behind(*, collect: bool = False) -> AsyncIterator[None]:
     """The block's connections must release every watch and timer without the cyclic GC.
 
     The block closes its connections (``aclose_connection``); the counts
     must then be back at their values from before, with ``gc`` disabled
-    throughout: a reference cycle would keep a connection open.
+    throughout: a reference cycle would keep a connection open. With
+    ``collect``, one collection runs before the counts are compared (a failed
+    ``copy()``: anyio's task group keeps the cancelled side's frames, and so
+    its streams, in a cycle with its ``CancelledError``).
     """
     gc.collect()
     impl = avs.bind_event_loop()
@@ -135,6 +139,8 @@ async def nothing_left_behind() -> AsyncIterator[None]:
     gc.disable()
     try:
         yield
+        if collect:
+            gc.collect()
         await impl.wait_frees()
         await asyncio.sleep(0)
         after = _counts()
@@ -686,3 +692,112 @@ async def test_destination_disk_full_leaves_no_cycle(
 ) -> None:
     async with nothing_left_behind():
         await fill_a_small_disk(libvirt_sandbox, small_disk, tmp_path)
+
+
+# ---------------------------------------------------------------- copy between two daemons
+
+
+class AdoptedStreams:
+    """How the streams copy() adopts ended (``adopt_stream`` monkeypatched to note them)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self._streams: list[avs.AsyncStream] = []
+        real = copy_module.adopt_stream  # type: ignore[attr-defined]
+
+        async def adopt(*args: object, **kwargs: object) -> avs.AsyncStream:
+            stream = await real(*args, **kwargs)  # type: ignore[arg-type]
+            self._streams.append(stream)
+            return stream
+
+        monkeypatch.setattr(copy_module, "adopt_stream", adopt)
+
+    def states(self) -> dict[str, str]:
+        """``{"source": state, "destination": state}``; forgets the streams."""
+        states = [repr(s).rsplit(" ", 1)[1].rstrip(">") for s in self._streams]
+        self._streams.clear()
+        return dict(zip(["source", "destination"], states, strict=True))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(MiB):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("fault", ["kill", "freeze", "cut"])
+@pytest.mark.parametrize("side", ["source", "destination"])
+async def test_fault_during_copy(
+    sandbox: Sandbox,
+    libvirt_sandbox: Sandbox,
+    libvirt_pool: PoolInfo,
+    monkeypatch: pytest.MonkeyPatch,
+    side: str,
+    fault: str,
+) -> None:
+    """One daemon of a copy killed, frozen or cut off mid-copy: that side's typed error.
+
+    ``sandbox`` is the faulted daemon, the session's the other one. Both
+    streams end before the error is raised (the faulted side's broken, the
+    other aborted), the other connection stays usable, and the destination
+    is left holding part of the data, not looking like a finished copy.
+    """
+    size = 256 * MiB
+    faulted, faulted_pool = sandbox, "pool"
+    peer, peer_pool = libvirt_sandbox, libvirt_pool.name
+    src_sb, src_pool, dst_sb, dst_pool = (
+        (faulted, faulted_pool, peer, peer_pool)
+        if side == "source"
+        else (peer, peer_pool, faulted, faulted_pool)
+    )
+    await faulted.acreate_pool(faulted_pool)
+    source = await src_sb.acreate_volume(src_pool, "big.img", size)
+    digest = await anyio.to_thread.run_sync(_fill, source.path, size)
+    dest = await dst_sb.acreate_volume(dst_pool, "copy.img", size)
+    adopted = AdoptedStreams(monkeypatch)
+
+    async def scenario(faulted_uri: str, at: KillAt) -> tuple[Failure, dict[str, str]]:
+        keepalive = KEEPALIVE if fault == "freeze" else (5, 3)
+        here = await avs.connect(faulted_uri, keepalive=keepalive)
+        there = await avs.connect(peer.uri)
+        src_conn, dst_conn = (here, there) if side == "source" else (there, here)
+        try:
+            src = await avs.lookup_volume(src_conn, "big.img", pool=src_pool)
+            dst = await avs.lookup_volume(dst_conn, "copy.img", pool=dst_pool)
+            failure = await ends_with_error(
+                avs.copy(src, dst, sparse=False, progress=at, progress_interval=0.005)
+            )
+            states = adopted.states()
+            peer_volume = "copy.img" if side == "source" else "big.img"
+            await avs.lookup_volume(there, peer_volume, pool=peer_pool)  # still usable
+            return failure, states
+        finally:
+            await avs.aclose_connection(here)
+            await avs.aclose_connection(there)
+
+    action: Callable[[], object]
+    with contextlib.ExitStack() as undo:
+        if fault == "cut":
+            relay = undo.enter_context(TcpRelay("127.0.0.1", sandbox.tcp_port))
+            faulted_uri, action = relay.uri_for(sandbox.tcp_uri), relay.cut
+        elif fault == "freeze":
+            faulted_uri, action = sandbox.uri, sandbox.freeze
+            undo.callback(sandbox.thaw)
+        else:
+            faulted_uri, action = sandbox.uri, sandbox.kill
+        at = KillAt(action)
+        async with nothing_left_behind(collect=True):
+            failure, states = await scenario(faulted_uri, at)
+    assert at.at is not None, f"the copy ended before the {fault}: {failure}"
+    assert_lost(failure, faulted_uri, "keepalive" if fault == "freeze" else None)
+    seconds = failure.at - at.at
+    print(f"copy, {fault} at the {side}: {seconds:.3f} s to the error; streams {states}")
+    if fault == "freeze":
+        assert 2.0 < seconds < KEEPALIVE_BOUND
+    else:
+        assert seconds < KILL_BOUND
+    other = "destination" if side == "source" else "source"
+    assert states == {side: "broken", other: "aborted"}
+    copied = await anyio.to_thread.run_sync(_sha256, dest.path)
+    assert copied != digest, "the destination holds the whole source after a failed copy"
