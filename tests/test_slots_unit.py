@@ -6,13 +6,15 @@ import asyncio
 import ctypes
 import mmap
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 from _helpers import require_direct_io
 
-from aiovirtstream._transfer._slots import MIN_SHARE, SLOT_SIZE, SlotAccount, SlotPool
+from aiovirtstream._transfer._slots import BUDGET_SLOTS, MIN_SHARE, SLOT_SIZE, SlotAccount, SlotPool
 from aiovirtstream._transfer._writebehind import FileWriter, WriteBehind, WriteWorker, open_direct
 
 
@@ -165,3 +167,58 @@ def test_the_process_maps_at_most_its_budget_and_each_download_its_minimum() -> 
     pool.close_account(second)
     pool.close_account(third)  # the one it took leaves the budget
     assert pool.mapped == len(pool)
+
+
+GC_INSIDE_THE_LOCK = """
+import asyncio, gc, os, sys, tempfile, threading
+import aiovirtstream._transfer._writebehind as wb
+from aiovirtstream._transfer._slots import SlotPool
+
+pool = wb.slot_pool = SlotPool()
+
+def collect_at_pop(frame, event, arg):
+    # The collector runs at an allocation, on whatever thread makes it: here,
+    # at the pool's list.pop, inside its lock.
+    if event == "c_call" and getattr(arg, "__name__", "") == "pop":
+        gc.collect()
+
+def churn():
+    account = pool.open_account()
+    sys.setprofile(collect_at_pop)
+    for _ in range(3):
+        slot = pool.take(account)
+        pool.give_back([slot], account)
+    sys.setprofile(None)
+
+async def main():
+    fd = os.open(tempfile.mktemp(), os.O_RDWR | os.O_CREAT, 0o600)
+    gc.disable()
+    for _ in range(5):
+        # The write-behind and its worker hold each other: only the collector frees them.
+        worker = wb.WriteWorker("x")
+        wb.WriteBehind(wb.FileWriter(fd, 0, False, None, -1), limit=wb.SLOT_SIZE,
+                       pause=lambda: None, resume=lambda: None, worker=worker)
+        del worker
+    thread = threading.Thread(target=churn, daemon=True)
+    thread.start()
+    thread.join(10)
+    print("deadlocked" if thread.is_alive() else f"done {pool.share()}", flush=True)
+    os._exit(0)  # a deadlocked thread holds the pool's lock: no clean exit
+
+asyncio.run(main())
+"""
+
+
+def test_a_write_behind_collected_inside_the_pools_lock_does_not_deadlock(
+    tmp_path: Path,
+) -> None:
+    """The collector runs on whatever thread allocates, inside any lock that thread holds."""
+    done = subprocess.run(
+        [sys.executable, "-c", GC_INSIDE_THE_LOCK],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"done {BUDGET_SLOTS}", done.stdout  # 5 accounts closed

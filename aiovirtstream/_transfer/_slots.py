@@ -23,6 +23,7 @@ __all__ = [
 import asyncio
 import mmap
 import threading
+from collections import deque
 from collections.abc import Iterable
 
 #: The size of each receive slot, and so of each write.
@@ -68,6 +69,10 @@ class SlotPool:
         self._free: list[memoryview] = []
         self._uses = 0  # counts takes and returns: the idle timer compares it
         self._timer: asyncio.TimerHandle | None = None
+        # Accounts of write-behinds collected by the garbage collector, closed
+        # under the lock by the next call: a collection can run inside this
+        # pool's lock, on the thread that holds it.
+        self._collected: deque[SlotAccount] = deque()
 
     def __len__(self) -> int:
         return len(self._free)
@@ -80,6 +85,7 @@ class SlotPool:
     def open_account(self) -> SlotAccount:
         """A write-behind starts drawing slots (its share shrinks the others')."""
         with self._lock:
+            self._close_collected_locked()
             self._users += 1
         return SlotAccount()
 
@@ -87,11 +93,23 @@ class SlotPool:
         """The write-behind is done: slots it did not give back leave the budget
         (they are unmapped once unreferenced). Idempotent."""
         with self._lock:
-            if account.open:
-                account.open = False
-                self._users -= 1
-            self._mapped -= account.held
-            account.held = 0
+            self._close_collected_locked()
+            self._close_locked(account)
+
+    def close_collected(self, account: SlotAccount) -> None:
+        """:meth:`close_account` for a finalizer: never waits for the lock."""
+        self._collected.append(account)
+
+    def _close_collected_locked(self) -> None:
+        while self._collected:
+            self._close_locked(self._collected.popleft())
+
+    def _close_locked(self, account: SlotAccount) -> None:
+        if account.open:
+            account.open = False
+            self._users -= 1
+        self._mapped -= account.held
+        account.held = 0
 
     def share(self) -> int:
         """How many slots each write-behind may hold now."""
@@ -102,6 +120,7 @@ class SlotPool:
         resident), or a new one while the budget allows (below
         :data:`MIN_SHARE` held, one is made anyway); None: over the budget."""
         with self._lock:
+            self._close_collected_locked()
             if self._free:
                 slot = self._free.pop()
             elif self._mapped < self._budget or account.held < MIN_SHARE:
@@ -117,6 +136,7 @@ class SlotPool:
         """Keep ``slots`` for the next download, up to the pool's bound (from the
         loop's thread, the idle timer starts; from a worker, at the next give-back)."""
         with self._lock:
+            self._close_collected_locked()
             self._uses += 1
             uses = self._uses
             for slot in slots:

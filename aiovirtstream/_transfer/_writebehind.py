@@ -396,7 +396,7 @@ class WriteBehind:
         self._resume = resume
         self._max_slots = max(limit // SLOT_SIZE, 2 * BATCH)
         self._account = slot_pool.open_account()  # slots drawn from the process's budget
-        weakref.finalize(self, slot_pool.close_account, self._account)
+        weakref.finalize(self, slot_pool.close_collected, self._account)
         self._lock = threading.Lock()
         self._free: list[memoryview] = []
         self._waiting = False  # out of slots: the worker wakes the loop when it frees some
