@@ -111,7 +111,8 @@ class Bench:
         for daemon, pool in enumerate(self.pools):
             for k, source in enumerate(self.sources):
                 self._upload(pool.createXML(self._xml(f"dl{k}"), 0), source)
-            fewest = min(d for d in args.daemons if d > daemon)
+            # The mixed case (downloads then uploads) runs on the first daemon alone.
+            fewest = min(d for d in [*args.daemons, 1] if d > daemon)
             for j in range(-(-most // fewest)):
                 pool.createXML(self._xml(f"up{j}"), 0)
         self.runs: dict[tuple[Row, str], list[dict[str, Any]]] = {}
