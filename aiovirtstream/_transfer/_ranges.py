@@ -49,6 +49,7 @@ from .._workers import (
     run_or_back_out,
     run_to_the_end,
     runner_for,
+    starter_for,
     submit_to_worker,
     wait_through_cancellation,
 )
@@ -73,6 +74,11 @@ AUTO_PARALLEL_MIN = 256 * 1024 * 1024
 
 
 AUTO_PARALLEL = 2
+#: Seconds a download's write-behind may stay full before its connection's
+#: socket is no longer served...
+PAUSE_GRACE = 0.02
+#: ...if it was not full for this long before (else the socket waits at once).
+PAUSE_QUIET = 0.02
 
 
 MiB = 1024 * 1024
@@ -106,9 +112,10 @@ class StartedDownload:
         return ranges
 
     def abort_blocking(self) -> None:
-        """Abort every stream, once started (worker thread)."""
+        """Abort every stream, once started (a starter's thread: the others
+        start on the connection's runner, which this may wait for)."""
         abort_quietly(self.first)
-        _abort_when_started(self.others)
+        _abort_once_started(self.others)
 
 
 def _abort_when_started(futures: list[concurrent.futures.Future[libvirt.virStream]]) -> None:
@@ -118,6 +125,13 @@ def _abort_when_started(futures: list[concurrent.futures.Future[libvirt.virStrea
     """
     for future in futures:
         future.add_done_callback(_abort_started)
+
+
+def _abort_once_started(futures: list[concurrent.futures.Future[libvirt.virStream]]) -> None:
+    """Wait for each start to be done, and abort the streams started (off their runner)."""
+    concurrent.futures.wait(futures)
+    for future in futures:
+        _abort_started(future)
 
 
 def _abort_started(future: concurrent.futures.Future[libvirt.virStream]) -> None:
@@ -156,7 +170,7 @@ async def start_download(
         if undo is not None:
             undo(prepared)
 
-    return await run_or_back_out(job, back_out, runner_for(vol.connect()))
+    return await run_or_back_out(job, back_out, starter_for(vol.connect()))
 
 
 def _start_download_blocking(
@@ -164,9 +178,10 @@ def _start_download_blocking(
 ) -> StartedDownload:
     """The volume's size, the ranges, and their streams starting (worker thread).
 
-    The first range's stream starts in this job, the others in jobs of their
-    own on the same runner; each range is received as soon as its stream is
-    there (waiting for the others first made downloads slower).
+    The first range's stream starts in this job (a starter's), the others in
+    jobs of their own on the connection's runner; each range is received as
+    soon as its stream is there (waiting for the others first made
+    downloads slower).
     """
     total = check_download_range(volume_size(vol), options.offset, options.length)
     streams = 1 if one_stream or total is None else streams_for(options, total)
@@ -182,7 +197,7 @@ def _start_download_blocking(
     try:
         first = starts[0]()
     except BaseException:
-        _abort_when_started(others)
+        _abort_once_started(others)
         raise
     return StartedDownload(total, parts, first, others)
 
@@ -344,8 +359,9 @@ async def _download_range(
     thread writes full slots. Receiving in a worker thread instead was no
     faster, and let libvirt's unbounded client queue grow when the worker
     fell behind the loop's socket reads. While the
-    write-behind has no free slot, the connection's socket is not served
-    (connections from :func:`aiovirtstream.connect`), so the daemon waits.
+    write-behind has no free slot (after :data:`PAUSE_GRACE`), the
+    connection's socket is not served (connections from
+    :func:`aiovirtstream.connect`), so the daemon waits.
     """
     stream = await range_stream.open()
     backpressure = _SocketBackpressure(stream)
@@ -371,26 +387,47 @@ async def _download_range(
 
 
 class _SocketBackpressure:
-    """Stops serving a connection's socket while a download's write-behind is full."""
+    """Stops serving a connection's socket while a download's write-behind stays full."""
 
     def __init__(self, stream: AsyncStream) -> None:
         self._impl = get_event_impl()
         self._socket = connection_socket(stream.virstream.connect())
         self._stream = stream
+        self._loop = asyncio.get_running_loop()
         self._paused = False
+        self._pausing: asyncio.TimerHandle | None = None
+        self._last_full = -PAUSE_QUIET  # when the write-behind was last full
 
     def pause(self) -> None:
         # The disk is behind: stop libvirt reading the socket, or its
-        # unbounded client queue takes up the difference.
-        if self._socket is not None and not self._paused:
-            self._impl.pause_reading(self._socket)
-            self._paused = True
+        # unbounded client queue takes up the difference. A write-behind that
+        # was not full lately gets a short grace first: the socket carries the
+        # connection's other streams, which a write merely slower than the
+        # next packet would hold up too. Once per quiet spell, so libvirt's
+        # queue grows by at most the grace's worth of data for a slow disk.
+        if self._socket is None or self._paused or self._pausing is not None:
+            return
+        if self._loop.time() - self._last_full < PAUSE_QUIET:
+            self._pause_now()
+        else:
+            self._pausing = self._loop.call_later(PAUSE_GRACE, self._pause_now)
+
+    def _pause_now(self) -> None:
+        self._pausing = None
+        assert self._socket is not None
+        self._impl.pause_reading(self._socket)
+        self._paused = True
 
     def resume(self) -> None:
         self.release()
         self._stream.resume_pump()
 
     def release(self) -> None:
+        if self._pausing is not None or self._paused:
+            self._last_full = self._loop.time()
+        if self._pausing is not None:
+            self._pausing.cancel()
+            self._pausing = None
         if self._paused:
             self._paused = False
             assert self._socket is not None
