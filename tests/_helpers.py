@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import libvirt
 import pytest
 
 import aiovirtstream as avs
+import aiovirtstream._transfer._copy as copy_module
 from aiovirtstream.testing import Sandbox
 
 if TYPE_CHECKING:
@@ -240,6 +242,51 @@ async def left_behind(
         gc.collect()
         return await left_behind(baseline, folder)
     return more
+
+
+@contextlib.contextmanager
+def collector_off() -> Iterator[None]:
+    """The cyclic garbage collector off for the block, after one collection:
+    what a reference cycle made in the block holds stays held, for the
+    block's checks (:func:`left_behind`) to see."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+class AdoptedStreams:
+    """How the streams copy() adopts ended (``adopt_stream`` monkeypatched to note them)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self._streams: list[avs.AsyncStream] = []
+        self._forgotten: list[weakref.ref[avs.AsyncStream]] = []
+        real = copy_module.adopt_stream  # type: ignore[attr-defined]
+
+        async def adopt(*args: object, **kwargs: object) -> avs.AsyncStream:
+            stream = await real(*args, **kwargs)  # type: ignore[arg-type]
+            self._streams.append(stream)
+            return stream
+
+        monkeypatch.setattr(copy_module, "adopt_stream", adopt)
+
+    def states(self) -> dict[str, str]:
+        """``{"source": state, "destination": state}``; forgets the streams (:meth:`held`)."""
+        states = [repr(s).rsplit(" ", 1)[1].rstrip(">") for s in self._streams]
+        self._forgotten += [weakref.ref(s) for s in self._streams]
+        self._streams.clear()
+        return dict(zip(["source", "destination"], states, strict=True))
+
+    async def held(self) -> int:
+        """How many streams forgotten by :meth:`states` are still alive 3 s on (0: none)."""
+        deadline = time.monotonic() + 3
+        while True:
+            alive = sum(ref() is not None for ref in self._forgotten)
+            if not alive or time.monotonic() > deadline:
+                return alive
+            await asyncio.sleep(0.002)
 
 
 class Collect(anyio.abc.ByteSendStream):

@@ -23,9 +23,9 @@ from pathlib import Path
 import anyio
 import libvirt
 import pytest
+from _helpers import AdoptedStreams
 
 import aiovirtstream as avs
-import aiovirtstream._transfer._copy as copy_module
 from aiovirtstream.pytest_plugin import require_test_guest
 from aiovirtstream.testing import GuestInfo, PoolInfo, Sandbox, TcpRelay, VolumeInfo
 
@@ -122,15 +122,12 @@ def _counts() -> tuple[int, int, int, int]:
 
 
 @contextlib.asynccontextmanager
-async def nothing_left_behind(*, collect: bool = False) -> AsyncIterator[None]:
+async def nothing_left_behind() -> AsyncIterator[None]:
     """The block's connections must release every watch and timer without the cyclic GC.
 
     The block closes its connections (``aclose_connection``); the counts
     must then be back at their values from before, with ``gc`` disabled
-    throughout: a reference cycle would keep a connection open. With
-    ``collect``, one collection runs before the counts are compared (a failed
-    ``copy()``: anyio's task group keeps the cancelled side's frames, and so
-    its streams, in a cycle with its ``CancelledError``).
+    throughout: a reference cycle would keep a connection open.
     """
     gc.collect()
     impl = avs.bind_event_loop()
@@ -139,8 +136,6 @@ async def nothing_left_behind(*, collect: bool = False) -> AsyncIterator[None]:
     gc.disable()
     try:
         yield
-        if collect:
-            gc.collect()
         await impl.wait_frees()
         await asyncio.sleep(0)
         after = _counts()
@@ -697,27 +692,6 @@ async def test_destination_disk_full_leaves_no_cycle(
 # ---------------------------------------------------------------- copy between two daemons
 
 
-class AdoptedStreams:
-    """How the streams copy() adopts ended (``adopt_stream`` monkeypatched to note them)."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self._streams: list[avs.AsyncStream] = []
-        real = copy_module.adopt_stream  # type: ignore[attr-defined]
-
-        async def adopt(*args: object, **kwargs: object) -> avs.AsyncStream:
-            stream = await real(*args, **kwargs)  # type: ignore[arg-type]
-            self._streams.append(stream)
-            return stream
-
-        monkeypatch.setattr(copy_module, "adopt_stream", adopt)
-
-    def states(self) -> dict[str, str]:
-        """``{"source": state, "destination": state}``; forgets the streams."""
-        states = [repr(s).rsplit(" ", 1)[1].rstrip(">") for s in self._streams]
-        self._streams.clear()
-        return dict(zip(["source", "destination"], states, strict=True))
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -787,7 +761,7 @@ async def test_fault_during_copy(
         else:
             faulted_uri, action = sandbox.uri, sandbox.kill
         at = KillAt(action)
-        async with nothing_left_behind(collect=True):
+        async with nothing_left_behind():
             failure, states = await scenario(faulted_uri, at)
     assert at.at is not None, f"the copy ended before the {fault}: {failure}"
     assert_lost(failure, faulted_uri, "keepalive" if fault == "freeze" else None)

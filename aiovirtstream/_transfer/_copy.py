@@ -411,13 +411,14 @@ async def _together(*jobs: Callable[[], Coroutine[Any, Any, None]]) -> None:
     The jobs are the copy's own: one error comes out, as for one stream,
     and neither the task group nor its exception group stays referenced
     from the error's traceback (a reference cycle that held the streams,
-    and their connections, until the garbage collector ran).
+    and their connections, until the garbage collector ran). A job that is
+    cancelled ends without an error (:func:`_ended_by_cancellation`).
     """
     group = anyio.create_task_group()
     try:
         async with group:
             for job in jobs:
-                group.start_soon(job)
+                group.start_soon(_ended_by_cancellation, job, group.cancel_scope)
         return
     except BaseExceptionGroup as errors:
         error = first_error(errors)
@@ -427,6 +428,25 @@ async def _together(*jobs: Callable[[], Coroutine[Any, Any, None]]) -> None:
         raise error
     finally:
         del error
+
+
+async def _ended_by_cancellation(
+    job: Callable[[], Coroutine[Any, Any, None]], scope: anyio.CancelScope
+) -> None:
+    """Run ``job`` in a task of ``scope``'s group; cancelled, it ends without an error.
+
+    anyio's task group raises a cancelled child's ``CancelledError`` again
+    in its done callback, whose frame then holds it: a reference cycle
+    through the error's traceback, which holds the job's frames, and so the
+    streams and their connections. A job that ends here leaves its task no
+    error; ``scope`` is cancelled, as anyio does after a cancelled child.
+    """
+    try:
+        await job()
+    except asyncio.CancelledError:
+        scope.cancel()
+    finally:
+        del scope  # a job's error holds this frame: not the task behind the scope
 
 
 def _check_room(end: int, *, total: int | None, plan: UploadPlan, offset: int) -> None:
