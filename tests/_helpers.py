@@ -228,8 +228,8 @@ async def left_behind(
     Aborts finish in worker threads and libvirt frees a stream's timer a
     little later: what is left behind is what is still there after the wait.
     ``collect``: if something is, run the garbage collector and wait again
-    (anyio's task groups keep a cancelled child's ``CancelledError`` in a
-    reference cycle, and with it what the child's frames held).
+    (``anyio.fail_after`` keeps the error it replaces in a reference cycle on
+    Python 3.12+, and with it what the cancelled frames held).
     """
     deadline = time.monotonic() + 3
     while True:

@@ -13,11 +13,14 @@ import libvirt
 import pytest
 from _helpers import (
     BLOCK,
+    Footprint,
     Layout,
     MiB,
     VolumeStreamCall,
     allocated,
+    collector_off,
     data_size,
+    left_behind,
     spy_stream_starts,
     was_aborted,
     write_layout,
@@ -27,6 +30,7 @@ from conftest import MakeVolume
 import aiovirtstream as avs
 import aiovirtstream._transfer._ranges as ranges_module
 from aiovirtstream._workers import STARTS_AT_ONCE
+from aiovirtstream.testing import Sandbox
 
 
 async def test_parallel_download_over_ranges(
@@ -145,6 +149,63 @@ async def test_downloads_on_one_connection_start_side_by_side(
     assert len(starts) == len(vols)
     assert most == STARTS_AT_ONCE
     assert all((tmp_path / f"out{k}").stat().st_size == MiB for k in range(len(vols)))
+
+
+@pytest.mark.parametrize("how", ["cancelled", "a range fails"])
+async def test_a_download_over_two_streams_leaves_no_reference_cycle(
+    make_volume: MakeVolume,
+    libvirt_sandbox: Sandbox,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+) -> None:
+    """Cancelled, or failed by one range, with the garbage collector off: closing its
+    connection frees everything at once (no cycle through the task group's errors)."""
+    vol = await make_volume("cycle.img", 2 * ranges_module.PARALLEL_MIN_PART)
+    pool = await asyncio.to_thread(lambda: vol.storagePoolLookupByVolume().name())
+    both_started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def second_fails(
+        real: VolumeStreamCall,
+        vol: libvirt.virStorageVol,
+        stream: libvirt.virStream,
+        offset: int,
+        length: int,
+        flags: int,
+    ) -> int:
+        result = real(vol, stream, offset, length, flags)
+        if offset:
+            loop.call_soon_threadsafe(both_started.set)
+            if how == "a range fails":
+                stream.abort()  # its first read breaks
+        return result
+
+    starts = spy_stream_starts(monkeypatch, around=second_fails)
+    (tmp_path / "out").mkdir()
+    before = Footprint.take(tmp_path / "out")
+    with collector_off():
+        own = await avs.connect(libvirt_sandbox.uri)
+        try:
+            own_vol = await avs.lookup_volume(own, "cycle.img", pool=pool)
+            task = asyncio.create_task(
+                avs.download(own_vol, tmp_path / "out" / "f", sparse=False, parallel=2)
+            )
+            await both_started.wait()
+            if how == "cancelled":
+                await asyncio.sleep(0.01)
+                task.cancel()
+            with pytest.raises(BaseException) as caught:
+                await task
+            assert isinstance(
+                caught.value,
+                asyncio.CancelledError if how == "cancelled" else avs.StreamBrokenError,
+            ), repr(caught.value)
+            del caught, task, own_vol
+        finally:
+            await avs.aclose_connection(own)
+        starts.clear()  # they hold the streams
+        assert not (more := await left_behind(before, tmp_path / "out")), f"held: {more}"
 
 
 async def test_cancelled_while_a_range_starts_aborts_every_stream(

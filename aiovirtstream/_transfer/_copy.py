@@ -16,9 +16,8 @@ import contextlib
 import dataclasses
 import functools
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 from xml.etree import ElementTree
 
 import anyio
@@ -66,7 +65,7 @@ from ._plan import (
     make_upload_plan,
     size_restoring_hole,
 )
-from ._ranges import first_error
+from ._together import run_together
 
 MiB = 1024 * 1024
 #: Bytes a copy holds between the two daemons, at most: its own queue, the
@@ -401,52 +400,8 @@ async def _move(
         if last_hole := size_restoring_hole(plan, written):
             await dest.send_hole(last_hole)
 
-    await _together(read_side, write_side)
+    await run_together(read_side, write_side)
     return written
-
-
-async def _together(*jobs: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run ``jobs`` at once; the first to fail cancels the others and its error is raised.
-
-    The jobs are the copy's own: one error comes out, as for one stream,
-    and neither the task group nor its exception group stays referenced
-    from the error's traceback (a reference cycle that held the streams,
-    and their connections, until the garbage collector ran). A job that is
-    cancelled ends without an error (:func:`_ended_by_cancellation`).
-    """
-    group = anyio.create_task_group()
-    try:
-        async with group:
-            for job in jobs:
-                group.start_soon(_ended_by_cancellation, job, group.cancel_scope)
-        return
-    except BaseExceptionGroup as errors:
-        error = first_error(errors)
-    finally:
-        del group
-    try:
-        raise error
-    finally:
-        del error
-
-
-async def _ended_by_cancellation(
-    job: Callable[[], Coroutine[Any, Any, None]], scope: anyio.CancelScope
-) -> None:
-    """Run ``job`` in a task of ``scope``'s group; cancelled, it ends without an error.
-
-    anyio's task group raises a cancelled child's ``CancelledError`` again
-    in its done callback, whose frame then holds it: a reference cycle
-    through the error's traceback, which holds the job's frames, and so the
-    streams and their connections. A job that ends here leaves its task no
-    error; ``scope`` is cancelled, as anyio does after a cancelled child.
-    """
-    try:
-        await job()
-    except asyncio.CancelledError:
-        scope.cancel()
-    finally:
-        del scope  # a job's error holds this frame: not the task behind the scope
 
 
 def _check_room(end: int, *, total: int | None, plan: UploadPlan, offset: int) -> None:

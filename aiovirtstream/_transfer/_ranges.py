@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 __all__ = [
-    "first_error",
     "StartedDownload",
     "check_not_past",
     "RangeStream",
@@ -54,6 +53,7 @@ from .._workers import (
     wait_through_cancellation,
 )
 from ._options import TransferOptions
+from ._together import run_together
 from ._writebehind import FileWriter, WriteBehind, WriteWorker
 
 #: Bytes of downloaded data waiting for the disk before the loop stops reading,
@@ -273,25 +273,12 @@ async def download_parts(
         else:
             # Several streams over ranges of one volume: the daemon keeps one
             # packet in flight per stream, so ranges overlap on its side.
-            error: BaseException | None = None
-            try:
-                async with anyio.create_task_group() as group:
-                    for range_stream, writer in zip(ranges, writers, strict=True):
-                        group.start_soon(
-                            _download_range, range_stream, writer, worker, options, limit
-                        )
-            except BaseExceptionGroup as errors:
-                error = first_error(errors)
-            if error is not None:
-                # The ranges are ours, not the caller's: one error, as for one
-                # stream, re-raised as it is (its __cause__ stays the libvirtError).
-                # Raised outside the handler: inside, its __context__ would be
-                # the group that holds it, a cycle that keeps every frame of its
-                # traceback alive.
-                try:
-                    raise error
-                finally:
-                    del error  # its traceback holds this frame
+            await run_together(
+                *(
+                    functools.partial(_download_range, range_stream, writer, worker, options, limit)
+                    for range_stream, writer in zip(ranges, writers, strict=True)
+                )
+            )
 
         def complete() -> tuple[int, int]:
             # Here, after every write: a range's trailing holes move its
@@ -307,23 +294,6 @@ async def download_parts(
         data, holes = await worker.run_after_writes(complete)
         await reporter.final()
     return data, holes
-
-
-def first_error(errors: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The error that failed a download's ranges: the first that is not the
-    cancellation of the ranges that had to stop because of it."""
-    leaves: list[BaseException] = []
-    pending: list[BaseException] = [errors]
-    while pending:
-        error = pending.pop(0)
-        if isinstance(error, BaseExceptionGroup):
-            pending[:0] = error.exceptions
-        else:
-            leaves.append(error)
-    for error in leaves:
-        if not isinstance(error, asyncio.CancelledError):
-            return error
-    return leaves[0]
 
 
 def streams_for(options: TransferOptions, total: int) -> int:
