@@ -72,6 +72,8 @@ class AsyncStream(anyio.abc.ByteStream):
         write_buffer: int = DEFAULT_WRITE_BUFFER,
         description: str = "stream",
     ) -> None:
+        #: Run once when the stream ends (see :meth:`add_close_callback`); None after.
+        self._close_callbacks: list[Callable[[], object]] | None = []
         self.virstream = virstream
         self.sparse = sparse
         self.description = description
@@ -170,22 +172,51 @@ class AsyncStream(anyio.abc.ByteStream):
         Called by the connection's :class:`~aiovirtstream.ConnectionWatch`.
         A stream already finished or aborted is left alone.
         """
-        if self._life.state is not State.OPEN:
-            return
-        lost = self._life.lost_error(error)
-        self._life.state = State.BROKEN
-        self._life.broken_reason = lost
-        for waiter in (self._read_waiter, self._write_waiter):
-            if waiter is not None and not waiter.done():
-                waiter.set_result(ERROR)
-        pump = self._pump
-        if pump is not None and not pump.done.done():
-            pump.done.set_exception(self._life.lost_error(error, "read"))
+        if self._life.state is State.OPEN:
+            lost = self._life.lost_error(error)
+            self._life.state = State.BROKEN
+            self._life.broken_reason = lost
+            for waiter in (self._read_waiter, self._write_waiter):
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(ERROR)
+            pump = self._pump
+            if pump is not None and not pump.done.done():
+                pump.done.set_exception(self._life.lost_error(error, "read"))
+        self._run_close_callbacks()  # nothing passes on a lost connection any more
 
     @property
     def closed(self) -> bool:
         """True once the stream was finished, aborted or broke."""
         return self._life.state is not State.OPEN
+
+    def add_close_callback(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` once, when the stream has ended.
+
+        It has ended when :meth:`finish`'s call to the daemon returned (done
+        or failed), when :meth:`abort` returned or was interrupted (its call
+        may still complete in the background: see :attr:`abort_wait`), when
+        its connection was lost, or when it is garbage-collected unclosed. A
+        stream broken by an error ends when it is aborted (leaving ``async
+        with`` does). It runs on the loop's thread, except from the garbage
+        collector; what it raises is logged. Added to a stream that has ended
+        already, it runs at once.
+        """
+        if self._close_callbacks is None:
+            self._call_close_callbacks([callback])
+        else:
+            self._close_callbacks.append(callback)
+
+    def _run_close_callbacks(self) -> None:
+        callbacks, self._close_callbacks = self._close_callbacks, None
+        if callbacks:
+            self._call_close_callbacks(callbacks)
+
+    def _call_close_callbacks(self, callbacks: list[Callable[[], object]]) -> None:
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                logger.exception("%s: close callback %r failed", self.description, callback)
 
     # ------------------------------------------------------------------ reading
 
@@ -477,9 +508,11 @@ class AsyncStream(anyio.abc.ByteStream):
                     finally:
                         del cancelled  # its traceback holds this frame: no cycle back to it
                 raise broken from error
+            else:
+                self._life.state = State.FINISHED
             finally:
                 self._sender.release()
-            self._life.state = State.FINISHED
+                self._run_close_callbacks()
             if cancelled is not None:
                 try:
                     raise cancelled
@@ -521,7 +554,10 @@ class AsyncStream(anyio.abc.ByteStream):
         done = run_in_worker(abort_blocking, self._runner)
         # asyncio.wait, not wait_for: it neither cancels the abort nor, on
         # Python 3.11, swallows a cancellation that lands as the abort ends.
-        finished, _ = await asyncio.wait({done}, timeout=self.abort_wait)
+        try:
+            finished, _ = await asyncio.wait({done}, timeout=self.abort_wait)
+        finally:
+            self._run_close_callbacks()
         if finished:
             done.result()
         else:
@@ -560,6 +596,8 @@ class AsyncStream(anyio.abc.ByteStream):
             _warn(f"unclosed {self.description} {self!r}", ResourceWarning, stacklevel=2)
             self._unsubscribe_lost()
             events.remove()
+        if getattr(self, "_close_callbacks", None):
+            self._run_close_callbacks()
 
     def __repr__(self) -> str:
         return f"<AsyncStream {self.description} {self._life.state.value}>"

@@ -8,15 +8,17 @@ upload reads a half-written volume, with no error from anyone. Across
 processes nothing can be done about it; within one, :func:`claim_volume`
 refuses the second transfer before it starts: any transfer while an upload
 runs, and an upload while any transfer runs. Downloads share a volume.
+:func:`take_claim` is the same claim for a holder that is not a block (a
+stream opened by ``open_volume_*``, released when the stream ends).
 """
 
 from __future__ import annotations
 
-__all__ = ["claim_volume"]
+__all__ = ["claim_volume", "take_claim"]
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import libvirt
@@ -46,6 +48,19 @@ def claim_volume(vol: libvirt.virStorageVol, *, upload: bool) -> Iterator[None]:
     TCP, say) are therefore not seen as one: a daemon that has no hypervisor
     driver cannot even tell its host name (``virConnectGetHostname``).
     """
+    release = take_claim(vol, upload=upload)
+    try:
+        yield
+    finally:
+        release()
+
+
+def take_claim(vol: libvirt.virStorageVol, *, upload: bool) -> Callable[[], None]:
+    """:func:`claim_volume` until the returned function is called.
+
+    That function may be called more than once, from any thread: the first
+    call releases the claim, the others do nothing.
+    """
     with map_libvirt_errors(context="cannot tell which volume this is"):
         key = (vol.connect().getURI(), vol.key())  # a closed connection raises here
     with _lock:
@@ -56,13 +71,19 @@ def claim_volume(vol: libvirt.virStorageVol, *, upload: bool) -> Iterator[None]:
             use.uploads += 1
         else:
             use.downloads += 1
-    try:
-        yield
-    finally:
+    held = True
+
+    def release() -> None:
+        nonlocal held
         with _lock:
+            if not held:
+                return
+            held = False
             if upload:
                 use.uploads -= 1
             else:
                 use.downloads -= 1
             if not (use.uploads or use.downloads):
                 del _uses[key]
+
+    return release

@@ -14,13 +14,14 @@ __all__ = [
     "lookup_volume",
 ]
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import libvirt
 
 from .._connection import map_connection_errors
 from .._stream import DEFAULT_WRITE_BUFFER, AsyncStream, open_stream, start_stream_blocking
 from .._workers import run_to_the_end, runner_for
+from ._claims import take_claim
 from ._size import (
     check_download_range,
     check_not_negative,
@@ -51,12 +52,31 @@ async def open_volume_upload(
     A negative ``offset`` or ``length``, or a range past the volume's end
     (for a volume that is not raw: an offset past its file's end), raises
     :class:`aiovirtstream.InvalidRangeError` before the stream opens.
+    The stream claims ``vol`` as being uploaded into until it ends
+    (:class:`aiovirtstream.VolumeBusyError` if another transfer or stream
+    of this process has it).
     """
     check_not_negative(offset, length)
     call = upload_call(vol, offset, length, sparse)
     if offset or length:
         call = _checked(call, lambda: check_upload_range(volume_size(vol), offset, length))
-    return await open_upload_stream(vol, call, sparse, write_buffer)
+    return await _claimed(
+        vol, upload=True, open_=lambda: open_upload_stream(vol, call, sparse, write_buffer)
+    )
+
+
+async def _claimed(
+    vol: libvirt.virStorageVol, *, upload: bool, open_: Callable[[], Awaitable[AsyncStream]]
+) -> AsyncStream:
+    """The stream ``open_()`` opens, holding a claim on ``vol`` until it ends."""
+    release = take_claim(vol, upload=upload)
+    try:
+        stream = await open_()
+    except BaseException:
+        release()
+        raise
+    stream.add_close_callback(release)
+    return stream
 
 
 async def open_upload_stream(
@@ -65,7 +85,8 @@ async def open_upload_stream(
     sparse: bool,
     write_buffer: int = DEFAULT_WRITE_BUFFER,
 ) -> AsyncStream:
-    """:func:`open_volume_upload` without its checks, for callers that made their own."""
+    """:func:`open_volume_upload` without its checks and its claim, for callers
+    that made their own."""
     return await open_stream(
         vol.connect(),
         call,
@@ -125,17 +146,20 @@ async def open_volume_download(
     streams its file as it is on the host, not the guest's disk. A negative
     ``offset`` or ``length``, or a range past the end (of the file, for a
     volume that is not raw), raises :class:`aiovirtstream.InvalidRangeError`
-    before the stream opens.
+    before the stream opens. The stream claims ``vol`` as being downloaded
+    from until it ends (:class:`aiovirtstream.VolumeBusyError` if an upload
+    into it runs in this process).
     """
     check_not_negative(offset, length)
     call = _download_call(vol, offset, length, sparse)
     if offset or length:
         call = _checked(call, lambda: check_download_range(volume_size(vol), offset, length))
-    return await open_stream(
-        vol.connect(),
-        call,
-        sparse=sparse,
-        description=download_description(vol),
+    return await _claimed(
+        vol,
+        upload=False,
+        open_=lambda: open_stream(
+            vol.connect(), call, sparse=sparse, description=download_description(vol)
+        ),
     )
 
 
