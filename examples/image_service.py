@@ -296,8 +296,8 @@ class ImageService:
         response.content_length = length
         sink = ResponseSink(request, response)
         try:
-            # download(), not open_volume_download(): it holds the volume against an
-            # upload of this process for as long as it runs (VolumeBusyError, 409).
+            # download() holds the volume against an upload of this process for as
+            # long as it runs (VolumeBusyError, 409).
             if length:
                 await avs.download(vol, sink, offset=offset, length=length)
             await sink.send_eof()
