@@ -32,8 +32,8 @@ SLOT_SIZE = 256 * 1024
 KEEP_SLOTS = 64
 #: The pool lets its slots go after this long without a download.
 IDLE_SECONDS = 30.0
-#: The most slots the process maps for downloads, in use and kept (24 MiB).
-BUDGET_SLOTS = 96
+#: The most slots the process maps for downloads, in use and kept (16 MiB).
+BUDGET_SLOTS = 64
 #: Slots every download may have, whatever the budget: one being filled,
 #: one being written.
 MIN_SHARE = 2
