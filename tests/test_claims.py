@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import gc
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -337,3 +339,56 @@ async def test_a_stream_whose_connection_is_lost_gives_its_volume_back(
         assert free_to_upload(vol)
     finally:
         await avs.aclose_connection(conn)
+
+
+COLLECTED_INSIDE_THE_LOCK = """
+import asyncio, gc, sys
+import aiovirtstream as avs
+from aiovirtstream.testing import Sandbox
+
+
+def collect_in_take_claim(frame, event, arg):
+    # The collector runs at an allocation, on whatever thread makes it: here,
+    # inside the claims' lock, as a new claim is recorded.
+    if event == "c_call" and frame.f_code.co_name == "take_claim":
+        gc.collect()
+
+
+async def main(uri):
+    conn = await avs.connect(uri)
+    a = await avs.lookup_volume(conn, "a", pool="p")
+    b = await avs.lookup_volume(conn, "b", pool="p")
+    gc.disable()
+    stream = await avs.open_volume_download(a)
+    stream.itself = stream  # left unclosed: only the collector frees it
+    del stream
+    sys.setprofile(collect_in_take_claim)
+    other = await avs.open_volume_download(b)
+    sys.setprofile(None)
+    await other.aclose()
+    again = await avs.open_volume_upload(a)  # the collected stream's claim is gone
+    await again.aclose()
+    await avs.aclose_connection(conn)
+    print("done", flush=True)
+
+
+with Sandbox() as sandbox:
+    pool = sandbox.create_pool("p")
+    sandbox.create_volume(pool, "a", 1 << 20)
+    sandbox.create_volume(pool, "b", 1 << 20)
+    asyncio.run(main(sandbox.uri))
+"""
+
+
+def test_a_stream_collected_inside_the_claims_lock_does_not_deadlock(tmp_path: Path) -> None:
+    """An unclosed stream's claim is released by the garbage collector, which may run
+    on a thread that holds the claims' lock."""
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore::ResourceWarning", "-c", COLLECTED_INSIDE_THE_LOCK],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "done", done.stdout

@@ -18,6 +18,7 @@ __all__ = ["claim_volume", "take_claim"]
 
 import contextlib
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -34,6 +35,8 @@ class _Use:
 
 _lock = threading.Lock()  # transfers may run on loops in several threads
 _uses: dict[tuple[str, str], _Use] = {}
+#: Releases not yet applied to ``_uses``: a release never waits for the lock.
+_releases: deque[Callable[[], None]] = deque()
 
 
 @contextlib.contextmanager
@@ -64,6 +67,7 @@ def take_claim(vol: libvirt.virStorageVol, *, upload: bool) -> Callable[[], None
     with map_libvirt_errors(context="cannot tell which volume this is"):
         key = (vol.connect().getURI(), vol.key())  # a closed connection raises here
     with _lock:
+        _apply_releases_locked()
         use = _uses.setdefault(key, _Use())
         if use.uploads or (upload and use.downloads):
             raise VolumeBusyError(vol.name(), "uploaded" if use.uploads else "downloaded")
@@ -73,17 +77,32 @@ def take_claim(vol: libvirt.virStorageVol, *, upload: bool) -> Callable[[], None
             use.downloads += 1
     held = True
 
-    def release() -> None:
+    def release_locked() -> None:
         nonlocal held
-        with _lock:
-            if not held:
-                return
-            held = False
-            if upload:
-                use.uploads -= 1
-            else:
-                use.downloads -= 1
-            if not (use.uploads or use.downloads):
-                del _uses[key]
+        if not held:
+            return
+        held = False
+        if upload:
+            use.uploads -= 1
+        else:
+            use.downloads -= 1
+        if not (use.uploads or use.downloads):
+            del _uses[key]
+
+    def release() -> None:
+        # The garbage collector calls this for a stream collected unclosed, on
+        # whatever thread it runs, maybe one inside this lock: queued, and
+        # applied now if the lock is free, else by the next claim.
+        _releases.append(release_locked)
+        if _lock.acquire(blocking=False):
+            try:
+                _apply_releases_locked()
+            finally:
+                _lock.release()
 
     return release
+
+
+def _apply_releases_locked() -> None:
+    while _releases:
+        _releases.popleft()()
