@@ -7,8 +7,11 @@ import contextlib
 import gc
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 import libvirt
@@ -221,3 +224,59 @@ async def test_a_connection_closed_with_plain_close_is_really_closed(
     with anyio.fail_after(5):
         while avs.get_event_impl().stats().watches != before:
             await asyncio.sleep(0.01)
+
+
+COLLECTED_INSIDE_THE_WATCH_LOCK = """
+import asyncio, gc, linecache, sys
+import aiovirtstream as avs
+from aiovirtstream.testing import Sandbox
+
+
+def collect_inside_subscribe(frame, event, arg):
+    # The collector runs at an allocation, on whatever thread makes it: here,
+    # inside the connection watch's lock, as a new stream subscribes.
+    if event != "call" or frame.f_code.co_name != "subscribe":
+        return None
+
+    def line(frame, event, arg):
+        source = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+        if event == "line" and source.strip() == "lost = self.lost":
+            gc.collect()
+        return line
+
+    return line
+
+
+async def main(uri):
+    conn = await avs.connect(uri)
+    vol = await avs.lookup_volume(conn, "a", pool="p")
+    gc.disable()
+    stream = await avs.open_volume_download(vol)
+    stream.itself = stream  # left unclosed: only the collector frees it
+    del stream
+    sys.settrace(collect_inside_subscribe)
+    other = await avs.open_volume_download(vol)
+    sys.settrace(None)
+    await other.aclose()
+    await avs.aclose_connection(conn)
+    print("done", flush=True)
+
+
+with Sandbox() as sandbox:
+    sandbox.create_volume(sandbox.create_pool("p"), "a", 1 << 20)
+    asyncio.run(main(sandbox.uri))
+"""
+
+
+def test_a_stream_collected_inside_the_watch_lock_does_not_deadlock(tmp_path: Path) -> None:
+    """An unclosed stream unsubscribes from its connection's watch in its finalizer,
+    which the garbage collector may run on a thread inside the watch's lock."""
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore::ResourceWarning", "-c", COLLECTED_INSIDE_THE_WATCH_LOCK],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "done", done.stdout

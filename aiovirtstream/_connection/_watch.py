@@ -189,8 +189,10 @@ class ConnectionWatch:
         return lambda: self._unsubscribe(key)
 
     def _unsubscribe(self, key: int) -> None:
-        with self._lock:
-            self._subscribers.pop(key, None)
+        # Without the lock: an unclosed stream's finalizer calls this wherever
+        # the garbage collector runs, maybe inside this lock on the same thread.
+        # One dict.pop is atomic; the lock's holders copy or clear the dict.
+        self._subscribers.pop(key, None)
 
     @staticmethod
     def _alive(conn: libvirt.virConnect) -> bool:
