@@ -13,10 +13,7 @@ from __future__ import annotations
 __all__ = [
     "SerialRunner",
     "Runner",
-    "BoundedRunner",
     "runner_for",
-    "starter_for",
-    "STARTS_AT_ONCE",
     "shared_pool",
     "SHARED_WORKERS",
     "run_in_worker",
@@ -42,8 +39,6 @@ T = TypeVar("T")
 SHARED_WORKERS = 8
 #: Seconds a connection's idle thread waits for work before it ends.
 RUNNER_IDLE_SECONDS = 5.0
-#: Streams of one connection that may be starting at the same time.
-STARTS_AT_ONCE = 4
 
 
 class Runner(Protocol):
@@ -104,54 +99,6 @@ def runner_for(conn: libvirt.virConnect) -> SerialRunner:
 shared_pool = concurrent.futures.ThreadPoolExecutor(
     max_workers=SHARED_WORKERS, thread_name_prefix="aiovirtstream-io"
 )
-
-
-class BoundedRunner:
-    """Runs callables on the shared pool, at most ``limit`` at a time, in order of submission."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._running = 0
-        self._jobs: deque[Callable[[], object]] = deque()
-        self._lock = threading.Lock()
-
-    def submit(self, func: Callable[[], object], /) -> None:
-        with self._lock:
-            if self._running >= self._limit:
-                self._jobs.append(func)
-                return
-            self._running += 1
-        shared_pool.submit(self._run, func)
-
-    def _run(self, func: Callable[[], object] | None) -> None:
-        while func is not None:
-            func()  # a _Job: it never raises
-            with self._lock:
-                if self._jobs:
-                    func = self._jobs.popleft()
-                else:
-                    func = None
-                    self._running -= 1
-
-
-_starters: weakref.WeakKeyDictionary[libvirt.virConnect, BoundedRunner] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def starter_for(conn: libvirt.virConnect) -> BoundedRunner:
-    """Where ``conn``'s streams start: :data:`STARTS_AT_ONCE` at a time, on the shared pool.
-
-    A start is a call whose reply the daemon queues behind the data of the
-    connection's streams already running, so starts one after another on
-    the connection's own thread leave the last of many streams far behind
-    the first.
-    """
-    with _runners_lock:
-        starter = _starters.get(conn)
-        if starter is None:
-            starter = _starters[conn] = BoundedRunner(STARTS_AT_ONCE)
-        return starter
 
 
 class _Job(Generic[T]):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -29,7 +28,6 @@ from conftest import MakeVolume
 
 import aiovirtstream as avs
 import aiovirtstream._transfer._ranges as ranges_module
-from aiovirtstream._workers import STARTS_AT_ONCE
 from aiovirtstream.testing import Sandbox
 
 
@@ -114,41 +112,6 @@ async def test_a_range_that_cannot_start_fails_the_download_and_aborts_the_other
     monkeypatch.undo()
     result = await avs.download(vol, tmp_path / "out", sparse=False, parallel=2)
     assert result.data_bytes == size  # the connection carries on
-
-
-async def test_downloads_on_one_connection_start_side_by_side(
-    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A start waits for its reply behind the data of the streams already running:
-    several at once, so that the last of many downloads is not left far behind."""
-    vols = [await make_volume(f"side{k}.img", MiB) for k in range(2 * STARTS_AT_ONCE)]
-    lock = threading.Lock()
-    running = most = 0
-
-    def slow_start(
-        real: VolumeStreamCall,
-        vol: libvirt.virStorageVol,
-        stream: libvirt.virStream,
-        offset: int,
-        length: int,
-        flags: int,
-    ) -> int:
-        nonlocal running, most
-        with lock:
-            running += 1
-            most = max(most, running)
-        time.sleep(0.1)
-        with lock:
-            running -= 1
-        return real(vol, stream, offset, length, flags)
-
-    starts = spy_stream_starts(monkeypatch, around=slow_start)
-    await asyncio.gather(
-        *(avs.download(vol, tmp_path / f"out{k}", sparse=False) for k, vol in enumerate(vols))
-    )
-    assert len(starts) == len(vols)
-    assert most == STARTS_AT_ONCE
-    assert all((tmp_path / f"out{k}").stat().st_size == MiB for k in range(len(vols)))
 
 
 @pytest.mark.parametrize("how", ["cancelled", "a range fails"])

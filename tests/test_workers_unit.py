@@ -5,20 +5,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
-import time
 from collections.abc import Iterator
 
 import libvirt
 import pytest
 
 import aiovirtstream._workers as workers
-from aiovirtstream._workers import (
-    BoundedRunner,
-    SerialRunner,
-    run_in_worker,
-    runner_for,
-    starter_for,
-)
+from aiovirtstream._workers import SerialRunner, run_in_worker, runner_for
 from aiovirtstream._workqueue import WorkQueue
 
 
@@ -60,43 +53,6 @@ def test_one_runner_a_connection() -> None:
     finally:
         first.close()
         second.close()
-
-
-async def test_a_bounded_runner_runs_at_most_its_limit_at_once_in_order() -> None:
-    runner = BoundedRunner(3)
-    lock = threading.Lock()
-    running = 0
-    most = 0
-    started: list[int] = []
-
-    def job(n: int) -> int:
-        nonlocal running, most
-        with lock:
-            started.append(n)
-            running += 1
-            most = max(most, running)
-        time.sleep(0.01)
-        with lock:
-            running -= 1
-        return n
-
-    results = await asyncio.gather(
-        *(run_in_worker(functools.partial(job, n), runner) for n in range(20))
-    )
-    assert results == list(range(20))
-    assert most == 3
-    # Each job starts once one of the first three ended: in submission order, but
-    # threads may take the lock in another order for jobs released together.
-    assert sorted(started[:3]) == [0, 1, 2] and sorted(started) == list(range(20))
-
-
-def test_one_starter_a_connection() -> None:
-    conn = libvirt.open("test:///default")
-    try:
-        assert starter_for(conn) is starter_for(conn)
-        assert isinstance(starter_for(conn), BoundedRunner)
-    finally:
-        conn.close()
 
 
 async def test_queues_on_one_runner_take_turns() -> None:

@@ -48,7 +48,6 @@ from .._workers import (
     run_or_back_out,
     run_to_the_end,
     runner_for,
-    starter_for,
     submit_to_worker,
     wait_through_cancellation,
 )
@@ -112,10 +111,9 @@ class StartedDownload:
         return ranges
 
     def abort_blocking(self) -> None:
-        """Abort every stream, once started (a starter's thread: the others
-        start on the connection's runner, which this may wait for)."""
+        """Abort every stream, once started (worker thread)."""
         abort_quietly(self.first)
-        _abort_once_started(self.others)
+        _abort_when_started(self.others)
 
 
 def _abort_when_started(futures: list[concurrent.futures.Future[libvirt.virStream]]) -> None:
@@ -125,13 +123,6 @@ def _abort_when_started(futures: list[concurrent.futures.Future[libvirt.virStrea
     """
     for future in futures:
         future.add_done_callback(_abort_started)
-
-
-def _abort_once_started(futures: list[concurrent.futures.Future[libvirt.virStream]]) -> None:
-    """Wait for each start to be done, and abort the streams started (off their runner)."""
-    concurrent.futures.wait(futures)
-    for future in futures:
-        _abort_started(future)
 
 
 def _abort_started(future: concurrent.futures.Future[libvirt.virStream]) -> None:
@@ -170,7 +161,7 @@ async def start_download(
         if undo is not None:
             undo(prepared)
 
-    return await run_or_back_out(job, back_out, starter_for(vol.connect()))
+    return await run_or_back_out(job, back_out, runner_for(vol.connect()))
 
 
 def _start_download_blocking(
@@ -178,10 +169,9 @@ def _start_download_blocking(
 ) -> StartedDownload:
     """The volume's size, the ranges, and their streams starting (worker thread).
 
-    The first range's stream starts in this job (a starter's), the others in
-    jobs of their own on the connection's runner; each range is received as
-    soon as its stream is there (waiting for the others first made
-    downloads slower).
+    The first range's stream starts in this job, the others in jobs of their
+    own on the same runner; each range is received as soon as its stream is
+    there (waiting for the others first made downloads slower).
     """
     total = check_download_range(volume_size(vol), options.offset, options.length)
     streams = 1 if one_stream or total is None else streams_for(options, total)
@@ -197,7 +187,7 @@ def _start_download_blocking(
     try:
         first = starts[0]()
     except BaseException:
-        _abort_once_started(others)
+        _abort_when_started(others)
         raise
     return StartedDownload(total, parts, first, others)
 
