@@ -416,3 +416,20 @@ def spy_socket_pauses(monkeypatch: pytest.MonkeyPatch) -> SocketPauses:
     monkeypatch.setattr(impl, "pause_reading", pause)
     monkeypatch.setattr(impl, "resume_reading", resume)
     return pauses
+
+
+def run_script(source: str, folder: Path, timeout: float = 60) -> str:
+    """Run ``source`` in a fresh Python process (in ``folder``); what it printed.
+
+    For what would hang the test process itself: a deadlock fails the test
+    as a timeout instead.
+    """
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore::ResourceWarning", "-c", source],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=folder,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()

@@ -8,8 +8,6 @@ import asyncio
 import contextlib
 import gc
 import os
-import subprocess
-import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -22,6 +20,7 @@ from _helpers import (
     MiB,
     download_bytes,
     iter_once,
+    run_script,
 )
 from conftest import MakeVolume
 
@@ -383,12 +382,4 @@ with Sandbox() as sandbox:
 def test_a_stream_collected_inside_the_claims_lock_does_not_deadlock(tmp_path: Path) -> None:
     """An unclosed stream's claim is released by the garbage collector, which may run
     on a thread that holds the claims' lock."""
-    done = subprocess.run(
-        [sys.executable, "-W", "ignore::ResourceWarning", "-c", COLLECTED_INSIDE_THE_LOCK],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "done", done.stdout
+    assert run_script(COLLECTED_INSIDE_THE_LOCK, tmp_path) == "done"

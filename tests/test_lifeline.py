@@ -7,8 +7,6 @@ import contextlib
 import gc
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +14,7 @@ from pathlib import Path
 import anyio
 import libvirt
 import pytest
+from _helpers import run_script
 
 import aiovirtstream as avs
 from aiovirtstream._connection import LOST_POLL_INTERVAL
@@ -271,12 +270,4 @@ with Sandbox() as sandbox:
 def test_a_stream_collected_inside_the_watch_lock_does_not_deadlock(tmp_path: Path) -> None:
     """An unclosed stream unsubscribes from its connection's watch in its finalizer,
     which the garbage collector may run on a thread inside the watch's lock."""
-    done = subprocess.run(
-        [sys.executable, "-W", "ignore::ResourceWarning", "-c", COLLECTED_INSIDE_THE_WATCH_LOCK],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "done", done.stdout
+    assert run_script(COLLECTED_INSIDE_THE_WATCH_LOCK, tmp_path) == "done"

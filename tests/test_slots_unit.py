@@ -6,13 +6,11 @@ import asyncio
 import ctypes
 import mmap
 import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
-from _helpers import require_direct_io
+from _helpers import require_direct_io, run_script
 
 from aiovirtstream._transfer._slots import BUDGET_SLOTS, MIN_SHARE, SLOT_SIZE, SlotAccount, SlotPool
 from aiovirtstream._transfer._writebehind import FileWriter, WriteBehind, WriteWorker, open_direct
@@ -213,12 +211,4 @@ def test_a_write_behind_collected_inside_the_pools_lock_does_not_deadlock(
     tmp_path: Path,
 ) -> None:
     """The collector runs on whatever thread allocates, inside any lock that thread holds."""
-    done = subprocess.run(
-        [sys.executable, "-c", GC_INSIDE_THE_LOCK],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == f"done {BUDGET_SLOTS}", done.stdout  # 5 accounts closed
+    assert run_script(GC_INSIDE_THE_LOCK, tmp_path) == f"done {BUDGET_SLOTS}"  # 5 accounts closed
