@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
+import anyio
 import libvirt
 
 T = TypeVar("T")
@@ -166,7 +167,13 @@ async def wait_through_cancellation(
     cancelled: asyncio.CancelledError | None = None
     while not future.done():
         try:
-            await asyncio.shield(future)
+            if cancelled is None:
+                await asyncio.shield(future)
+            else:
+                # anyio delivers a cancelled scope's cancellation again at every
+                # await: shielded from it, the wait does not spin until the end.
+                with anyio.CancelScope(shield=True):
+                    await asyncio.shield(future)
         except asyncio.CancelledError as cancellation:
             if cancelled is None:
                 cancelled = cancellation

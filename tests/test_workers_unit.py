@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
+import time
 from collections.abc import Iterator
 
+import anyio
 import libvirt
 import pytest
 
@@ -127,3 +129,15 @@ async def test_what_a_fed_iterator_raises_ends_the_queue() -> None:
     queue.feed(failing())
     await queue.join()
     assert isinstance(queue.error, OSError) and "shrank" in str(queue.error)
+
+
+async def test_a_cancelled_wait_for_a_call_does_not_spin() -> None:
+    """anyio delivers a cancelled scope's cancellation at every await: waiting on for
+    an uninterruptible call must not turn that into a busy loop."""
+    started = time.perf_counter()
+    cpu = time.process_time()
+    with pytest.raises(TimeoutError):
+        with anyio.fail_after(0.05):
+            await workers.run_to_the_end(functools.partial(time.sleep, 1.0))
+    assert time.perf_counter() - started >= 1.0  # the call was waited for
+    assert time.process_time() - cpu < 0.3, "the wait spun on the CPU"
