@@ -72,8 +72,6 @@ class AsyncStream(anyio.abc.ByteStream):
         write_buffer: int = DEFAULT_WRITE_BUFFER,
         description: str = "stream",
     ) -> None:
-        #: Run once when the stream ends (see :meth:`add_close_callback`); None after.
-        self._close_callbacks: list[Callable[[], object]] | None = []
         self.virstream = virstream
         self.sparse = sparse
         self.description = description
@@ -169,8 +167,7 @@ class AsyncStream(anyio.abc.ByteStream):
     def connection_lost(self, error: ConnectionLostError) -> None:
         """Fail every pending and later operation: the connection is gone (loop thread).
 
-        Called by the connection's :class:`~aiovirtstream.ConnectionWatch`.
-        A stream already finished or aborted is left alone.
+        Called by the connection's watch; a finished or aborted stream is left alone.
         """
         if self._life.state is State.OPEN:
             lost = self._life.lost_error(error)
@@ -182,7 +179,7 @@ class AsyncStream(anyio.abc.ByteStream):
             pump = self._pump
             if pump is not None and not pump.done.done():
                 pump.done.set_exception(self._life.lost_error(error, "read"))
-        self._run_close_callbacks()  # nothing passes on a lost connection any more
+        self._life.ended()  # nothing passes on a lost connection any more
 
     @property
     def closed(self) -> bool:
@@ -190,33 +187,15 @@ class AsyncStream(anyio.abc.ByteStream):
         return self._life.state is not State.OPEN
 
     def add_close_callback(self, callback: Callable[[], object]) -> None:
-        """Call ``callback()`` once, when the stream has ended.
+        """Call ``callback()`` once, when the stream has ended (at once if it has).
 
-        It has ended when :meth:`finish`'s call to the daemon returned (done
-        or failed), when :meth:`abort` returned or was interrupted (its call
-        may still complete in the background: see :attr:`abort_wait`), when
-        its connection was lost, or when it is garbage-collected unclosed. A
-        stream broken by an error ends when it is aborted (leaving ``async
-        with`` does). It runs on the loop's thread, except from the garbage
-        collector; what it raises is logged. Added to a stream that has ended
-        already, it runs at once.
+        It ends when :meth:`finish`'s call to the daemon returned, when
+        :meth:`abort` returned or was interrupted (see :attr:`abort_wait`), when
+        its connection was lost, or when it is collected unclosed (a stream
+        broken by an error ends when aborted). It runs on the loop's thread,
+        except from the garbage collector; what it raises is logged.
         """
-        if self._close_callbacks is None:
-            self._call_close_callbacks([callback])
-        else:
-            self._close_callbacks.append(callback)
-
-    def _run_close_callbacks(self) -> None:
-        callbacks, self._close_callbacks = self._close_callbacks, None
-        if callbacks:
-            self._call_close_callbacks(callbacks)
-
-    def _call_close_callbacks(self, callbacks: list[Callable[[], object]]) -> None:
-        for callback in callbacks:
-            try:
-                callback()
-            except Exception:
-                logger.exception("%s: close callback %r failed", self.description, callback)
+        self._life.on_end(callback)
 
     # ------------------------------------------------------------------ reading
 
@@ -512,7 +491,7 @@ class AsyncStream(anyio.abc.ByteStream):
                 self._life.state = State.FINISHED
             finally:
                 self._sender.release()
-                self._run_close_callbacks()
+                self._life.ended()
             if cancelled is not None:
                 try:
                     raise cancelled
@@ -557,7 +536,7 @@ class AsyncStream(anyio.abc.ByteStream):
         try:
             finished, _ = await asyncio.wait({done}, timeout=self.abort_wait)
         finally:
-            self._run_close_callbacks()
+            self._life.ended()
         if finished:
             done.result()
         else:
@@ -596,8 +575,9 @@ class AsyncStream(anyio.abc.ByteStream):
             _warn(f"unclosed {self.description} {self!r}", ResourceWarning, stacklevel=2)
             self._unsubscribe_lost()
             events.remove()
-        if getattr(self, "_close_callbacks", None):
-            self._run_close_callbacks()
+        life = getattr(self, "_life", None)
+        if life is not None:
+            life.ended()
 
     def __repr__(self) -> str:
         return f"<AsyncStream {self.description} {self._life.state.value}>"

@@ -5,6 +5,8 @@ from __future__ import annotations
 __all__ = ["State", "StreamLife"]
 
 import enum
+import logging
+from collections.abc import Callable
 
 import libvirt
 
@@ -16,6 +18,8 @@ from .._exceptions import (
     StreamClosedError,
     libvirt_error_to_exception,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class State(enum.Enum):
@@ -36,6 +40,28 @@ class StreamLife:
         #: Why the stream broke (kept; never raised itself).
         self.broken_reason: BaseException | None = None
         self._connection = connection
+        #: Run once when the stream ends (:meth:`ended`); None after.
+        self._on_end: list[Callable[[], object]] | None = []
+
+    def on_end(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` once the stream has ended (at once if it has)."""
+        if self._on_end is None:
+            self._call([callback])
+        else:
+            self._on_end.append(callback)
+
+    def ended(self) -> None:
+        """The stream has ended: run the :meth:`on_end` callbacks (only the first time)."""
+        callbacks, self._on_end = self._on_end, None
+        if callbacks:
+            self._call(callbacks)
+
+    def _call(self, callbacks: list[Callable[[], object]]) -> None:
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                logger.exception("%s: close callback %r failed", self.description, callback)
 
     def check_open(self, action: str) -> None:
         """Raise what ``action`` meets on a stream that is not open (or is closing)."""
