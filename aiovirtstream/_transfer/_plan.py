@@ -74,13 +74,17 @@ def prepare_upload(
     name: str,
     *,
     empty: bool = True,
+    check_volume: Callable[[VolumeSize], object] | None = None,
     check_source: Callable[[], object] | None = None,
 ) -> UploadPlan:
-    """Size the volume, check the range and the room, then ``check_source()``,
+    """Size the volume, ``check_volume(size)``, check the range and the room, then
+    ``check_source()``,
     then (``empty``) empty a volume the source overwrites whole
     (:func:`empty_before_overwriting`), and plan; in a worker thread. A range
     or a source refused leaves the volume as it was."""
     size = volume_size(vol)
+    if check_volume is not None:
+        check_volume(size)
     check_room(options, amount, name, size)
     if check_source is not None:
         check_source()

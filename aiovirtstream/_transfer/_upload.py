@@ -33,6 +33,7 @@ from .._stream import (
     check_stream_events,
 )
 from .._volume import (
+    VolumeSize,
     check_not_negative,
     claim_volume,
     open_upload_stream,
@@ -213,13 +214,16 @@ def _open_and_start_upload(
         size, seekable = _source_size(fd, name)
         if not seekable:
             return _UploadStart(fd, position, owned, 0, None, None)
-        _check_not_the_volume(fd, vol, name)
         available = max(size - position, 0)
         amount = min(options.length, available) if options.length else available
-        check_long_enough = functools.partial(
-            _check_long_enough, name, position, available, options
+        plan = prepare_upload(
+            vol,
+            options,
+            amount,
+            repr(name),
+            check_volume=functools.partial(_check_not_the_volume, fd, vol, name=name),
+            check_source=functools.partial(_check_long_enough, name, position, available, options),
         )
-        plan = prepare_upload(vol, options, amount, repr(name), check_source=check_long_enough)
         virstream = start_volume_upload(vol, options.offset, plan.stream_length, plan.holes)
     except BaseException:
         if owned:
@@ -228,7 +232,9 @@ def _open_and_start_upload(
     return _UploadStart(fd, position, owned, amount, plan, virstream)
 
 
-def _check_not_the_volume(fd: int, vol: libvirt.virStorageVol, name: str) -> None:
+def _check_not_the_volume(
+    fd: int, vol: libvirt.virStorageVol, volume: VolumeSize, *, name: str
+) -> None:
     """Refuse a source that is the volume's own file (or device) on this host.
 
     The upload would overwrite what it is reading, and a source that covers
@@ -236,10 +242,12 @@ def _check_not_the_volume(fd: int, vol: libvirt.virStorageVol, name: str) -> Non
     does not exist here (not a file), or of a connection to another host (a
     file of the same name here is another file), is not compared.
     """
-    with map_connection_errors(vol.connect(), context="cannot read the volume's path"):
+    with map_connection_errors(vol.connect(), context="cannot tell the volume's host"):
         if urllib.parse.urlsplit(vol.connect().getURI()).hostname not in _THIS_HOST:
             return
-        path = str(vol.path())
+    path = volume.path
+    if path is None:
+        return
     try:
         target = os.stat(path)
     except (OSError, ValueError):
@@ -254,7 +262,7 @@ def _check_not_the_volume(fd: int, vol: libvirt.virStorageVol, name: str) -> Non
     if same_file or same_device:
         raise TransferError(
             f"upload source {name!r} is the volume's own file ({path}): uploading volume "
-            f"{vol.name()!r} into itself would overwrite (or first wipe) what it reads. "
+            f"{volume.name!r} into itself would overwrite (or first wipe) what it reads. "
             "Copy the file elsewhere and upload the copy, or upload into another volume"
         )
 

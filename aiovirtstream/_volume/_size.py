@@ -18,6 +18,7 @@ __all__ = [
     "check_upload_range",
 ]
 
+import dataclasses
 from dataclasses import dataclass
 from xml.etree import ElementTree
 
@@ -37,6 +38,7 @@ class VolumeSize:
     physical: int | None  # the file's (or device's) size; None: libvirt did not say
     kind: str | None  # the volume's type: "file", "block", "network", ...
     format: str | None  # the target format: "raw", "qcow2", ...
+    path: str | None = None  # the volume's path on its host
 
     @property
     def container(self) -> bool:
@@ -91,13 +93,14 @@ def volume_size(vol: libvirt.virStorageVol) -> VolumeSize:
         physical=_bytes(description, "physical"),
         kind=description.get("type"),
         format=fmt.get("type") if fmt is not None else None,
+        path=description.findtext("target/path"),
     )
     if size.container and size.physical is None:  # pragma: no cover - libvirt < 3.0
         try:
             physical = int(vol.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)[2])
         except (libvirt.libvirtError, AttributeError):
             return size
-        size = VolumeSize(name, size.capacity, size.allocation, physical, size.kind, size.format)
+        size = dataclasses.replace(size, physical=physical)
     return size
 
 
