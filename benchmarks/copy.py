@@ -3,11 +3,15 @@
 Run it with ``python -m benchmarks.copy`` (or ``python -m benchmarks copy``);
 ``--quick`` is a smoke test with small volumes.
 
-Two private storage-only daemons (:class:`aiovirtstream.testing.Sandbox`, unix
-sockets) stand for two hosts. The source daemon holds a dense volume (random
-data, ``--dense-mib``) and a sparse one (``--sparse-gib``, 1 MiB extents of
-random data spread over it). Round after round, each contender copies each
-source into a fresh, empty raw volume of the same size on the other daemon:
+Two private storage-only daemons (:class:`aiovirtstream.testing.Sandbox`)
+stand for two hosts. The source daemon holds a dense volume (random data,
+``--dense-mib``) and a sparse one (``--sparse-gib``, 1 MiB extents of random
+data spread over it). Each workload runs over each network of ``--links``:
+``unix`` (the daemons' unix sockets, one machine), or ``N`` Gbit/s (TLS over
+TCP through a :class:`~aiovirtstream.testing.TcpRelay` in front of each
+daemon that carries N Gbit/s each way, as each host's link would). Round
+after round, each contender copies each source into a fresh, empty raw
+volume of the same size on the other daemon:
 
 * **copy**: ``aiovirtstream.copy(src, dst)`` (holes as holes);
 * **dl+ul**: ``aiovirtstream.download()`` to a file, then ``upload()`` of it;
@@ -39,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,6 +182,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--settle", type=float, default=1.0, help="pause between runs (s)")
     parser.add_argument("--tmp-dir", help="where the download-then-upload files go")
     parser.add_argument(
+        "--links",
+        type=_links,
+        default=_links("unix,1"),
+        help="networks to run over: unix (sockets) or N (Gbit/s links), comma separated "
+        "(default unix,1)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="64 MiB dense volume, 8 extents, 3 rounds"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="print every run")
@@ -184,6 +196,27 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     for hidden in ("--src-uri", "--dst-uri", "--src", "--dst", "--file"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def _links(text: str) -> list[float | None]:
+    """``unix,1,0.5`` -> [None, 1.0, 0.5]: None for the unix sockets, else Gbit/s."""
+    links: list[float | None] = []
+    for word in text.split(","):
+        if word.strip() == "unix":
+            links.append(None)
+            continue
+        try:
+            gbit = float(word)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{word!r} is neither unix nor Gbit/s") from None
+        if not gbit > 0:
+            raise argparse.ArgumentTypeError(f"a link carries more than 0 Gbit/s, not {word!r}")
+        links.append(gbit)
+    return links
+
+
+def _link_name(gbit: float | None) -> str:
+    return "unix" if gbit is None else f"{gbit:g} Gbit/s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,17 +229,35 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.quick:
         args.dense_mib, args.sparse_gib, args.extents, args.rounds = 64, 1, 8, 3
-    from aiovirtstream.testing import Sandbox
+    from aiovirtstream.testing import Sandbox, TcpRelay
 
-    with Sandbox() as source, Sandbox() as dest:
+    tcp = any(link is not None for link in args.links)
+    with Sandbox(tcp=tcp) as source, Sandbox(tcp=tcp) as dest:
         work = Path(tempfile.mkdtemp(prefix="copy-bench-", dir=args.tmp_dir))
         try:
-            return _bench(args, source, dest, work)
+            workloads = _workloads(args, source, dest)
+            status = 0
+            for link in args.links:
+                with ExitStack() as stack:
+                    if link is None:
+                        uris = (source.uri, dest.uri)
+                    else:
+                        rate = link * 125e6  # bytes a second, each way
+                        relays = [
+                            stack.enter_context(TcpRelay("127.0.0.1", sb.tcp_port, rate=rate))
+                            for sb in (source, dest)
+                        ]
+                        uris = (
+                            relays[0].uri_for(source.tcp_uri),
+                            relays[1].uri_for(dest.tcp_uri),
+                        )
+                    status = max(status, _bench(args, source, dest, work, workloads, link, uris))
+            return status
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _bench(args: argparse.Namespace, source: Any, dest: Any, work: Path) -> int:
+def _workloads(args: argparse.Namespace, source: Any, dest: Any) -> list[Workload]:
     source.create_pool(POOL)
     dest.create_pool(POOL)
     workloads = []
@@ -217,6 +268,18 @@ def _bench(args: argparse.Namespace, source: Any, dest: Any, work: Path) -> int:
         else:
             _write_sparse(info.path, size, args.extents)
         workloads.append(Workload(name, info.name, info.path, size))
+    return workloads
+
+
+def _bench(
+    args: argparse.Namespace,
+    source: Any,
+    dest: Any,
+    work: Path,
+    workloads: list[Workload],
+    link: float | None,
+    uris: tuple[str, str],
+) -> int:
     times: dict[tuple[str, str], list[float]] = {}
     cpus: dict[tuple[str, str], list[float]] = {}
     dcpus: dict[tuple[str, str], list[float]] = {}
@@ -234,22 +297,23 @@ def _bench(args: argparse.Namespace, source: Any, dest: Any, work: Path) -> int:
                 daemons0 = _daemon_cpu(source.pid) + _daemon_cpu(dest.pid)
                 try:
                     if contender == "virsh":
-                        result = _virsh(source.uri, dest.uri, workload.vol, dest_name, file)
+                        result = _virsh(*uris, workload.vol, dest_name, file)
                     else:
                         result = _run_child(
                             contender,
                             [
-                                *("--src-uri", source.uri, "--dst-uri", dest.uri),
+                                *("--src-uri", uris[0], "--dst-uri", uris[1]),
                                 *("--src", workload.vol, "--dst", dest_name, "--file", str(file)),
                             ],
                         )
                 except (subprocess.CalledProcessError, RuntimeError) as error:
                     detail = getattr(error, "stderr", "") or ""
-                    print(f"{workload.name} {contender}: failed: {error} {detail}")
+                    where = f"{workload.name} {contender} ({_link_name(link)})"
+                    print(f"{where}: failed: {error} {detail}")
                     return 2
                 wrong = compare_files(workload.path, dest_path)
                 if wrong:
-                    print(f"{workload.name} {contender}: wrong data: {wrong}")
+                    print(f"{workload.name} {contender} ({_link_name(link)}): wrong data: {wrong}")
                     status = 2
                 result["alloc"] = dest_path.stat().st_blocks * 512
                 result["daemons_cpu"] = _daemon_cpu(source.pid) + _daemon_cpu(dest.pid) - daemons0
@@ -258,8 +322,11 @@ def _bench(args: argparse.Namespace, source: Any, dest: Any, work: Path) -> int:
                 dcpus.setdefault((workload.name, contender), []).append(result["daemons_cpu"])
                 facts[(workload.name, contender)] = result
                 if args.verbose:
-                    print(f"round {round_ + 1} {workload.name:6} {contender:6} {result}")
-    return max(status, _report(args, workloads, times, cpus, dcpus, facts))
+                    print(
+                        f"round {round_ + 1} {_link_name(link)} {workload.name:6} "
+                        f"{contender:6} {result}"
+                    )
+    return max(status, _report(args, workloads, link, times, cpus, dcpus, facts))
 
 
 def _recreate(dest: Any, name: str, size: int) -> Path:
@@ -275,12 +342,16 @@ def _recreate(dest: Any, name: str, size: int) -> Path:
 def _report(
     args: argparse.Namespace,
     workloads: list[Workload],
+    link: float | None,
     times: dict[tuple[str, str], list[float]],
     cpus: dict[tuple[str, str], list[float]],
     dcpus: dict[tuple[str, str], list[float]],
     facts: dict[tuple[str, str], dict[str, Any]],
 ) -> int:
-    print(f"\nmedians of {args.rounds} rounds; ratio = virsh's time / this one's (higher: faster)")
+    print(
+        f"\nover {_link_name(link)}: medians of {args.rounds} rounds; ratio = virsh's time / "
+        "this one's (higher: faster)"
+    )
     print("client cpu: the copying process(es); daemons cpu: both libvirtd's")
     print(
         f"{'workload':18} {'contender':8} {'median s':>9} {'MiB/s':>7} {'vs virsh':>9} "

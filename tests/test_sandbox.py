@@ -614,6 +614,100 @@ def test_relay_carries_bytes_both_ways() -> None:
         server.close()
 
 
+def _download_through(relay: TcpRelay, clients: int) -> tuple[list[bytes], float]:
+    """What each of ``clients`` connections at once reads through ``relay``, and the
+    seconds from their connecting to the last one's end."""
+    got: list[bytes] = [b""] * clients
+
+    def read(index: int) -> None:
+        with socket.create_connection(relay.address, timeout=30) as client:
+            got[index] = _recv_all(client)
+
+    started = time.monotonic()
+    readers = [threading.Thread(target=read, args=(index,)) for index in range(clients)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(60)
+    return got, time.monotonic() - started
+
+
+def _serve_each(reply: bytes) -> tuple[socket.socket, list[bytes]]:
+    """A server that sends ``reply`` to every client and keeps what each sends."""
+    server = socket.create_server(("127.0.0.1", 0))
+    received: list[bytes] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+
+            def one(conn: socket.socket = conn) -> None:
+                with conn:
+                    conn.sendall(reply)
+                    conn.shutdown(socket.SHUT_WR)
+                    received.append(_recv_all(conn))
+
+            threading.Thread(target=one, daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, received
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.parametrize("clients", [1, 3])
+def test_relay_rate_holds_every_connection_to_the_link(clients: int) -> None:
+    """A rate-limited relay carries at most ``rate`` bytes a second each way, all
+    its connections together, and every byte arrives intact."""
+    reply, rate = os.urandom(2 * MiB), 8e6
+    server, _ = _serve_each(reply)
+    try:
+        with TcpRelay("127.0.0.1", server.getsockname()[1], rate=rate) as relay:
+            assert relay.rate == rate
+            got, seconds = _download_through(relay, clients)
+    finally:
+        server.close()
+    assert got == [reply] * clients
+    # At most one burst (10 ms of the rate) goes before the bucket runs dry.
+    assert seconds >= (clients * len(reply) - 0.01 * rate) / rate
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_relay_rate_limits_both_directions() -> None:
+    """Sending up while reading down: each direction is held to the rate, intact."""
+    down, up, rate = os.urandom(2 * MiB), os.urandom(2 * MiB), 8e6
+    server, received = _serve_each(down)
+    try:
+        with TcpRelay("127.0.0.1", server.getsockname()[1], rate=rate) as relay:
+            started = time.monotonic()
+            with socket.create_connection(relay.address, timeout=30) as client:
+                sending = threading.Thread(
+                    target=lambda: (client.sendall(up), client.shutdown(socket.SHUT_WR))
+                )
+                sending.start()
+                got = _recv_all(client)
+                sending.join(30)
+            down_seconds = time.monotonic() - started
+            deadline = time.monotonic() + 10
+            while not received and time.monotonic() < deadline:
+                time.sleep(0.01)
+            up_seconds = time.monotonic() - started
+    finally:
+        server.close()
+    assert got == down
+    assert received == [up]
+    assert down_seconds >= (len(down) - 0.01 * rate) / rate
+    assert up_seconds >= (len(up) - 0.01 * rate) / rate
+
+
+@pytest.mark.parametrize("rate", [0, -1.0, float("nan")])
+def test_relay_refuses_a_rate_that_is_not_positive(rate: float) -> None:
+    with pytest.raises(ValueError, match="positive number of bytes a second"):
+        TcpRelay("127.0.0.1", 1, rate=rate)
+
+
 @pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 @pytest.mark.parametrize("reset", [False, True])
 def test_relay_cut_ends_both_sides_at_once(reset: bool) -> None:

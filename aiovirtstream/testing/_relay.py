@@ -1,4 +1,4 @@
-"""A TCP relay in front of a sandbox, for tests that cut connections."""
+"""A TCP relay in front of a sandbox: a network that tests can cut or slow down."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import selectors
 import socket
 import struct
 import threading
+import time
 from types import TracebackType
 from urllib.parse import urlsplit, urlunsplit
 
@@ -18,12 +19,34 @@ _RELAY_CHUNK = 256 * 1024
 
 
 _RELAY_BUFFER = 1 << 20  # per direction: a side is not read while this much waits for the other
+_BURST_SECONDS = 0.01  # a rate-limited direction may send this much of a second's bytes at once
+_MIN_BURST = 16 * 1024
+
+
+class _Bucket:
+    """A token bucket: the bytes one direction of the relay may send now."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.burst = max(rate * _BURST_SECONDS, _MIN_BURST)
+        self.tokens = self.burst
+        self._stamp = time.monotonic()
+
+    def refill(self, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    def wait(self) -> float:
+        """Seconds until a send of at least a quarter burst is allowed (0: now)."""
+        want = self.burst / 4
+        return 0.0 if self.tokens >= want else (want - self.tokens) / self.rate
 
 
 class _Link:
     """One relayed connection: the client's socket, the target's, a buffer towards each."""
 
     def __init__(self, client: socket.socket, upstream: socket.socket) -> None:
+        self.upstream = upstream
         self.peer = {client: upstream, upstream: client}
         self.out = {client: bytearray(), upstream: bytearray()}  # bytes to write to the socket
         self.read_done = {client: False, upstream: False}
@@ -55,11 +78,21 @@ class TcpRelay:
             ...
             relay.cut()  # the connection's streams fail with ConnectionLostError
 
+    ``rate`` (bytes a second) slows the relay down to a network link's speed:
+    each direction carries at most ``rate`` bytes a second, shared by all the
+    connections relayed, as a host's link would (``rate=125e6`` for 1 Gbit/s).
+    None (the default): as fast as loopback goes.
+
     Use it as a context manager or call :meth:`start` and :meth:`close`.
     """
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, *, rate: float | None = None) -> None:
+        if rate is not None and not rate > 0:
+            raise ValueError(f"rate must be a positive number of bytes a second, not {rate!r}")
         self.target = (host, port)
+        self.rate = rate
+        # Bytes towards the target, and towards the clients.
+        self._buckets = (_Bucket(rate), _Bucket(rate)) if rate is not None else None
         self._listener: socket.socket | None = None
         self._address: tuple[str, int] | None = None
         self._wake_r, self._wake_w = socket.socketpair()
@@ -169,7 +202,8 @@ class TcpRelay:
         selector.register(self._wake_r, selectors.EVENT_READ, None)
         try:
             while True:
-                for key, mask in selector.select():
+                timeout = self._refill()
+                for key, mask in selector.select(timeout):
                     if key.fileobj is self._listener:
                         self._accept(selector)
                     elif key.fileobj is self._wake_r:
@@ -179,11 +213,33 @@ class TcpRelay:
                         link, sock = key.data
                         if not link.closed:  # an earlier event of this batch closed it
                             self._pump(selector, link, sock, mask)
+                if self._buckets is not None:
+                    self._refill()
+                    for link in self._links:
+                        self._update(selector, link)
         finally:
             for link in self._links:
                 link.close(selector)
             self._links.clear()
             selector.close()
+
+    def _refill(self) -> float | None:
+        """Refill the buckets; how long the thread may wait before doing it again."""
+        if self._buckets is None:
+            return None
+        now = time.monotonic()
+        waits = []
+        for bucket in self._buckets:
+            bucket.refill(now)
+            waits.append(bucket.wait())
+        waiting = [wait for wait in waits if wait > 0]
+        return min(waiting) if waiting else None
+
+    def _bucket(self, link: _Link, sock: socket.socket) -> _Bucket | None:
+        """The bucket that sending on ``sock`` draws from."""
+        if self._buckets is None:
+            return None
+        return self._buckets[0] if sock is link.upstream else self._buckets[1]
 
     def _serve_commands(self, selector: selectors.BaseSelector) -> bool:
         with contextlib.suppress(BlockingIOError):
@@ -232,9 +288,15 @@ class TcpRelay:
                     link.read_done[sock] = True
                     if not link.out[peer]:
                         peer.shutdown(socket.SHUT_WR)
+            bucket = self._bucket(link, sock)
             if mask & selectors.EVENT_WRITE and link.out[sock]:
-                sent = sock.send(link.out[sock])
-                del link.out[sock][:sent]
+                out = link.out[sock]
+                if bucket is None:
+                    sent = sock.send(out)
+                else:
+                    sent = sock.send(memoryview(out)[: max(int(bucket.tokens), 0)])
+                    bucket.tokens -= sent
+                del out[:sent]
                 if not link.out[sock] and link.read_done[peer]:
                     sock.shutdown(socket.SHUT_WR)
         except (BlockingIOError, InterruptedError):
@@ -249,11 +311,13 @@ class TcpRelay:
             return
         self._update(selector, link)
 
-    @staticmethod
-    def _update(selector: selectors.BaseSelector, link: _Link) -> None:
-        """Read a side while its peer's buffer has room, write it while it has bytes waiting."""
+    def _update(self, selector: selectors.BaseSelector, link: _Link) -> None:
+        """Read a side while its peer's buffer has room, write it while it has
+        bytes waiting (and, with a rate, while its direction's bucket allows)."""
         for sock, peer in link.peer.items():
-            events = selectors.EVENT_WRITE if link.out[sock] else 0
+            bucket = self._bucket(link, sock)
+            allowed = bucket is None or bucket.wait() == 0
+            events = selectors.EVENT_WRITE if link.out[sock] and allowed else 0
             if not link.read_done[sock] and len(link.out[peer]) < _RELAY_BUFFER:
                 events |= selectors.EVENT_READ
             registered = link.registered.get(sock, 0)
