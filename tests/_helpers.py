@@ -109,6 +109,35 @@ async def download_all(vol: libvirt.virStorageVol, length: int) -> bytes:
     return bytes(out)
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far, from /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Aborts:
+    """The ``virStream`` objects aborted since :func:`spy_aborts`, in order."""
+
+    streams: list[libvirt.virStream] = field(default_factory=list)
+    happened: threading.Event = field(default_factory=threading.Event)
+
+
+def spy_aborts(monkeypatch: pytest.MonkeyPatch) -> Aborts:
+    """Record every ``virStream.abort`` call (libvirt-python's public method)."""
+    aborts = Aborts()
+    original = libvirt.virStream.abort
+
+    def abort(self: libvirt.virStream) -> int:
+        aborts.streams.append(self)
+        aborts.happened.set()
+        return original(self)
+
+    monkeypatch.setattr(libvirt.virStream, "abort", abort)
+    return aborts
+
+
 @contextlib.contextmanager
 def daemon_stopped(sandbox: Sandbox) -> Iterator[None]:
     """SIGSTOP the (shared) daemon for the block; SIGCONT is sent whatever happens."""

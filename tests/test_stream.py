@@ -9,7 +9,7 @@ import os
 import anyio
 import libvirt
 import pytest
-from _helpers import daemon_stopped, download_all
+from _helpers import daemon_stopped, download_all, process_cpu, spy_aborts
 from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.text import TextReceiveStream
 from conftest import MakeVolume
@@ -263,6 +263,51 @@ async def test_unclosed_stream_warns_and_releases_its_callback(make_volume: Make
         del stream
         gc.collect()
     await impl.wait_frees()
+
+
+async def test_a_download_collected_open_is_aborted(
+    libvirt_sandbox: Sandbox, make_volume: MakeVolume, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Left as it was, the daemon would go on sending the whole volume and libvirt's
+    client would queue all of it, for nobody: collected open, the stream is aborted."""
+    import gc
+
+    vol = await make_volume("forgotten-download", 1024 * MiB)  # 1 GiB of zeroes to send
+    aborts = spy_aborts(monkeypatch)
+    stream = await avs.open_volume_download(vol)
+    virstream = stream.virstream
+    assert await stream.read()
+    with pytest.warns(ResourceWarning, match="unclosed"):
+        del stream
+        gc.collect()
+    assert await anyio.to_thread.run_sync(aborts.happened.wait, 10), "never aborted"
+    assert aborts.streams == [virstream]
+    await asyncio.sleep(0.2)  # the abort's reply is on its way
+    before = process_cpu(libvirt_sandbox.pid)
+    await asyncio.sleep(1)
+    assert process_cpu(libvirt_sandbox.pid) - before < 0.1, "the daemon is still sending"
+
+
+async def test_an_upload_collected_open_is_aborted_and_frees_its_volume(
+    make_volume: MakeVolume, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+
+    vol = await make_volume("forgotten-upload", 4 * MiB)
+    aborts = spy_aborts(monkeypatch)
+    stream = await avs.open_volume_upload(vol)
+    virstream = stream.virstream
+    await stream.write(os.urandom(MiB))
+    await stream.flush()
+    with pytest.warns(ResourceWarning, match="unclosed"):
+        del stream
+        gc.collect()
+    assert await anyio.to_thread.run_sync(aborts.happened.wait, 10), "never aborted"
+    assert aborts.streams == [virstream]
+    data = os.urandom(MiB)  # the volume is free again, and the connection works
+    async with await avs.open_volume_upload(vol) as again:
+        await again.write(data)
+    assert await download_all(vol, MiB) == data
 
 
 async def test_timeout_against_a_stopped_daemon_is_not_held_up(

@@ -32,6 +32,7 @@ from .._workers import (
     runner_for,
     wait_through_cancellation,
 )
+from ._abandoned import abort_abandoned
 from ._items import DEFAULT_READ_SIZE, MAX_CHUNK, Hole, ReceiveSink, StreamItem
 from ._life import State, StreamLife
 from ._native import Buffer
@@ -574,7 +575,17 @@ class AsyncStream(anyio.abc.ByteStream):
         if events is not None and events.active:
             _warn(f"unclosed {self.description} {self!r}", ResourceWarning, stacklevel=2)
             self._unsubscribe_lost()
-            events.remove()
+            if self._abort_sent:
+                events.remove()
+            else:
+                abort_abandoned(
+                    self._loop,
+                    self.virstream,
+                    events,
+                    self._sender,
+                    self._runner,
+                    self.description,
+                )
         life = getattr(self, "_life", None)
         if life is not None:
             life.ended()

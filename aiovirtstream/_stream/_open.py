@@ -8,7 +8,6 @@ __all__ = [
     "start_stream_blocking",
     "check_stream_events",
     "check_connection",
-    "abort_quietly",
 ]
 
 from collections.abc import Callable
@@ -28,7 +27,8 @@ from .._workers import (
     run_to_the_end,
     runner_for,
 )
-from ._asyncstream import DEFAULT_WRITE_BUFFER, AsyncStream, logger, stream_connection
+from ._abandoned import abort_quietly
+from ._asyncstream import DEFAULT_WRITE_BUFFER, AsyncStream, stream_connection
 
 
 async def open_stream(
@@ -124,13 +124,6 @@ async def adopt_stream(
         raise
     stream.start_result = start_result
     return stream
-
-
-def abort_quietly(virstream: libvirt.virStream) -> None:
-    try:
-        virstream.abort()
-    except libvirt.libvirtError as error:
-        logger.debug("abort of a stream that was never used: %s", error)
 
 
 def _in_process(conn: libvirt.virConnect) -> bool:
