@@ -319,13 +319,22 @@ class AdoptedStreams:
 
 
 class Collect(anyio.abc.ByteSendStream):
-    """An anyio byte stream (a download's destination) that keeps what it is sent."""
+    """An anyio byte stream (a download's destination) that keeps what it is sent,
+    or only counts it with ``keep=False``; ``delay`` seconds a send, as a slow
+    network client takes."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, delay: float = 0, keep: bool = True) -> None:
         self.data = bytearray()
+        self.count = 0
+        self._delay = delay
+        self._keep = keep
 
     async def send(self, item: bytes) -> None:
-        self.data += item
+        self.count += len(item)
+        if self._keep:
+            self.data += item
+        if self._delay:
+            await anyio.sleep(self._delay)
 
     async def send_eof(self) -> None:
         pass

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import libvirt
 import pytest
 from _helpers import (
@@ -88,6 +89,61 @@ async def test_iterable_source_and_stream_destination(
     sink = Collect()
     await avs.download(vol, sink)
     assert bytes(sink.data) == b"".join(chunks)
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+async def test_a_slow_stream_destination_holds_the_daemon_back(make_volume: MakeVolume) -> None:
+    """A byte stream slower than the daemon (a network client) holds at most the
+    download's queue: libvirt's client is not left to queue the volume in memory."""
+    vol = await make_volume("slow-reader.img", 1024 * MiB)  # zeroes, sent as data
+    sink = Collect(delay=0.005, keep=False)
+    await avs.download(vol, Collect(keep=False), sparse=False, length=MiB)  # warm up
+    base = peak = _rss()
+
+    async def sample() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, _rss())
+            await anyio.sleep(0.01)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(sample)
+        with anyio.move_on_after(2):
+            await avs.download(vol, sink, sparse=False)
+        group.cancel_scope.cancel()
+    assert 0 < sink.count < 1024 * MiB, "the sink was meant to be slower than the daemon"
+    growth = peak - base
+    print(f"RSS growth {growth / MiB:.1f} MiB after {sink.count / MiB:.0f} MiB sent")
+    assert growth < 64 * MiB
+    # The cancelled download left its connection in working order.
+    again = Collect()
+    assert (await avs.download(vol, again, sparse=False, length=MiB)).data_bytes == MiB
+    assert bytes(again.data) == bytes(MiB)
+
+
+async def test_a_slow_stream_destination_gets_every_byte_and_hole(
+    make_volume: MakeVolume, tmp_path: Path
+) -> None:
+    layout: Layout = [("data", 5 * MiB + 7), ("hole", 8 * MiB), ("data", 3 * MiB)]
+    source = tmp_path / "layout.img"
+    content = write_layout(source, layout)
+    vol = await make_volume("slow-layout.img", len(content))
+    await avs.upload(vol, source)
+    for sparse in (True, False):
+        sink = Collect(delay=0.001)
+        result = await avs.download(vol, sink, sparse=sparse, checksum=True)
+        assert bytes(sink.data) == content
+        assert result.sha256 == hashlib.sha256(content).hexdigest()
+        assert result.total_bytes == len(content)
+        if sparse:
+            assert result.hole_bytes >= 8 * MiB - BLOCK
 
 
 async def test_offset_and_length_resume(make_volume: MakeVolume, tmp_path: Path) -> None:

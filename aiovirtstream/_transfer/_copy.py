@@ -11,12 +11,9 @@ from __future__ import annotations
 
 __all__ = ["copy", "COPY_BUFFER"]
 
-import asyncio
 import contextlib
 import dataclasses
 import functools
-from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from xml.etree import ElementTree
 
@@ -24,8 +21,7 @@ import anyio
 import anyio.to_thread
 import libvirt
 
-from .._connection import connection_socket, map_connection_errors
-from .._events import get_event_impl
+from .._connection import map_connection_errors
 from .._exceptions import SourceTooLargeError, TransferError
 from .._stream import (
     DEFAULT_WRITE_BUFFER,
@@ -65,6 +61,7 @@ from ._plan import (
     make_upload_plan,
     size_restoring_hole,
 )
+from ._relay import Relay
 from ._together import run_together
 
 MiB = 1024 * 1024
@@ -253,112 +250,6 @@ async def _copy(
     return options.result(data_bytes, position - data_bytes, hasher)
 
 
-class _Relay:
-    """The source's pump sink, and the queue from it to the writer.
-
-    Data is cut into pieces of :data:`MAX_CHUNK` bytes (shorter only before
-    a hole and at the end): the daemon sends each 256 KiB it reads as two
-    packets, of MAX_CHUNK and 24 bytes, which forwarded as they come would
-    give the destination twice as many packets, half of them tiny. Pieces
-    are queued :data:`_BATCH` at a time. While the queue is full the pump
-    stops and the source connection's socket is not served, since libvirt's
-    client queues what it reads from a socket without limit.
-    """
-
-    def __init__(self, source: AsyncStream, check: Callable[[int], None]) -> None:
-        self._source = source
-        self._check = check  # raises for a byte count past what may come
-        self._buffer = bytearray(MAX_CHUNK)
-        self._view = memoryview(self._buffer)
-        self._filled = 0
-        self._batch: list[bytes] = []
-        self._queue: deque[list[bytes] | Hole] = deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self._ended = False
-        self._impl = get_event_impl()
-        self._socket = connection_socket(source.virstream.connect())
-        self._full = False  # buffer() said so: the pump waits for resume_pump()
-        self._paused = False  # the socket
-        self.count = 0  # bytes of data and holes received
-
-    # -- the pump's side (loop thread, from inside the source's events)
-
-    def buffer(self) -> tuple[bytearray, int, int] | None:
-        if len(self._queue) >= _QUEUE_ITEMS:
-            self._full = True
-            if self._socket is not None and not self._paused:
-                self._impl.pause_reading(self._socket)
-                self._paused = True
-            return None
-        return self._buffer, self._filled, MAX_CHUNK - self._filled
-
-    def received(self, nbytes: int) -> None:
-        self._check(self.count + nbytes)
-        self.count += nbytes
-        self._filled += nbytes
-        if self._filled == MAX_CHUNK:
-            self._batch.append(bytes(self._buffer))
-            self._filled = 0
-            if len(self._batch) == _BATCH:
-                self._push(self._batch)
-                self._batch = []
-
-    def hole(self, length: int) -> None:
-        self._check(self.count + length)
-        self.count += length
-        self.flush()
-        self._push(Hole(length))
-
-    def flush(self) -> None:
-        """Queue the data received so far."""
-        if self._filled:
-            self._batch.append(bytes(self._view[: self._filled]))
-            self._filled = 0
-        if self._batch:
-            self._push(self._batch)
-            self._batch = []
-
-    def end(self) -> None:
-        """The source is complete: the writer ends once it took everything."""
-        self.flush()
-        self._ended = True
-        self._wake()
-
-    def _push(self, item: list[bytes] | Hole) -> None:
-        self._queue.append(item)
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    # -- the writer's side
-
-    async def get(self) -> list[bytes] | Hole | None:
-        """The next item; None at the end."""
-        while not self._queue:
-            if self._ended:
-                return None
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        item = self._queue.popleft()
-        if self._full and len(self._queue) < _QUEUE_ITEMS:
-            self._full = False
-            self.release()
-            self._source.resume_pump()
-        return item
-
-    def release(self) -> None:
-        """Serve the source's socket again."""
-        if self._paused:
-            self._paused = False
-            assert self._socket is not None
-            self._impl.resume_reading(self._socket)
-
-
 async def _move(
     source: AsyncStream,
     dest: AsyncStream,
@@ -368,8 +259,11 @@ async def _move(
 ) -> int:
     """Move the range's items from ``source`` to ``dest``; returns the bytes moved."""
     total, plan = started.total, started.plan
-    relay = _Relay(
-        source, functools.partial(_check_room, total=total, plan=plan, offset=options.offset)
+    relay = Relay(
+        source,
+        functools.partial(_check_room, total=total, plan=plan, offset=options.offset),
+        max_items=_QUEUE_ITEMS,
+        batch=_BATCH,
     )
     written = 0
 

@@ -38,9 +38,22 @@ from ._files import (
     put_in_place,
     sync_folder_of,
 )
-from ._options import ProgressTarget, TransferOptions, TransferResult, closing_progress
+from ._options import (
+    ContentHasher,
+    ProgressTarget,
+    TransferOptions,
+    TransferResult,
+    closing_progress,
+)
 from ._ranges import StartedDownload, check_complete, check_not_past, download_parts, start_download
+from ._relay import Relay
+from ._together import run_together
 from ._writebehind import ZERO_CHUNK, FileWriter, WriteWorker
+
+#: A download into a byte stream holds at most this many batches of
+#: :data:`STREAM_QUEUE_BATCH` pieces of 256 KiB (8 MiB) for the stream.
+STREAM_QUEUE_ITEMS = 8
+STREAM_QUEUE_BATCH = 4
 
 DownloadDestination = str | os.PathLike[str] | IO[bytes] | anyio.abc.ByteSendStream
 
@@ -255,26 +268,50 @@ async def _download_stream(
     async with contextlib.AsyncExitStack() as owned:
         (range_stream,) = started.ranges(vol, options.sparse, owned)
         stream = await range_stream.open()
+        # A byte stream slower than the daemon (a network client) holds the
+        # stream's pump, and the connection's socket, rather than letting
+        # libvirt queue the rest of the volume in memory.
+        relay = Relay(
+            stream,
+            lambda end: check_not_past(end, 0, total),
+            max_items=STREAM_QUEUE_ITEMS,
+            batch=STREAM_QUEUE_BATCH,
+        )
+
+        async def receive() -> None:
+            try:
+                await stream.pump(relay, stop_at_hole=options.sparse)
+            finally:
+                relay.release()
+            relay.end()
+
+        async def send() -> None:
+            nonlocal data_bytes, hole_bytes
+            while (item := await relay.get()) is not None:
+                if isinstance(item, Hole):
+                    remaining = item.length
+                    while remaining > 0:
+                        step = min(remaining, MAX_CHUNK)
+                        await dest.send(ZERO_CHUNK[:step])
+                        remaining -= step
+                    hole_bytes += item.length
+                    if hasher:
+                        await anyio.to_thread.run_sync(hasher.hole, item.length)
+                    continue
+                for chunk in item:
+                    await dest.send(chunk)
+                    data_bytes += len(chunk)
+                if hasher:
+                    await anyio.to_thread.run_sync(_hash_data, hasher, item)
+
         async with options.reporter(lambda: (data_bytes, hole_bytes), total) as reporter:
             async with stream:
-                items = stream.iter_items() if options.sparse else stream.iter_data()
-                async for item in items:
-                    size = item.length if isinstance(item, Hole) else len(item)
-                    check_not_past(data_bytes + hole_bytes, size, total)
-                    if isinstance(item, Hole):
-                        remaining = item.length
-                        while remaining > 0:
-                            step = min(remaining, MAX_CHUNK)
-                            await dest.send(ZERO_CHUNK[:step])
-                            remaining -= step
-                        hole_bytes += item.length
-                        if hasher:
-                            await anyio.to_thread.run_sync(hasher.hole, item.length)
-                    else:
-                        await dest.send(item)
-                        data_bytes += len(item)
-                        if hasher:
-                            await anyio.to_thread.run_sync(hasher.data, item)
+                await run_together(receive, send)
             await reporter.final()
     check_complete(data_bytes + hole_bytes, total)
     return options.result(data_bytes, hole_bytes, hasher)
+
+
+def _hash_data(hasher: ContentHasher, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        hasher.data(chunk)
