@@ -683,9 +683,12 @@ def test_relay_rate_limits_both_directions() -> None:
         with TcpRelay("127.0.0.1", server.getsockname()[1], rate=rate) as relay:
             started = time.monotonic()
             with socket.create_connection(relay.address, timeout=30) as client:
-                sending = threading.Thread(
-                    target=lambda: (client.sendall(up), client.shutdown(socket.SHUT_WR))
-                )
+
+                def send() -> None:
+                    client.sendall(up)
+                    client.shutdown(socket.SHUT_WR)
+
+                sending = threading.Thread(target=send)
                 sending.start()
                 got = _recv_all(client)
                 sending.join(30)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._abandoned import abort_quietly
+from ._aborts import abort_quietly
 from ._asyncstream import DEFAULT_WRITE_BUFFER, AsyncStream, stream_connection
 from ._items import DEFAULT_READ_SIZE, MAX_CHUNK, Hole, ReceiveSink, StreamItem
 from ._native import Buffer, Receiver, native_receive_available, receiver_for

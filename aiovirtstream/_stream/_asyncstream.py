@@ -9,6 +9,7 @@ __all__ = [
 ]
 
 import asyncio
+import functools
 import logging
 import warnings
 import weakref
@@ -32,11 +33,11 @@ from .._workers import (
     runner_for,
     wait_through_cancellation,
 )
-from ._abandoned import abort_abandoned
+from ._aborts import abort_abandoned, abort_and_release
 from ._items import DEFAULT_READ_SIZE, MAX_CHUNK, Hole, ReceiveSink, StreamItem
 from ._life import State, StreamLife
 from ._native import Buffer
-from ._pump import Pump
+from ._pumping import Pumping
 from ._reads import Reads
 from ._sender import StreamSender
 from ._subscription import ERROR, READABLE, WRITABLE, EventSubscription
@@ -44,7 +45,7 @@ from ._subscription import ERROR, READABLE, WRITABLE, EventSubscription
 logger = logging.getLogger(__name__)
 
 
-_R = TypeVar("_R")
+_E = TypeVar("_E")
 
 
 #: Seconds abort() waits for the daemon's answer before leaving it to a thread.
@@ -88,7 +89,6 @@ class AsyncStream(anyio.abc.ByteStream):
         self._abort_sent = False
         self._write_side_broken: str | None = None
         self._writing = False
-        self._pump: Pump | None = None
         self._read_waiter: asyncio.Future[int] | None = None
         self._write_waiter: asyncio.Future[int] | None = None
         # Every blocking call of this stream runs on its connection's runner.
@@ -101,8 +101,14 @@ class AsyncStream(anyio.abc.ByteStream):
             on_would_block=self._want_writable,
         )
         self._events = EventSubscription(virstream, self._loop, self._on_event)
-        self._unsubscribe_lost = self._connection.subscribe(_weak_connection_lost(self))
-        self._reads = Reads(virstream, self._life, self._wait_readable, sparse=sparse)
+        lost: weakref.WeakMethod[Callable[[ConnectionLostError], object]]
+        lost = weakref.WeakMethod(self.connection_lost)  # the watch must not keep self alive
+        self._unsubscribe_lost = self._connection.subscribe(lambda error: _call_alive(lost, error))
+        socket = connection_socket(stream_connection(virstream))
+        self._reads = Reads(
+            virstream, self._life, self._wait_readable, sparse=sparse, socket=socket
+        )
+        self._pumping = Pumping(self._reads, self._events, self._life, socket, self._resubscribe)
 
     @property
     def bytes_sent(self) -> int:
@@ -117,14 +123,17 @@ class AsyncStream(anyio.abc.ByteStream):
     # ------------------------------------------------------------------ events
 
     def _on_event(self, events: int) -> None:
-        if events & (READABLE | ERROR) and self._pump is not None:
-            self._pump_step()
+        if events & (READABLE | ERROR):
+            self._pumping.step()
         if events & (READABLE | ERROR) and self._read_waiter is not None:
             if not self._read_waiter.done():
                 self._read_waiter.set_result(events)
         if events & (WRITABLE | ERROR) and self._write_waiter is not None:
             if not self._write_waiter.done():
                 self._write_waiter.set_result(events)
+        if events & (READABLE | ERROR) and self._reads.between_reads(self._read_waiter):
+            if self._reads.ahead.fill():
+                self._events.restate()
         self._resubscribe()
 
     def _resubscribe(self) -> None:
@@ -135,11 +144,12 @@ class AsyncStream(anyio.abc.ByteStream):
         wanted = 0
         if self._read_waiter is not None and not self._read_waiter.done():
             wanted |= READABLE
-        pump = self._pump
-        if pump is not None and not pump.paused and not pump.done.done():
+        if self._pumping.wants_events:
             wanted |= READABLE
         if self._write_waiter is not None and not self._write_waiter.done():
             wanted |= WRITABLE
+        if self._reads.between_reads(self._read_waiter):
+            wanted |= READABLE
         self._events.want(wanted)
 
     async def _wait_readable(self) -> None:
@@ -177,9 +187,8 @@ class AsyncStream(anyio.abc.ByteStream):
             for waiter in (self._read_waiter, self._write_waiter):
                 if waiter is not None and not waiter.done():
                     waiter.set_result(ERROR)
-            pump = self._pump
-            if pump is not None and not pump.done.done():
-                pump.done.set_exception(self._life.lost_error(error, "read"))
+            self._pumping.fail(self._life.lost_error(error, "read"))
+        self._reads.ahead.drop()
         self._life.ended()  # nothing passes on a lost connection any more
 
     @property
@@ -217,8 +226,11 @@ class AsyncStream(anyio.abc.ByteStream):
         """
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
-        with self._reads.reading(stop_at_hole):
-            return await self._reads.read(max_bytes, stop_at_hole)
+        try:
+            with self._reads.reading(stop_at_hole):
+                return await self._reads.read(max_bytes, stop_at_hole)
+        finally:
+            self._resubscribe()  # between reads, what arrives is read ahead
 
     async def recv_hole(self) -> int:
         """Length of the hole at the current position of a sparse stream; 0 if data is next.
@@ -243,8 +255,11 @@ class AsyncStream(anyio.abc.ByteStream):
         size = memoryview(buffer).nbytes
         if size == 0:
             raise ValueError("the buffer is empty")
-        with self._reads.reading(stop_at_hole):
-            return await self._reads.read_into(buffer, size, stop_at_hole)
+        try:
+            with self._reads.reading(stop_at_hole):
+                return await self._reads.read_into(buffer, size, stop_at_hole)
+        finally:
+            self._resubscribe()
 
     async def pump(self, sink: ReceiveSink, *, stop_at_hole: bool = False) -> None:
         """Receive everything up to the end of the stream into ``sink``.
@@ -258,52 +273,11 @@ class AsyncStream(anyio.abc.ByteStream):
         connection too, with ``get_event_impl().pause_reading(socket)``).
         Cancelled, it stops at once; what was received stays received.
         """
-        finish_reading = self._reads.begin(stop_at_hole)
-        pump = self._pump = Pump(
-            sink,
-            self._reads.receiver,
-            stop_at_hole,
-            self._loop.create_future(),
-            events=self._events,
-            broken=self._life.mark_broken,
-            socket=connection_socket(stream_connection(self.virstream)),
-        )
-        try:
-            if (pending := self._reads.take_pending()) is not None:
-                pump.feed(pending)
-            if self._reads.eof and not pump.done.done():
-                pump.done.set_result(None)
-            self._pump_step()  # what is queued already; events bring the rest
-            self._resubscribe()
-            await pump.done
-        finally:
-            self._pump = None
-            finish_reading()
-            if not pump.done.done():
-                pump.done.cancel()
-            self._resubscribe()
-            del pump  # the future holds the error, whose traceback holds this frame
+        await self._pumping.run(sink, stop_at_hole)
 
     def resume_pump(self) -> None:
         """Tell :meth:`pump` that its sink has room again (loop thread)."""
-        pump = self._pump
-        if pump is None or not pump.paused:
-            return
-        pump.paused = False
-        self._pump_step()
-        self._resubscribe()
-
-    def _pump_step(self) -> None:
-        pump = self._pump
-        if pump is None or pump.paused or pump.done.done():
-            return
-        if not self._events.active:  # finished or aborted meanwhile
-            pump.done.set_exception(self._life.closed_error("read"))
-            return
-        pump.step()
-        if pump.ended:
-            self._reads.eof = True
-        self._resubscribe()
+        self._pumping.resume()
 
     async def receive(self, max_bytes: int = DEFAULT_READ_SIZE) -> bytes:
         """anyio ``ByteReceiveStream.receive``: like :meth:`read`, raising ``EndOfStream``.
@@ -417,12 +391,11 @@ class AsyncStream(anyio.abc.ByteStream):
             return
         self._unsubscribe_lost()
         self._events.remove()
+        self._reads.ahead.drop()
         for waiter in (self._read_waiter, self._write_waiter):
             if waiter is not None and not waiter.done():
                 waiter.set_result(ERROR)
-        pump = self._pump
-        if pump is not None and not pump.done.done():
-            pump.done.set_exception(self._life.closed_error("read"))
+        self._pumping.fail(self._life.closed_error("read"))
 
     async def send_all(self, items: Iterator[StreamItem]) -> None:
         """Send every item of ``items``, pulled on the connection's runner.
@@ -515,23 +488,15 @@ class AsyncStream(anyio.abc.ByteStream):
         self._life.state = State.ABORTED if not was_broken else State.BROKEN
         self._sender.stop()
         self._remove_callback()
-
-        def abort_blocking() -> None:
-            try:
-                self.virstream.abort()
-            except libvirt.libvirtError as error:
-                # After an error libvirt has already torn the stream down;
-                # abort then only reports that again.
-                logger.debug("%s: abort: %s", self.description, error)
-            finally:
-                self._sender.release()
-
         # abort waits for the daemon's answer (and a send in flight for the
         # daemon to read it): against a stopped daemon that lasts until the
         # keepalive gives up. Wait a little, then let it end in the background
         # so that a cancellation or a timeout is not held up.
         # On the connection's runner: after the send under way, if one is.
-        done = run_in_worker(abort_blocking, self._runner)
+        done = run_in_worker(
+            functools.partial(abort_and_release, self.virstream, self._sender, self.description),
+            self._runner,
+        )
         # asyncio.wait, not wait_for: it neither cancels the abort nor, on
         # Python 3.11, swallows a cancellation that lands as the abort ends.
         try:
@@ -585,6 +550,7 @@ class AsyncStream(anyio.abc.ByteStream):
                     self._sender,
                     self._runner,
                     self.description,
+                    self._reads.ahead,
                 )
         life = getattr(self, "_life", None)
         if life is not None:
@@ -594,15 +560,10 @@ class AsyncStream(anyio.abc.ByteStream):
         return f"<AsyncStream {self.description} {self._life.state.value}>"
 
 
-def _weak_connection_lost(stream: AsyncStream) -> Callable[[ConnectionLostError], None]:
-    ref = weakref.ref(stream)
-
-    def connection_lost(error: ConnectionLostError) -> None:
-        target = ref()
-        if target is not None:
-            target.connection_lost(error)
-
-    return connection_lost
+def _call_alive(method: weakref.WeakMethod[Callable[[_E], object]], argument: _E) -> None:
+    bound = method()
+    if bound is not None:
+        bound(argument)
 
 
 def stream_connection(virstream: libvirt.virStream) -> libvirt.virConnect:

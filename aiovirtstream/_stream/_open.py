@@ -27,7 +27,7 @@ from .._workers import (
     run_to_the_end,
     runner_for,
 )
-from ._abandoned import abort_quietly
+from ._aborts import abort_quietly
 from ._asyncstream import DEFAULT_WRITE_BUFFER, AsyncStream, stream_connection
 
 

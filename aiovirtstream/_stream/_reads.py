@@ -3,6 +3,7 @@
 A NONBLOCK ``recv`` only copies from libvirt's queue and answers -2 when it
 is empty (``virNetClientStreamRecvPacket`` in src/rpc/virnetclientstream.c),
 so reading never blocks the loop; -3 means a hole is next (sparse streams).
+Between reads, what arrives waits in a bounded :class:`ReadAhead`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from .._exceptions import SparseNotSupportedError, StreamBusyError
 from ._items import Hole, StreamItem
 from ._life import StreamLife
 from ._native import Buffer, Receiver, receiver_for
+from ._pump import Pump
+from ._readahead import ReadAhead
 
 _R = TypeVar("_R")
 
@@ -34,6 +37,7 @@ class Reads:
         wait_readable: Callable[[], Awaitable[None]],
         *,
         sparse: bool,
+        socket: int | None,
     ) -> None:
         self._virstream = virstream
         self._life = life
@@ -45,6 +49,8 @@ class Reads:
         self._busy = False
         #: End of stream reached.
         self.eof = False
+        #: What arrived between the reader's reads.
+        self.ahead = ReadAhead(virstream, sparse=sparse, socket=socket)
 
     @property
     def receiver(self) -> Receiver:
@@ -82,15 +88,46 @@ class Reads:
         """Give ``data`` back: the next read starts with it."""
         self._pending = data
 
-    def take_pending(self) -> bytes | None:
-        pending, self._pending = self._pending, None
-        return pending
+    def between_reads(self, read_waiter: object | None) -> bool:
+        """True while a reader is between reads (no read, no pump, no ``read_waiter``):
+        what arrives then goes to :attr:`ahead`."""
+        return read_waiter is None and not self._busy and self.ahead.wants_data
+
+    def hand_over(self, pump: Pump) -> None:
+        """Give a pump that takes over what earlier reads left: kept data, then
+        what arrived between reads; raises what libvirt raised after it."""
+        if self._pending is not None:
+            pump.feed(self._pending)
+            self._pending = None
+        ahead = self.ahead
+        while ahead:
+            item = ahead.take(1 << 62, stop_at_hole=True)
+            if isinstance(item, Hole):
+                pump.sink.hole(item.length)
+            else:
+                pump.feed(item)
+        ahead.drop()
+        self._after_ahead()
+
+    def _after_ahead(self) -> None:
+        """The read-ahead queue is empty: the end or libvirt's error it stopped at."""
+        ahead = self.ahead
+        if ahead.ended:
+            self.eof = True
+        if ahead.error is not None:
+            error, ahead.error = ahead.error, None
+            raise self._life.mark_broken(error) from error
 
     async def read(self, max_bytes: int, stop_at_hole: bool) -> StreamItem:
         pending = self._pending
         if pending is not None:
             self._pending = pending[max_bytes:] or None
             return pending[:max_bytes]
+        ahead = self.ahead
+        ahead.active = True
+        if ahead:
+            return ahead.take(max_bytes, stop_at_hole)
+        self._after_ahead()
         if self.eof:
             return b""
         st = self._virstream
@@ -109,6 +146,15 @@ class Reads:
             memoryview(buffer).cast("B")[:take] = pending[:take]
             self._pending = pending[take:] or None
             return take
+        ahead = self.ahead
+        ahead.active = True
+        if ahead:
+            item = ahead.take(size, stop_at_hole)
+            if isinstance(item, Hole):
+                return item
+            memoryview(buffer).cast("B")[: len(item)] = item
+            return len(item)
+        self._after_ahead()
         if self.eof:
             return 0
         receiver = self.receiver

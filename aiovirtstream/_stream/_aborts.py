@@ -1,16 +1,16 @@
-"""Streams collected while open: the daemon is told, as ``abort()`` would.
+"""Aborting a stream on its connection's runner: on request, or once collected open.
 
-Left alone, libvirt's client goes on queueing the data of such a download
-without limit, and the daemon goes on sending it (or, for an upload, holds
-the stream open) until the connection closes. A finalizer runs on any
-thread, inside any lock held when the collector starts, so it only queues
-the clean-up: the loop removes the event callback, the connection's runner
-aborts the stream.
+A stream collected while open is aborted too: left alone, libvirt's client
+would go on queueing a download's data without limit, and the daemon
+sending it (or, for an upload, holding the stream open) until the
+connection closes. A finalizer runs on any thread, inside any lock held
+when the collector starts, so it only queues the clean-up: the loop removes
+the event callback, the connection's runner aborts the stream.
 """
 
 from __future__ import annotations
 
-__all__ = ["abort_abandoned", "abort_quietly"]
+__all__ = ["abort_abandoned", "abort_quietly", "abort_and_release"]
 
 import asyncio
 import functools
@@ -19,6 +19,7 @@ import logging
 import libvirt
 
 from .._workers import SerialRunner, submit_to_worker
+from ._readahead import ReadAhead
 from ._sender import StreamSender
 from ._subscription import EventSubscription
 
@@ -41,6 +42,7 @@ def abort_abandoned(
     sender: StreamSender,
     runner: SerialRunner,
     description: str,
+    ahead: ReadAhead,
 ) -> None:
     """Have an unreferenced open stream aborted (from a finalizer: takes no lock).
 
@@ -48,7 +50,7 @@ def abort_abandoned(
     stream then ends with its connection.
     """
     try:
-        loop.call_soon_threadsafe(_clean_up, virstream, events, sender, runner, description)
+        loop.call_soon_threadsafe(_clean_up, virstream, events, sender, runner, description, ahead)
     except RuntimeError:
         events.remove()
 
@@ -59,15 +61,23 @@ def _clean_up(
     sender: StreamSender,
     runner: SerialRunner,
     description: str,
+    ahead: ReadAhead,
 ) -> None:
     sender.stop()
     events.remove()
+    ahead.drop()
     logger.debug("%s was collected open: aborting it", description)
-    submit_to_worker(functools.partial(_abort, virstream, sender), runner)
+    submit_to_worker(functools.partial(abort_and_release, virstream, sender, description), runner)
 
 
-def _abort(virstream: libvirt.virStream, sender: StreamSender) -> None:
+def abort_and_release(virstream: libvirt.virStream, sender: StreamSender, description: str) -> None:
+    """Abort a stream, then let its sender forget it (the connection's runner:
+    after the send under way, if any)."""
     try:
-        abort_quietly(virstream)
+        virstream.abort()
+    except libvirt.libvirtError as error:
+        # After an error libvirt has already torn the stream down; abort then
+        # only reports that again.
+        logger.debug("%s: abort: %s", description, error)
     finally:
         sender.release()

@@ -1,0 +1,138 @@
+"""What a stream receives between its reader's reads, up to a bound.
+
+libvirt's client queues whatever the daemon sends, without limit, while
+nobody reads. Once a program reads a stream, its READABLE events between
+reads move the data into this queue instead; when it holds
+:data:`READ_AHEAD_LIMIT` bytes the connection's socket is not served until
+the reader has taken half of them, so the daemon waits for the reader.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ReadAhead", "READ_AHEAD_LIMIT"]
+
+from collections import deque
+
+import libvirt
+
+from .._events import get_event_impl
+from ._items import DEFAULT_READ_SIZE, Hole, StreamItem
+
+#: Bytes of data a stream holds for its reader before the daemon is held back.
+READ_AHEAD_LIMIT = 4 * 1024 * 1024
+
+
+class ReadAhead:
+    """Data and holes received for a reader that was not reading (loop thread)."""
+
+    def __init__(self, virstream: libvirt.virStream, *, sparse: bool, socket: int | None) -> None:
+        self._virstream = virstream
+        self._sparse = sparse
+        self._socket = socket  # the connection's (None: not known, never held)
+        self._items: deque[StreamItem] = deque()
+        self._bytes = 0
+        self._holding = False
+        #: A reader has started: the stream's events between reads fill the queue.
+        self.active = False
+        #: The end of the stream comes after the queued items.
+        self.ended = False
+        #: What libvirt raised after the queued items.
+        self.error: libvirt.libvirtError | None = None
+
+    @property
+    def wants_data(self) -> bool:
+        """True while the queue takes more (the stream's READABLE event is wanted)."""
+        return (
+            self.active and self._bytes < READ_AHEAD_LIMIT and not self.ended and self.error is None
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def fill(self) -> bool:
+        """Move what libvirt has queued into this queue (from the READABLE event).
+
+        True if the stream's events must be stated again: libvirt leaves its
+        0 ms timer enabled when a recv finds its queue empty, unless a recv
+        that got data updated it (``virNetClientStreamRecvPacket`` in
+        src/rpc/virnetclientstream.c).
+        """
+        st = self._virstream
+        got_data = False
+        while self._bytes < READ_AHEAD_LIMIT:
+            try:
+                if self._sparse:
+                    result = st.recvFlags(DEFAULT_READ_SIZE, libvirt.VIR_STREAM_RECV_STOP_AT_HOLE)
+                else:
+                    result = st.recv(DEFAULT_READ_SIZE)
+                if result == -3:
+                    length = int(st.recvHole(0))
+                    if length:
+                        self._items.append(Hole(length))
+                    got_data = True
+                    continue
+            except libvirt.libvirtError as error:
+                self.error = error
+                return False
+            if isinstance(result, int):  # -2: libvirt's queue is empty
+                return not got_data
+            if not result:
+                self.ended = True
+                return False
+            self._items.append(result)
+            self._bytes += len(result)
+            got_data = True
+        self._hold()
+        return False
+
+    def take(self, max_bytes: int, stop_at_hole: bool) -> StreamItem:
+        """The next item, cut to ``max_bytes`` (call only while the queue is not empty).
+
+        A hole is a :class:`Hole` with ``stop_at_hole``, else zeroes.
+        """
+        item = self._items[0]
+        if isinstance(item, Hole):
+            if stop_at_hole:
+                self._items.popleft()
+                return item
+            step = min(max_bytes, item.length)
+            if step == item.length:
+                self._items.popleft()
+            else:
+                self._items[0] = Hole(item.length - step)
+            return bytes(step)
+        # Data as libvirt's recv gives it: across queued packets, up to
+        # max_bytes (the daemon sends 262,120 and 24 bytes in turn).
+        parts: list[bytes] = []
+        size = 0
+        while self._items and size < max_bytes and isinstance(self._items[0], bytes):
+            part = self._items.popleft()
+            assert isinstance(part, bytes)
+            if size + len(part) > max_bytes:
+                cut = max_bytes - size
+                self._items.appendleft(part[cut:])
+                part = part[:cut]
+            parts.append(part)
+            size += len(part)
+        self._bytes -= size
+        if self._holding and self._bytes <= READ_AHEAD_LIMIT // 2:
+            self._release()
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def drop(self) -> None:
+        """Forget what is queued and serve the socket again: the stream is over."""
+        self._items.clear()
+        self._bytes = 0
+        self.active = False
+        self._release()
+
+    def _hold(self) -> None:
+        if self._socket is not None and not self._holding:
+            self._holding = True
+            get_event_impl().pause_reading(self._socket)
+
+    def _release(self) -> None:
+        if self._holding:
+            self._holding = False
+            assert self._socket is not None
+            get_event_impl().resume_reading(self._socket)
