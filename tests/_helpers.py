@@ -109,6 +109,15 @@ async def download_all(vol: libvirt.virStorageVol, length: int) -> bytes:
     return bytes(out)
 
 
+def rss() -> int:
+    """This process's resident memory, in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def process_cpu(pid: int) -> float:
     """CPU seconds (user + system) process ``pid`` has used so far, from /proc."""
     with open(f"/proc/{pid}/stat") as stat:

@@ -21,7 +21,7 @@ from pathlib import Path
 import anyio
 import libvirt
 import pytest
-from _helpers import AdoptedStreams, Footprint, collector_off, left_behind
+from _helpers import AdoptedStreams, Footprint, collector_off, left_behind, rss
 
 import aiovirtstream as avs
 import aiovirtstream._transfer._copy as copy_module
@@ -548,14 +548,6 @@ async def test_cancelled(
         assert await left_behind(baseline) == {}
 
 
-def _rss() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 async def test_memory_stays_bounded_while_the_destination_stalls(
     own_sandbox: Sandbox, libvirt_sandbox: Sandbox, libvirt_pool: PoolInfo
 ) -> None:
@@ -576,7 +568,7 @@ async def test_memory_stays_bounded_while_the_destination_stalls(
     async def sample() -> None:
         nonlocal peak
         while True:
-            peak = max(peak, _rss())
+            peak = max(peak, rss())
             await anyio.sleep(0.005)
 
     async def thaw_later() -> None:
@@ -588,7 +580,7 @@ async def test_memory_stays_bounded_while_the_destination_stalls(
         src = await avs.lookup_volume(src_conn, "big.img", pool=libvirt_pool.name)
         dst = await avs.lookup_volume(dst_conn, "copy.img", pool="pool")
         await avs.copy(src, dst, length=MiB)  # warm up: buffers and threads exist
-        base = _rss()
+        base = rss()
         with anyio.fail_after(60):
             async with anyio.create_task_group() as group:
                 group.start_soon(sample)

@@ -8,19 +8,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
-from _helpers import Layout, ListSink, MiB, write_layout
+from _helpers import Layout, ListSink, MiB, rss, write_layout
 from conftest import MakeVolume
 
 import aiovirtstream as avs
 from aiovirtstream._stream._readahead import READ_AHEAD_LIMIT
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 async def test_a_slow_reader_holds_the_daemon_back(make_volume: MakeVolume) -> None:
@@ -30,16 +22,16 @@ async def test_a_slow_reader_holds_the_daemon_back(make_volume: MakeVolume) -> N
     async with await avs.open_volume_download(vol, length=MiB) as warm:  # buffers exist
         async for _ in warm:
             pass
-    base = peak = _rss()
+    base = peak = rss()
     received = 0
     async with await avs.open_volume_download(vol) as stream:
         with anyio.move_on_after(2):
             while chunk := await stream.read():
                 assert chunk == bytes(len(chunk))
                 received += len(chunk)
-                peak = max(peak, _rss())
+                peak = max(peak, rss())
                 await asyncio.sleep(0.005)
-        peak = max(peak, _rss())
+        peak = max(peak, rss())
         await stream.abort()
     assert 0 < received < 1024 * MiB, "the reader was meant to be slower than the daemon"
     growth = peak - base

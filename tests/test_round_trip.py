@@ -22,6 +22,7 @@ from _helpers import (
     allocated,
     data_size,
     iter_once,
+    rss,
     spy_stream_starts,
     was_aborted,
     write_layout,
@@ -91,26 +92,18 @@ async def test_iterable_source_and_stream_destination(
     assert bytes(sink.data) == b"".join(chunks)
 
 
-def _rss() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 async def test_a_slow_stream_destination_holds_the_daemon_back(make_volume: MakeVolume) -> None:
     """A byte stream slower than the daemon (a network client) holds at most the
     download's queue: libvirt's client is not left to queue the volume in memory."""
     vol = await make_volume("slow-reader.img", 1024 * MiB)  # zeroes, sent as data
     sink = Collect(delay=0.005, keep=False)
     await avs.download(vol, Collect(keep=False), sparse=False, length=MiB)  # warm up
-    base = peak = _rss()
+    base = peak = rss()
 
     async def sample() -> None:
         nonlocal peak
         while True:
-            peak = max(peak, _rss())
+            peak = max(peak, rss())
             await anyio.sleep(0.01)
 
     async with anyio.create_task_group() as group:

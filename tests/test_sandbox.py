@@ -581,6 +581,20 @@ class _Server:
         self.sock.close()
 
 
+def _exchange(client: socket.socket, up: bytes) -> bytes:
+    """Send ``up`` and then an end of file from a thread while reading ``client`` to its end."""
+
+    def send() -> None:
+        client.sendall(up)
+        client.shutdown(socket.SHUT_WR)
+
+    sending = threading.Thread(target=send)
+    sending.start()
+    got = _recv_all(client)
+    sending.join(30)
+    return got
+
+
 def _recv_all(sock: socket.socket) -> bytes:
     out = bytearray()
     while data := sock.recv(1 << 16):
@@ -597,15 +611,7 @@ def test_relay_carries_bytes_both_ways() -> None:
             assert relay.address == ("127.0.0.1", relay.port)
             assert relay.port != server.port
             with socket.create_connection(relay.address, timeout=10) as client:
-
-                def send() -> None:
-                    client.sendall(up)
-                    client.shutdown(socket.SHUT_WR)
-
-                sending = threading.Thread(target=send)
-                sending.start()
-                got = _recv_all(client)  # the server ends once it has read everything
-                sending.join()
+                got = _exchange(client, up)  # the server ends once it has read everything
                 server.thread.join(10)
             assert got == down
             assert bytes(server.received) == up
@@ -683,15 +689,7 @@ def test_relay_rate_limits_both_directions() -> None:
         with TcpRelay("127.0.0.1", server.getsockname()[1], rate=rate) as relay:
             started = time.monotonic()
             with socket.create_connection(relay.address, timeout=30) as client:
-
-                def send() -> None:
-                    client.sendall(up)
-                    client.shutdown(socket.SHUT_WR)
-
-                sending = threading.Thread(target=send)
-                sending.start()
-                got = _recv_all(client)
-                sending.join(30)
+                got = _exchange(client, up)
             down_seconds = time.monotonic() - started
             deadline = time.monotonic() + 10
             while not received and time.monotonic() < deadline:

@@ -10,11 +10,12 @@ the event callback, the connection's runner aborts the stream.
 
 from __future__ import annotations
 
-__all__ = ["abort_abandoned", "abort_quietly", "abort_and_release"]
+__all__ = ["Abandoned", "abort_abandoned", "abort_quietly", "abort_and_release"]
 
 import asyncio
 import functools
 import logging
+from dataclasses import dataclass
 
 import libvirt
 
@@ -35,39 +36,38 @@ def abort_quietly(virstream: libvirt.virStream) -> None:
         logger.debug("abort of a stream that nobody uses: %s", error)
 
 
-def abort_abandoned(
-    loop: asyncio.AbstractEventLoop,
-    virstream: libvirt.virStream,
-    events: EventSubscription,
-    sender: StreamSender,
-    runner: SerialRunner,
-    description: str,
-    ahead: ReadAhead,
-) -> None:
+@dataclass(frozen=True, slots=True)
+class Abandoned:
+    """What an open stream collected by the garbage collector leaves to clean up."""
+
+    virstream: libvirt.virStream
+    events: EventSubscription
+    sender: StreamSender
+    runner: SerialRunner
+    ahead: ReadAhead
+    description: str
+
+    def clean_up(self) -> None:
+        """Remove the event callback, give the socket back, abort (loop thread)."""
+        self.sender.stop()
+        self.events.remove()
+        self.ahead.drop()
+        logger.debug("%s was collected open: aborting it", self.description)
+        abort = functools.partial(abort_and_release, self.virstream, self.sender, self.description)
+        submit_to_worker(abort, self.runner)
+
+
+def abort_abandoned(loop: asyncio.AbstractEventLoop, abandoned: Abandoned) -> None:
     """Have an unreferenced open stream aborted (from a finalizer: takes no lock).
 
-    When ``loop`` is closed, only the event callback is removed here: the
-    stream then ends with its connection.
+    When ``loop`` is closed, the event callback is removed and the socket
+    given back here: the stream then ends with its connection.
     """
     try:
-        loop.call_soon_threadsafe(_clean_up, virstream, events, sender, runner, description, ahead)
+        loop.call_soon_threadsafe(abandoned.clean_up)
     except RuntimeError:
-        events.remove()
-
-
-def _clean_up(
-    virstream: libvirt.virStream,
-    events: EventSubscription,
-    sender: StreamSender,
-    runner: SerialRunner,
-    description: str,
-    ahead: ReadAhead,
-) -> None:
-    sender.stop()
-    events.remove()
-    ahead.drop()
-    logger.debug("%s was collected open: aborting it", description)
-    submit_to_worker(functools.partial(abort_and_release, virstream, sender, description), runner)
+        abandoned.events.remove()
+        abandoned.ahead.drop()
 
 
 def abort_and_release(virstream: libvirt.virStream, sender: StreamSender, description: str) -> None:

@@ -33,7 +33,7 @@ from .._workers import (
     runner_for,
     wait_through_cancellation,
 )
-from ._aborts import abort_abandoned, abort_and_release
+from ._aborts import Abandoned, abort_abandoned, abort_and_release
 from ._items import DEFAULT_READ_SIZE, MAX_CHUNK, Hole, ReceiveSink, StreamItem
 from ._life import State, StreamLife
 from ._native import Buffer
@@ -543,15 +543,8 @@ class AsyncStream(anyio.abc.ByteStream):
             if self._abort_sent:
                 events.remove()
             else:
-                abort_abandoned(
-                    self._loop,
-                    self.virstream,
-                    events,
-                    self._sender,
-                    self._runner,
-                    self.description,
-                    self._reads.ahead,
-                )
+                parts = (self.virstream, events, self._sender, self._runner, self._reads.ahead)
+                abort_abandoned(self._loop, Abandoned(*parts, self.description))
         life = getattr(self, "_life", None)
         if life is not None:
             life.ended()
