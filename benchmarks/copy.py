@@ -27,7 +27,9 @@ every round; medians over ``--rounds`` rounds. After every run the destination
 volume is compared byte for byte with the source, and its allocation recorded.
 
 Exit status: 0 when copy is at least ``--target`` times faster than virsh on
-every workload, 1 when not, 2 when a run failed or copied wrong data.
+every workload over every link (between hosts; over ``unix`` the ratio is
+printed, with no target: both daemons and the client share this machine's
+CPUs), 1 when not, 2 when a run failed or copied wrong data.
 """
 
 from __future__ import annotations
@@ -371,6 +373,11 @@ def _report(
                 f"{fact['disk'] / MiB:9.1f} {fact['alloc'] / MiB:14.1f}"
             )
         ratio = virsh / _median(times[(workload.name, "copy")])
+        if link is None:
+            # Both daemons and the client share this machine's CPUs: the
+            # target is for hosts, whose transfers wait for their links.
+            print(f"  copy vs virsh on one machine: {ratio:.2f}x (the target is between hosts)")
+            continue
         met = ratio >= args.target
         print(f"  target: copy >= {args.target}x virsh: {ratio:.2f}x {'met' if met else 'MISSED'}")
         status = max(status, 0 if met else 1)
