@@ -406,6 +406,40 @@ async def test_paused_connection_socket_holds_the_daemon_back(
         await avs.aclose_connection(conn)
 
 
+async def test_a_pause_left_on_a_closed_connection_does_not_hold_the_next(
+    libvirt_sandbox: Sandbox, libvirt_pool: PoolInfo
+) -> None:
+    """The fd number of a closed connection comes back for the next one: a pause
+    left on the old socket goes with the old connection's watch."""
+    await libvirt_sandbox.acreate_volume(libvirt_pool, "reused-fd", MiB)
+    impl = avs.get_event_impl()
+    old = await avs.connect(libvirt_sandbox.uri)
+    sock = avs.connection_socket(old)
+    assert sock is not None
+    impl.pause_reading(sock)  # never resumed
+    await avs.aclose_connection(old)
+    await impl.wait_frees()
+    new = None
+    for _ in range(8):  # the lowest free number comes back, unless another fd took it
+        conn = await avs.connect(libvirt_sandbox.uri)
+        if avs.connection_socket(conn) == sock:
+            new = conn
+            break
+        await avs.aclose_connection(conn)
+    assert new is not None, f"no new connection got fd {sock} back"
+    try:
+        vol = await avs.lookup_volume(new, "reused-fd", pool=libvirt_pool.name)
+        data = os.urandom(MiB)
+        await upload_all(vol, data)
+        async with asyncio.timeout(10):
+            assert await download_all(vol, MiB) == data
+        impl.resume_reading(sock)  # the stale resume of the old pause changes nothing
+        async with asyncio.timeout(10):
+            assert await download_all(vol, MiB) == data
+    finally:
+        await avs.aclose_connection(new)
+
+
 async def test_connect_widens_the_send_buffer_of_unix_sockets_only(
     libvirt_sandbox: Sandbox, libvirt_pool: PoolInfo
 ) -> None:

@@ -81,6 +81,9 @@ class FdWatches(EventState):
             else:
                 del self._fds[watch.fd]
                 entry.wanted = 0
+                # The connection is closing: a pause left on its socket must
+                # not hold a later connection that gets the same fd number.
+                self._paused.pop(watch.fd, None)
             self._fd_changed_locked(entry)
             self._defer_free_locked(watch.opaque)
             return 0
@@ -190,7 +193,8 @@ class FdWatches(EventState):
                 self._repaint_locked(fd)
 
     def resume_reading(self, fd: int) -> None:
-        """Undo one :meth:`pause_reading`."""
+        """Undo one :meth:`pause_reading` (nothing once libvirt stopped watching ``fd``:
+        its pauses went with its last watch)."""
         with self._lock:
             count = self._paused.get(fd, 0) - 1
             if count > 0:
