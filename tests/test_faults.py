@@ -247,6 +247,39 @@ async def test_kill_during_stream_read(sandbox: Sandbox) -> None:
     assert failure.at - killed_at < KILL_BOUND
 
 
+async def test_kill_while_a_slow_reader_holds_the_socket(sandbox: Sandbox) -> None:
+    """A reader that fell behind holds its connection's socket (its read-ahead is
+    full): a kill meanwhile still ends its reads with ConnectionLostError soon."""
+    await dense_volume(sandbox, "dense.img")
+    killed_at = 0.0
+
+    async def scenario() -> Failure:
+        conn = await avs.connect(sandbox.uri)
+        try:
+            vol = await avs.lookup_volume(conn, "dense.img", pool="pool")
+
+            async def read_slowly() -> None:
+                nonlocal killed_at
+                async with await avs.open_volume_download(vol) as stream:
+                    assert await stream.read()
+                    await asyncio.sleep(0.5)  # the read-ahead fills, then holds the socket
+                    sandbox.kill()
+                    killed_at = time.perf_counter()
+                    while await stream.read():
+                        await asyncio.sleep(0.005)
+
+            return await ends_with_error(read_slowly())
+        finally:
+            await avs.aclose_connection(conn)
+
+    async with nothing_left_behind():
+        failure = await scenario()
+    assert killed_at, f"the read ended before the kill: {failure}"
+    assert_lost(failure, sandbox.uri, "eof")
+    print(f"AsyncStream.read behind its read-ahead: kill to error {failure.at - killed_at:.3f} s")
+    assert failure.at - killed_at < KILL_BOUND + 1
+
+
 class _Counting:
     """A ReceiveSink that keeps nothing but counts the bytes."""
 
