@@ -239,6 +239,39 @@ async def test_ranged_get(
             assert response.headers["Content-Range"] == f"bytes */{size}"
 
 
+def _rss_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+async def test_a_slow_client_holds_its_download_not_the_services_memory(
+    service: Service, http: aiohttp.ClientSession, libvirt_sandbox: Sandbox,
+    libvirt_pool: PoolInfo,
+) -> None:  # fmt: skip
+    """A GET read slowly holds the daemon back through the download's queue: the
+    service does not take the rest of the volume into memory meanwhile."""
+    size = 256 * MiB
+    await libvirt_sandbox.acreate_volume(libvirt_pool, "slow-get.img", size)
+    url = service.volume_url(libvirt_pool, "slow-get.img")
+    await put_bytes(http, url, os.urandom(size))
+    base = peak = _rss_of(service.proc.pid)
+    received = 0
+    async with http.get(url) as response:
+        assert response.status == 200
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            received += len(await response.content.read(64 * 1024))
+            peak = max(peak, _rss_of(service.proc.pid))
+            await asyncio.sleep(0.005)
+    assert 0 < received < size, "the client was meant to be slower than the daemon"
+    growth = peak - base
+    print(f"service RSS growth {growth / MiB:.1f} MiB, {received / MiB:.1f} MiB read")
+    assert growth < 64 * MiB
+
+
 async def test_requests_the_volume_refuses_get_json_errors(
     service: Service, http: aiohttp.ClientSession, libvirt_sandbox: Sandbox,
     libvirt_pool: PoolInfo,
