@@ -109,9 +109,9 @@ async def download_all(vol: libvirt.virStorageVol, length: int) -> bytes:
     return bytes(out)
 
 
-def rss() -> int:
-    """This process's resident memory, in bytes."""
-    with open("/proc/self/status") as status:
+def rss(pid: int | None = None) -> int:
+    """A process's resident memory, in bytes (this process's by default)."""
+    with open(f"/proc/{pid or 'self'}/status") as status:
         for line in status:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from _helpers import rss
 
 from aiovirtstream.testing import PoolInfo, Sandbox
 
@@ -239,14 +240,6 @@ async def test_ranged_get(
             assert response.headers["Content-Range"] == f"bytes */{size}"
 
 
-def _rss_of(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 async def test_a_slow_client_holds_its_download_not_the_services_memory(
     service: Service, http: aiohttp.ClientSession, libvirt_sandbox: Sandbox,
     libvirt_pool: PoolInfo,
@@ -257,14 +250,14 @@ async def test_a_slow_client_holds_its_download_not_the_services_memory(
     await libvirt_sandbox.acreate_volume(libvirt_pool, "slow-get.img", size)
     url = service.volume_url(libvirt_pool, "slow-get.img")
     await put_bytes(http, url, os.urandom(size))
-    base = peak = _rss_of(service.proc.pid)
+    base = peak = rss(service.proc.pid)
     received = 0
     async with http.get(url) as response:
         assert response.status == 200
         deadline = time.monotonic() + 2
         while time.monotonic() < deadline:
             received += len(await response.content.read(64 * 1024))
-            peak = max(peak, _rss_of(service.proc.pid))
+            peak = max(peak, rss(service.proc.pid))
             await asyncio.sleep(0.005)
     assert 0 < received < size, "the client was meant to be slower than the daemon"
     growth = peak - base

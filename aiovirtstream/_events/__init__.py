@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._hold import SocketHold
 from ._impl import EventImpl
 from ._records import EventImplStats
 from ._registry import bind_event_loop, get_event_impl, register_event_impl
@@ -9,6 +10,7 @@ from ._registry import bind_event_loop, get_event_impl, register_event_impl
 __all__ = [
     "EventImpl",
     "EventImplStats",
+    "SocketHold",
     "bind_event_loop",
     "get_event_impl",
     "register_event_impl",

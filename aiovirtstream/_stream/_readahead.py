@@ -15,7 +15,7 @@ from collections import deque
 
 import libvirt
 
-from .._events import get_event_impl
+from .._events import SocketHold
 from ._items import DEFAULT_READ_SIZE, Hole, StreamItem
 
 #: Bytes of data a stream holds for its reader before the daemon is held back.
@@ -28,10 +28,9 @@ class ReadAhead:
     def __init__(self, virstream: libvirt.virStream, *, sparse: bool, socket: int | None) -> None:
         self._virstream = virstream
         self._sparse = sparse
-        self._socket = socket  # the connection's (None: not known, never held)
         self._items: deque[StreamItem] = deque()
         self._bytes = 0
-        self._holding = False
+        self._hold = SocketHold(socket)  # the connection's socket
         #: A reader has started: the stream's events between reads fill the queue.
         self.active = False
         #: The end of the stream comes after the queued items.
@@ -82,7 +81,7 @@ class ReadAhead:
             self._items.append(result)
             self._bytes += len(result)
             got_data = True
-        self._hold()
+        self._hold.hold()
         return False
 
     def take(self, max_bytes: int, stop_at_hole: bool) -> StreamItem:
@@ -115,8 +114,8 @@ class ReadAhead:
             parts.append(part)
             size += len(part)
         self._bytes -= size
-        if self._holding and self._bytes <= READ_AHEAD_LIMIT // 2:
-            self._release()
+        if self._bytes <= READ_AHEAD_LIMIT // 2:
+            self._hold.release()
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def drop(self) -> None:
@@ -124,15 +123,4 @@ class ReadAhead:
         self._items.clear()
         self._bytes = 0
         self.active = False
-        self._release()
-
-    def _hold(self) -> None:
-        if self._socket is not None and not self._holding:
-            self._holding = True
-            get_event_impl().pause_reading(self._socket)
-
-    def _release(self) -> None:
-        if self._holding:
-            self._holding = False
-            assert self._socket is not None
-            get_event_impl().resume_reading(self._socket)
+        self._hold.release()

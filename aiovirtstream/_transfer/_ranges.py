@@ -30,7 +30,7 @@ import anyio.to_thread
 import libvirt
 
 from .._connection import connection_socket
-from .._events import get_event_impl
+from .._events import SocketHold
 from .._exceptions import TransferError
 from .._stream import (
     AsyncStream,
@@ -350,11 +350,9 @@ class _SocketBackpressure:
     """Stops serving a connection's socket while a download's write-behind stays full."""
 
     def __init__(self, stream: AsyncStream) -> None:
-        self._impl = get_event_impl()
-        self._socket = connection_socket(stream.virstream.connect())
+        self._hold = SocketHold(connection_socket(stream.virstream.connect()))
         self._stream = stream
         self._loop = asyncio.get_running_loop()
-        self._paused = False
         self._pausing: asyncio.TimerHandle | None = None
         self._last_full = -PAUSE_QUIET  # when the write-behind was last full
 
@@ -365,7 +363,7 @@ class _SocketBackpressure:
         # connection's other streams, which a write merely slower than the
         # next packet would hold up too. Once per quiet spell, so libvirt's
         # queue grows by at most the grace's worth of data for a slow disk.
-        if self._socket is None or self._paused or self._pausing is not None:
+        if not self._hold.possible or self._hold.held or self._pausing is not None:
             return
         if self._loop.time() - self._last_full < PAUSE_QUIET:
             self._pause_now()
@@ -374,24 +372,19 @@ class _SocketBackpressure:
 
     def _pause_now(self) -> None:
         self._pausing = None
-        assert self._socket is not None
-        self._impl.pause_reading(self._socket)
-        self._paused = True
+        self._hold.hold()
 
     def resume(self) -> None:
         self.release()
         self._stream.resume_pump()
 
     def release(self) -> None:
-        if self._pausing is not None or self._paused:
+        if self._pausing is not None or self._hold.held:
             self._last_full = self._loop.time()
         if self._pausing is not None:
             self._pausing.cancel()
             self._pausing = None
-        if self._paused:
-            self._paused = False
-            assert self._socket is not None
-            self._impl.resume_reading(self._socket)
+        self._hold.release()
 
 
 def check_not_past(received: int, more: int, expected: int | None) -> None:

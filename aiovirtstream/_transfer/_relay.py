@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable
 
 from .._connection import connection_socket
-from .._events import get_event_impl
+from .._events import SocketHold
 from .._stream import MAX_CHUNK, AsyncStream, Hole
 
 
@@ -51,10 +51,8 @@ class Relay:
         self._queue: deque[list[bytes] | Hole] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._ended = False
-        self._impl = get_event_impl()
-        self._socket = connection_socket(source.virstream.connect())
+        self._hold = SocketHold(connection_socket(source.virstream.connect()))
         self._full = False  # buffer() said so: the pump waits for resume_pump()
-        self._paused = False  # the socket
         self.count = 0  # bytes of data and holes received
 
     # -- the pump's side (loop thread, from inside the source's events)
@@ -62,9 +60,7 @@ class Relay:
     def buffer(self) -> tuple[bytearray, int, int] | None:
         if len(self._queue) >= self._max_items:
             self._full = True
-            if self._socket is not None and not self._paused:
-                self._impl.pause_reading(self._socket)
-                self._paused = True
+            self._hold.hold()
             return None
         return self._buffer, self._filled, MAX_CHUNK - self._filled
 
@@ -129,7 +125,4 @@ class Relay:
 
     def release(self) -> None:
         """Serve the source's socket again."""
-        if self._paused:
-            self._paused = False
-            assert self._socket is not None
-            self._impl.resume_reading(self._socket)
+        self._hold.release()
