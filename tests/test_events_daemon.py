@@ -406,6 +406,31 @@ async def test_paused_connection_socket_holds_the_daemon_back(
         await avs.aclose_connection(conn)
 
 
+async def _connect_on_fd(uri: str, fd: int) -> libvirt.virConnect:
+    """A connection whose socket has the number ``fd`` (free now): a socket takes
+    the lowest free number, so every free one below is taken first, by
+    placeholders and by connections kept open until ours comes."""
+    placeholders = []
+    for low in range(3, fd):
+        try:
+            os.fstat(low)
+        except OSError:
+            placeholders.append(os.open(os.devnull, os.O_RDONLY))
+    extra: list[libvirt.virConnect] = []
+    try:
+        for _ in range(16):
+            conn = await avs.connect(uri)
+            if avs.connection_socket(conn) == fd:
+                return conn
+            extra.append(conn)
+        raise AssertionError(f"no new connection got fd {fd} back")
+    finally:
+        for placeholder in placeholders:
+            os.close(placeholder)
+        for conn in extra:
+            await avs.aclose_connection(conn)
+
+
 async def test_a_pause_left_on_a_closed_connection_does_not_hold_the_next(
     libvirt_sandbox: Sandbox, libvirt_pool: PoolInfo
 ) -> None:
@@ -419,14 +444,7 @@ async def test_a_pause_left_on_a_closed_connection_does_not_hold_the_next(
     impl.pause_reading(sock)  # never resumed
     await avs.aclose_connection(old)
     await impl.wait_frees()
-    new = None
-    for _ in range(8):  # the lowest free number comes back, unless another fd took it
-        conn = await avs.connect(libvirt_sandbox.uri)
-        if avs.connection_socket(conn) == sock:
-            new = conn
-            break
-        await avs.aclose_connection(conn)
-    assert new is not None, f"no new connection got fd {sock} back"
+    new = await _connect_on_fd(libvirt_sandbox.uri, sock)
     try:
         vol = await avs.lookup_volume(new, "reused-fd", pool=libvirt_pool.name)
         data = os.urandom(MiB)
