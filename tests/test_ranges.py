@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -202,3 +203,46 @@ async def test_cancelled_while_a_range_starts_aborts_every_stream(
     assert len(starts) == 2
     assert [await asyncio.to_thread(was_aborted, s.stream) for s in starts] == [True, True]
     assert os.listdir(tmp_path) == []
+
+
+async def test_downloads_started_together_ask_every_size_before_any_stream_starts(
+    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call's reply waits at the daemon behind a packet of every stream already
+    sending: the size queries of downloads started together go first."""
+    count = 6
+    vols = [await make_volume(f"together{n}.img", 4 * MiB) for n in range(count)]
+    calls: list[str] = []
+    first_asked, go = threading.Event(), threading.Event()
+    real_xml = libvirt.virStorageVol.XMLDesc
+
+    def xml_desc(vol: libvirt.virStorageVol, flags: int = 0) -> str:
+        calls.append("size")
+        if len(calls) == 1:
+            first_asked.set()
+            go.wait(10)  # meanwhile, every download submits its start
+        return str(real_xml(vol, flags))
+
+    def record_start(
+        real: VolumeStreamCall,
+        vol: libvirt.virStorageVol,
+        stream: libvirt.virStream,
+        offset: int,
+        length: int,
+        flags: int,
+    ) -> int:
+        calls.append("start")
+        return real(vol, stream, offset, length, flags)
+
+    monkeypatch.setattr(libvirt.virStorageVol, "XMLDesc", xml_desc)
+    spy_stream_starts(monkeypatch, around=record_start)
+    downloads = [
+        asyncio.create_task(avs.download(vol, tmp_path / f"out{n}", sparse=False))
+        for n, vol in enumerate(vols)
+    ]
+    await asyncio.to_thread(first_asked.wait, 10)
+    await asyncio.sleep(0.2)
+    go.set()
+    results = await asyncio.gather(*downloads)
+    assert [result.data_bytes for result in results] == [4 * MiB] * count
+    assert calls == ["size"] * count + ["start"] * count

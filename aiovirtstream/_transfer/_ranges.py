@@ -92,28 +92,25 @@ def _nothing() -> None:
 
 @dataclass(frozen=True, slots=True)
 class StartedDownload:
-    """A download's size (None: not known) and ranges ``(offset, length)``:
-    the first range's stream started, the others' starting in worker threads."""
+    """A download's size (None: not known), its ranges ``(offset, length)``
+    and their streams, starting on the connection's runner."""
 
     total: int | None
     parts: list[tuple[int, int]]
-    first: libvirt.virStream
-    others: list[concurrent.futures.Future[libvirt.virStream]]
+    starts: list[concurrent.futures.Future[libvirt.virStream]]
 
     def ranges(
         self, vol: libvirt.virStorageVol, sparse: bool, owned: contextlib.AsyncExitStack
     ) -> list[RangeStream]:
         """One :class:`RangeStream` a range; ``owned`` closes them all."""
-        ranges = [RangeStream(vol, sparse, self.first, None)]
-        ranges += [RangeStream(vol, sparse, None, future) for future in self.others]
+        ranges = [RangeStream(vol, sparse, start) for start in self.starts]
         for range_stream in ranges:
             owned.push_async_callback(range_stream.aclose)
         return ranges
 
     def abort_blocking(self) -> None:
         """Abort every stream, once started (worker thread)."""
-        abort_quietly(self.first)
-        _abort_when_started(self.others)
+        _abort_when_started(self.starts)
 
 
 def _abort_when_started(futures: list[concurrent.futures.Future[libvirt.virStream]]) -> None:
@@ -167,29 +164,26 @@ async def start_download(
 def _start_download_blocking(
     vol: libvirt.virStorageVol, options: TransferOptions, one_stream: bool
 ) -> StartedDownload:
-    """The volume's size, the ranges, and their streams starting (worker thread).
+    """The volume's size and the ranges; their streams' starts queued (runner thread).
 
-    The first range's stream starts in this job, the others in jobs of their
-    own on the same runner; each range is received as soon as its stream is
-    there (waiting for the others first made downloads slower).
+    The starts go to the back of the runner's queue, behind the size queries
+    of other downloads submitted meanwhile: a call's reply waits at the daemon
+    behind a packet of each stream already sending, so the queries are
+    answered at once before any stream runs, and only the starts wait.
     """
     total = check_download_range(volume_size(vol), options.offset, options.length)
     streams = 1 if one_stream or total is None else streams_for(options, total)
     parts = split_range(options.offset, total or 0, streams)
     # One range asks for options.length (0: to the end), as libvirt does.
     lengths = [options.length] if len(parts) == 1 else [length for _, length in parts]
+    runner = runner_for(vol.connect())
     starts = [
-        functools.partial(start_volume_download, vol, offset, length, options.sparse)
+        submit_to_worker(
+            functools.partial(start_volume_download, vol, offset, length, options.sparse), runner
+        )
         for (offset, _), length in zip(parts, lengths, strict=True)
     ]
-    runner = runner_for(vol.connect())
-    others = [submit_to_worker(start, runner) for start in starts[1:]]
-    try:
-        first = starts[0]()
-    except BaseException:
-        _abort_when_started(others)
-        raise
-    return StartedDownload(total, parts, first, others)
+    return StartedDownload(total, parts, starts)
 
 
 class RangeStream:
@@ -199,14 +193,13 @@ class RangeStream:
         self,
         vol: libvirt.virStorageVol,
         sparse: bool,
-        virstream: libvirt.virStream | None,
-        starting: concurrent.futures.Future[libvirt.virStream] | None,
+        starting: concurrent.futures.Future[libvirt.virStream],
     ) -> None:
         self._vol = vol
         self._runner = runner_for(vol.connect())
         self._sparse = sparse
-        self._virstream = virstream
-        self._starting = starting
+        self._virstream: libvirt.virStream | None = None
+        self._starting: concurrent.futures.Future[libvirt.virStream] | None = starting
         self._stream: AsyncStream | None = None
 
     async def open(self) -> AsyncStream:
@@ -239,10 +232,15 @@ class RangeStream:
             return
         starting, self._starting = self._starting, None
         virstream, self._virstream = self._virstream, None
-        if starting is not None:
-            await run_to_the_end(functools.partial(_abort_when_started, [starting]), self._runner)
-        elif virstream is not None:
-            await run_to_the_end(functools.partial(abort_quietly, virstream), self._runner)
+        # Shielded as AsyncStream.abort is: a cancellation delivered again here
+        # would replace the one being raised.
+        with anyio.CancelScope(shield=True):
+            if starting is not None:
+                await run_to_the_end(
+                    functools.partial(_abort_when_started, [starting]), self._runner
+                )
+            elif virstream is not None:
+                await run_to_the_end(functools.partial(abort_quietly, virstream), self._runner)
 
 
 async def download_parts(
