@@ -246,3 +246,28 @@ async def test_downloads_started_together_ask_every_size_before_any_stream_start
     results = await asyncio.gather(*downloads)
     assert [result.data_bytes for result in results] == [4 * MiB] * count
     assert calls == ["size"] * count + ["start"] * count
+
+
+async def test_a_download_whose_stream_cannot_start_leaves_no_file(
+    make_volume: MakeVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vol = await make_volume("one-range.img", MiB)
+    gone = await make_volume("gone-one.img", MiB)
+    await asyncio.to_thread(gone.delete, 0)
+
+    def on_gone(
+        real: VolumeStreamCall,
+        vol: libvirt.virStorageVol,
+        stream: libvirt.virStream,
+        offset: int,
+        length: int,
+        flags: int,
+    ) -> int:
+        # The size was asked of the volume; the stream asks for one deleted meanwhile.
+        return real(gone, stream, offset, length, flags)
+
+    spy_stream_starts(monkeypatch, around=on_gone)
+    with pytest.raises(avs.NotFoundError, match="gone-one.img") as failure:
+        await avs.download(vol, tmp_path / "out", sparse=False)
+    assert isinstance(failure.value.__cause__, libvirt.libvirtError)
+    assert os.listdir(tmp_path) == []

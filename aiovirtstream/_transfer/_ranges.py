@@ -137,9 +137,10 @@ async def start_download(
 ) -> tuple[_T, StartedDownload]:
     """Run ``before`` (the destination's set-up), then start the download's streams.
 
-    One worker-thread hop for both. If the start fails, or the caller is
-    cancelled meanwhile, ``undo(before())`` runs (in a worker) and the
-    streams started are aborted.
+    One worker-thread hop for both. If the size query fails, or the caller
+    is cancelled meanwhile, ``undo(before())`` runs (in a worker) and the
+    streams started are aborted; a stream that cannot start raises from
+    :meth:`RangeStream.open`.
     """
     check_stream_events(vol.connect())
 
