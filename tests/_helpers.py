@@ -125,6 +125,15 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_read_bytes(pid: int) -> int:
+    """Bytes process ``pid`` has read so far (``rchar``: files and sockets), from /proc."""
+    with open(f"/proc/{pid}/io") as io:
+        for line in io:
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no rchar in /proc/{pid}/io")
+
+
 @dataclass
 class Aborts:
     """The ``virStream`` objects aborted since :func:`spy_aborts`, in order."""

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
-from _helpers import Layout, ListSink, MiB, rss, write_layout
+from _helpers import Layout, ListSink, MiB, process_read_bytes, rss, write_layout
 from conftest import MakeVolume
 
 import aiovirtstream as avs
-from aiovirtstream._stream._readahead import READ_AHEAD_LIMIT
+from aiovirtstream._stream._readahead import READ_AHEAD_BUDGET, READ_AHEAD_LIMIT
+from aiovirtstream.testing import PoolInfo, Sandbox
 
 
 async def test_a_slow_reader_holds_the_daemon_back(make_volume: MakeVolume) -> None:
@@ -37,6 +39,44 @@ async def test_a_slow_reader_holds_the_daemon_back(make_volume: MakeVolume) -> N
     growth = peak - base
     print(f"RSS growth {growth / MiB:.1f} MiB after {received / MiB:.0f} MiB read")
     assert growth < 4 * READ_AHEAD_LIMIT + 16 * MiB
+
+
+async def test_the_read_aheads_of_many_connections_share_one_budget(
+    libvirt_sandbox: Sandbox, libvirt_pool: PoolInfo
+) -> None:
+    """Readers on 12 connections that stop reading hold the daemon back once the
+    process holds the budget, not a read-ahead's limit each (12 x 4 MiB)."""
+    await libvirt_sandbox.acreate_volume(libvirt_pool, "shared-budget.img", 1024 * MiB)
+    conns = [await avs.connect(libvirt_sandbox.uri) for _ in range(12)]
+    try:
+        vols = [
+            await avs.lookup_volume(conn, "shared-budget.img", pool=libvirt_pool.name)
+            for conn in conns
+        ]
+        for vol in vols[:2]:  # buffers exist
+            async with await avs.open_volume_download(vol, length=8 * MiB) as warm:
+                async for _ in warm:
+                    pass
+        daemon_read = process_read_bytes(libvirt_sandbox.pid)
+        async with contextlib.AsyncExitStack() as streams:
+            opened = []
+            for vol in vols:
+                stream = await streams.enter_async_context(await avs.open_volume_download(vol))
+                assert await stream.read()  # a reader started: the read-ahead fills
+                opened.append(stream)
+            await asyncio.sleep(1.5)  # meanwhile nobody reads
+            sent = process_read_bytes(libvirt_sandbox.pid) - daemon_read
+            for stream in opened:  # the held sockets are served again as readers read
+                for _ in range(40):
+                    chunk = await stream.read()
+                    assert chunk and chunk == bytes(len(chunk))
+        print(f"the daemon read {sent / MiB:.1f} MiB of the volume")
+        # Beyond the budget: a read's packet each, and what libvirt received
+        # before the sockets were held.
+        assert sent < READ_AHEAD_BUDGET + 12 * MiB < 12 * READ_AHEAD_LIMIT
+    finally:
+        for conn in conns:
+            await avs.aclose_connection(conn)
 
 
 async def test_reads_between_pauses_get_every_byte_and_hole(

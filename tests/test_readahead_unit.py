@@ -1,14 +1,22 @@
-"""ReadAhead's queue with a scripted stream: how reads cut, merge and end it."""
+"""ReadAhead's queue with a scripted stream: how reads cut, merge and end it, and
+how the read-aheads of a process share one budget."""
 
 from __future__ import annotations
 
+import gc
 from collections import deque
 
 import libvirt
 import pytest
 
 from aiovirtstream import Hole
-from aiovirtstream._stream._readahead import READ_AHEAD_LIMIT, ReadAhead
+from aiovirtstream._stream._readahead import (
+    READ_AHEAD_BUDGET,
+    READ_AHEAD_LIMIT,
+    READ_AHEAD_MIN,
+    ReadAhead,
+    ReadAheadBudget,
+)
 
 PACKET = 262_120
 
@@ -43,7 +51,7 @@ class ScriptedStream:
 
 def _ahead(stream: ScriptedStream, sparse: bool = False) -> ReadAhead:
     ahead = ReadAhead(stream, sparse=sparse, socket=None)
-    ahead.active = True
+    ahead.start()
     return ahead
 
 
@@ -76,6 +84,8 @@ def test_it_stops_at_its_bound_and_asks_for_no_more() -> None:
     assert stream.calls == READ_AHEAD_LIMIT // PACKET + 1  # the first one at or past the bound
     assert not ahead.wants_data  # without a socket to hold, the events stop instead
     ahead.take(2 * PACKET, stop_at_hole=False)
+    assert not ahead.wants_data  # until the reader took half
+    ahead.take(READ_AHEAD_LIMIT // 2, stop_at_hole=False)
     assert ahead.wants_data
 
 
@@ -99,7 +109,7 @@ def test_the_end_and_libvirts_error_come_after_the_data() -> None:
 def test_it_reads_nothing_before_a_reader_starts_and_after_drop() -> None:
     ahead = ReadAhead(ScriptedStream(b"x"), sparse=False, socket=None)
     assert not ahead.wants_data
-    ahead.active = True
+    ahead.start()
     ahead.fill()
     ahead.drop()
     assert not ahead and not ahead.wants_data
@@ -116,3 +126,74 @@ def test_any_read_size_gives_the_bytes_in_order(max_bytes: int) -> None:
         assert isinstance(item, bytes) and 0 < len(item) <= max_bytes
         out += item
     assert bytes(out) == b"".join(chunks)
+
+
+def _filled(budget: ReadAheadBudget, packets: int = 20) -> tuple[ReadAhead, ScriptedStream]:
+    stream = ScriptedStream(*[bytes(PACKET)] * packets)
+    ahead = ReadAhead(stream, sparse=False, socket=None, budget=budget)
+    ahead.start()
+    return ahead, stream
+
+
+def test_the_read_aheads_of_a_process_share_one_budget() -> None:
+    budget = ReadAheadBudget(total=8 * PACKET, most=6 * PACKET, least=PACKET)
+    first, first_stream = _filled(budget)
+    second, second_stream = _filled(budget)
+    assert budget.share() == 4 * PACKET
+    first.fill()
+    second.fill()
+    assert first_stream.calls == second_stream.calls == 4  # half the budget each
+    assert not first.wants_data and not second.wants_data
+    second.drop()  # its stream is over: the other may hold more, up to `most`...
+    assert budget.share() == 6 * PACKET
+    first.take(3 * PACKET, stop_at_hole=False)  # ...once its reader took half
+    assert first.wants_data
+    first.fill()
+    assert first_stream.calls == 4 + 5
+
+
+def test_a_share_that_shrinks_holds_the_socket_at_the_next_event() -> None:
+    budget = ReadAheadBudget(total=8 * PACKET, most=8 * PACKET, least=PACKET)
+    first, stream = _filled(budget)
+    first.fill()
+    assert stream.calls == 8 and not first.wants_data
+    first.take(5 * PACKET, stop_at_hole=False)
+    assert first.wants_data  # 3 packets left: at most half its share
+    others = [_filled(budget)[0] for _ in range(2)]  # two more readers start
+    assert budget.share() < 3 * PACKET
+    assert first.wants_data  # not held yet: its next event...
+    first.fill()  # ...holds the socket without receiving
+    assert stream.calls == 8 and not first.wants_data
+    assert len(others) == 2
+
+
+def test_what_others_hold_counts_against_the_total() -> None:
+    budget = ReadAheadBudget(total=8 * PACKET, most=8 * PACKET, least=PACKET)
+    first, first_stream = _filled(budget)
+    first.fill()  # alone: all of it
+    second, second_stream = _filled(budget)
+    second.fill()  # the total is held already: a packet, as every reader may
+    assert first_stream.calls == 8 and second_stream.calls == 1
+    first.take(8 * PACKET, stop_at_hole=False)
+    first.fill()  # its part now: half, less what the second holds
+    assert first_stream.calls == 8 + 4
+
+
+def test_a_share_never_falls_below_a_packet_nor_passes_the_limit() -> None:
+    budget = ReadAheadBudget()
+    aheads = [_filled(budget)[0] for _ in range(READ_AHEAD_BUDGET // READ_AHEAD_MIN + 10)]
+    assert budget.share() == READ_AHEAD_MIN
+    del aheads[1:]
+    gc.collect()  # a stream collected without its read-ahead dropped leaves the budget too
+    assert budget.share() == READ_AHEAD_LIMIT
+
+
+def test_starting_twice_counts_once_and_an_unstarted_one_takes_no_share() -> None:
+    budget = ReadAheadBudget(total=8 * PACKET, most=8 * PACKET, least=PACKET)
+    ahead, _ = _filled(budget)
+    ahead.start()
+    ReadAhead(ScriptedStream(), sparse=False, socket=None, budget=budget)  # never read
+    assert budget.share() == 8 * PACKET
+    ahead.drop()
+    ahead.drop()
+    assert budget.share() == 8 * PACKET

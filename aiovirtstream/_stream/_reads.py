@@ -124,7 +124,7 @@ class Reads:
             self._pending = pending[max_bytes:] or None
             return pending[:max_bytes]
         ahead = self.ahead
-        ahead.active = True
+        ahead.start()
         if ahead:
             return ahead.take(max_bytes, stop_at_hole)
         self._after_ahead()
@@ -147,7 +147,7 @@ class Reads:
             self._pending = pending[take:] or None
             return take
         ahead = self.ahead
-        ahead.active = True
+        ahead.start()
         if ahead:
             item = ahead.take(size, stop_at_hole)
             if isinstance(item, Hole):
