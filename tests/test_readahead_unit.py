@@ -16,6 +16,7 @@ from aiovirtstream._stream._readahead import (
     READ_AHEAD_MIN,
     ReadAhead,
     ReadAheadBudget,
+    read_ahead_budget,
 )
 
 PACKET = 262_120
@@ -49,8 +50,11 @@ class ScriptedStream:
         return self.holes.popleft()
 
 
-def _ahead(stream: ScriptedStream, sparse: bool = False) -> ReadAhead:
-    ahead = ReadAhead(stream, sparse=sparse, socket=None)
+def _ahead(
+    stream: ScriptedStream, sparse: bool = False, budget: ReadAheadBudget | None = None
+) -> ReadAhead:
+    """A read-ahead whose reader has started (the process's budget unless ``budget``)."""
+    ahead = ReadAhead(stream, sparse=sparse, socket=None, budget=budget or read_ahead_budget)
     ahead.start()
     return ahead
 
@@ -130,9 +134,7 @@ def test_any_read_size_gives_the_bytes_in_order(max_bytes: int) -> None:
 
 def _filled(budget: ReadAheadBudget, packets: int = 20) -> tuple[ReadAhead, ScriptedStream]:
     stream = ScriptedStream(*[bytes(PACKET)] * packets)
-    ahead = ReadAhead(stream, sparse=False, socket=None, budget=budget)
-    ahead.start()
-    return ahead, stream
+    return _ahead(stream, budget=budget), stream
 
 
 def test_the_read_aheads_of_a_process_share_one_budget() -> None:

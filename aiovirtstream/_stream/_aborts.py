@@ -27,13 +27,16 @@ from ._subscription import EventSubscription
 logger = logging.getLogger(__name__)
 
 
-def abort_quietly(virstream: libvirt.virStream) -> None:
-    """Abort ``virstream`` (worker thread), for a stream nobody uses any more:
-    libvirt's error, if any, is only logged."""
+def abort_quietly(virstream: libvirt.virStream, description: str = "a stream") -> None:
+    """Abort ``virstream`` (worker thread): libvirt's error, if any, is only logged.
+
+    After an error libvirt has already torn the stream down; abort then only
+    reports that again.
+    """
     try:
         virstream.abort()
     except libvirt.libvirtError as error:
-        logger.debug("abort of a stream that nobody uses: %s", error)
+        logger.debug("%s: abort: %s", description, error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +77,6 @@ def abort_and_release(virstream: libvirt.virStream, sender: StreamSender, descri
     """Abort a stream, then let its sender forget it (the connection's runner:
     after the send under way, if any)."""
     try:
-        virstream.abort()
-    except libvirt.libvirtError as error:
-        # After an error libvirt has already torn the stream down; abort then
-        # only reports that again.
-        logger.debug("%s: abort: %s", description, error)
+        abort_quietly(virstream, description)
     finally:
         sender.release()
