@@ -28,7 +28,8 @@ from conftest import MakeVolume
 import aiovirtstream as avs
 import aiovirtstream._transfer._files as files_module
 import aiovirtstream._transfer._ranges as ranges_module
-from aiovirtstream._transfer._writebehind import FileWriter, WriteBehind, WriteWorker, open_direct
+from aiovirtstream._transfer._filewriter import FileWriter, open_direct
+from aiovirtstream._transfer._writebehind import WriteBehind, WriteWorker
 from aiovirtstream.testing import GuestInfo
 
 MiB = 1024 * 1024

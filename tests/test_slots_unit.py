@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from _helpers import require_direct_io, run_script
 
+from aiovirtstream._transfer._filewriter import FileWriter, open_direct
 from aiovirtstream._transfer._slots import BUDGET_SLOTS, MIN_SHARE, SLOT_SIZE, SlotAccount, SlotPool
-from aiovirtstream._transfer._writebehind import FileWriter, WriteBehind, WriteWorker, open_direct
+from aiovirtstream._transfer._writebehind import WriteBehind, WriteWorker
 
 
 def address(slot: memoryview) -> int:
@@ -170,6 +171,8 @@ def test_the_process_maps_at_most_its_budget_and_each_download_its_minimum() -> 
 GC_INSIDE_THE_LOCK = """
 import asyncio, gc, os, sys, tempfile, threading
 import aiovirtstream._transfer._writebehind as wb
+from aiovirtstream._transfer._filewriter import FileWriter
+from aiovirtstream._transfer._slots import SLOT_SIZE
 from aiovirtstream._transfer._slots import SlotPool
 
 pool = wb.slot_pool = SlotPool()
@@ -194,7 +197,7 @@ async def main():
     for _ in range(5):
         # The write-behind and its worker hold each other: only the collector frees them.
         worker = wb.WriteWorker("x")
-        wb.WriteBehind(wb.FileWriter(fd, 0, False, None, -1), limit=wb.SLOT_SIZE,
+        wb.WriteBehind(FileWriter(fd, 0, False, None, -1), limit=SLOT_SIZE,
                        pause=lambda: None, resume=lambda: None, worker=worker)
         del worker
     thread = threading.Thread(target=churn, daemon=True)

@@ -10,14 +10,9 @@ from pathlib import Path
 import pytest
 from _helpers import refuse_direct_open, require_direct_io
 
-from aiovirtstream._transfer._writebehind import (
-    DIRECT_ALIGN,
-    SLOT_SIZE,
-    FileWriter,
-    WriteBehind,
-    WriteWorker,
-    open_direct,
-)
+from aiovirtstream._transfer._filewriter import DIRECT_ALIGN, FileWriter, open_direct
+from aiovirtstream._transfer._slots import SLOT_SIZE
+from aiovirtstream._transfer._writebehind import WriteBehind, WriteWorker
 
 
 @pytest.fixture

@@ -38,6 +38,7 @@ from ._files import (
     put_in_place,
     sync_folder_of,
 )
+from ._filewriter import ZERO_CHUNK, FileWriter
 from ._options import (
     ContentHasher,
     ProgressTarget,
@@ -48,7 +49,7 @@ from ._options import (
 from ._ranges import StartedDownload, check_complete, check_not_past, download_parts, start_download
 from ._relay import Relay
 from ._together import run_together
-from ._writebehind import ZERO_CHUNK, FileWriter, WriteWorker
+from ._writebehind import WriteWorker
 
 #: A download into a byte stream holds at most this many batches of
 #: :data:`STREAM_QUEUE_BATCH` pieces of 256 KiB (8 MiB) for the stream.

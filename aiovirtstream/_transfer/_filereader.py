@@ -18,8 +18,8 @@ from .._exceptions import (
 )
 from .._stream import MAX_CHUNK, Hole, StreamItem
 from ._extents import ZERO_BLOCK_SIZE, Extent, file_extents, zero_runs
+from ._filewriter import ZERO_CHUNK
 from ._options import ContentHasher
-from ._writebehind import ZERO_CHUNK
 
 #: Uploads ask the kernel to read this much ahead of what they send.
 READ_AHEAD = 32 * MAX_CHUNK

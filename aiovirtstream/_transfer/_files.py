@@ -28,8 +28,8 @@ from .._exceptions import (
     DestinationIsDirectoryError,
     TransferError,
 )
+from ._filewriter import open_direct
 from ._options import TransferOptions
-from ._writebehind import open_direct
 
 
 def _check_destination(dest: Path, overwrite: bool) -> None:

@@ -15,6 +15,7 @@ __all__ = [
 ]
 
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,7 +36,8 @@ from .._workers import (
     runner_for,
 )
 from ._options import TransferOptions
-from ._writebehind import logger
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)

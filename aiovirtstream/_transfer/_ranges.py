@@ -51,9 +51,10 @@ from .._workers import (
     submit_to_worker,
     wait_through_cancellation,
 )
+from ._filewriter import FileWriter
 from ._options import TransferOptions
 from ._together import run_together
-from ._writebehind import FileWriter, WriteBehind, WriteWorker
+from ._writebehind import WriteBehind, WriteWorker
 
 #: Bytes of downloaded data waiting for the disk before the loop stops reading,
 #: for the whole download: its streams share it (each keeps at least 4 MiB,
