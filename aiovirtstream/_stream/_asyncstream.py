@@ -24,9 +24,7 @@ import libvirt
 from .._connection import connection_socket, watch_connection
 from .._exceptions import (
     ConnectionLostError,
-    SparseNotSupportedError,
     StreamBrokenError,
-    StreamBusyError,
 )
 from .._workers import (
     run_in_worker,
@@ -41,6 +39,7 @@ from ._pumping import Pumping
 from ._reads import Reads
 from ._sender import StreamSender
 from ._subscription import ERROR, READABLE, WRITABLE, EventSubscription
+from ._writes import Writes
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +86,6 @@ class AsyncStream(anyio.abc.ByteStream):
         self._connection = watch_connection(stream_connection(virstream))
         self._life = StreamLife(description, self._connection)
         self._abort_sent = False
-        self._write_side_broken: str | None = None
-        self._writing = False
         self._read_waiter: asyncio.Future[int] | None = None
         self._write_waiter: asyncio.Future[int] | None = None
         # Every blocking call of this stream runs on its connection's runner.
@@ -100,6 +97,7 @@ class AsyncStream(anyio.abc.ByteStream):
             limit=write_buffer,
             on_would_block=self._want_writable,
         )
+        self._writes = Writes(self._sender, self._life, sparse=sparse, description=description)
         self._events = EventSubscription(virstream, self._loop, self._on_event)
         lost: weakref.WeakMethod[Callable[[ConnectionLostError], object]]
         lost = weakref.WeakMethod(self.connection_lost)  # the watch must not keep self alive
@@ -311,30 +309,7 @@ class AsyncStream(anyio.abc.ByteStream):
         Returns once the data is queued, not sent: :meth:`finish` (or
         leaving ``async with``) waits for the queue and reports a failed send.
         """
-        self._life.check_open("write")
-        self._check_write_side()
-        if self._writing:
-            raise StreamBusyError("writing to")
-        view = memoryview(data).cast("B") if not isinstance(data, bytes) else None
-        total = len(data) if view is None else view.nbytes
-        self._writing = True
-        queued_any = False
-        try:
-            for start in range(0, total, MAX_CHUNK):
-                if view is None:
-                    chunk = data if total <= MAX_CHUNK else data[start : start + MAX_CHUNK]
-                else:
-                    chunk = view[start : start + MAX_CHUNK].tobytes()
-                await self._sender.put(chunk)  # type: ignore[arg-type]
-                queued_any = True
-                self._life.check_open("write")
-                self._raise_send_error()
-        except BaseException:
-            if queued_any:
-                self._write_side_broken = "a write was interrupted after queueing part of its data"
-            raise
-        finally:
-            self._writing = False
+        await self._writes.write(data)
 
     async def send(self, item: bytes) -> None:
         """anyio ``ByteSendStream.send``: the same as :meth:`write`."""
@@ -342,42 +317,11 @@ class AsyncStream(anyio.abc.ByteStream):
 
     async def send_hole(self, length: int) -> None:
         """Queue a hole of ``length`` bytes (sparse streams only)."""
-        if length < 0:
-            raise ValueError("a hole's length cannot be negative")
-        if not self.sparse:
-            raise SparseNotSupportedError(
-                f"the {self.description} was not opened sparse: it cannot carry holes; "
-                "open it with sparse=True"
-            )
-        self._life.check_open("send a hole")
-        self._check_write_side()
-        if length == 0:
-            return
-        if self._writing:
-            raise StreamBusyError("writing to")
-        self._writing = True
-        try:
-            await self._sender.put(Hole(length))
-            self._life.check_open("send a hole")
-            self._raise_send_error()
-        finally:
-            self._writing = False
-
-    def _check_write_side(self) -> None:
-        self._raise_send_error()
-        if self._write_side_broken:
-            raise StreamBrokenError(f"cannot write: {self._write_side_broken}")
-
-    def _raise_send_error(self) -> None:
-        error = self._sender.error
-        if error is not None:
-            raise self._life.mark_broken(error) from error
+        await self._writes.send_hole(length)
 
     async def flush(self) -> None:
         """Wait until every queued write was handed to libvirt."""
-        self._life.check_open("flush")
-        await self._sender.join()
-        self._check_write_side()
+        await self._writes.flush()
 
     async def send_eof(self) -> None:
         """anyio ``ByteSendStream.send_eof``: flush, then finish the stream."""
@@ -408,28 +352,7 @@ class AsyncStream(anyio.abc.ByteStream):
         :class:`StreamBrokenError`. A cancellation stops the sending (the
         caller's ``async with`` then aborts the stream).
         """
-        self._life.check_open("send")
-        self._check_write_side()
-        if self._writing:
-            raise StreamBusyError("writing to")
-        self._writing = True
-        try:
-            self._sender.feed(items)
-            await self._sender.join()
-        except BaseException:
-            self._sender.stop()
-            # The runner closes ``items`` (an open file) once the send under
-            # way returned: nothing is left open when this raises.
-            await wait_through_cancellation(asyncio.ensure_future(self._sender.join()))
-            raise
-        finally:
-            self._writing = False
-        self._life.check_open("send")
-        error = self._sender.error
-        if error is not None and not isinstance(error, libvirt.libvirtError):
-            self._write_side_broken = f"sending stopped: {error}"
-            raise error
-        self._raise_send_error()
+        await self._writes.send_all(items)
 
     async def finish(self) -> None:
         """Send everything queued, then tell the daemon the stream is complete.
@@ -444,7 +367,7 @@ class AsyncStream(anyio.abc.ByteStream):
         with anyio.CancelScope(shield=True):
             await self._sender.join()
             try:
-                self._check_write_side()
+                self._writes.check()
             except StreamBrokenError:
                 await self._abort()
                 raise
