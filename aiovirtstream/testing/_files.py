@@ -1,8 +1,13 @@
-"""Reading the daemon's files safely: beneath a folder, never through a link."""
+"""The daemon's files and the guest's, read and written safely: beneath a folder,
+never through a link."""
 
 from __future__ import annotations
 
 __all__ = [
+    "is_regular",
+    "opened_folder",
+    "read_regular_bytes",
+    "write_atomically",
     "tail",
     "traversable",
     "find_driver_dir",
@@ -10,8 +15,11 @@ __all__ = [
     "read_regular",
 ]
 
+import contextlib
 import os
+import secrets
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -87,3 +95,67 @@ def read_regular(fd: int, uid: int | None, lines: int, offset: int | None) -> st
     data = os.read(fd, 1 << 20)
     text = data.decode(errors="replace")
     return text if lines <= 0 else "\n".join(text.splitlines()[-lines:])
+
+
+def write_atomically(dir_fd: int, name: str, data: bytes) -> None:
+    """Put ``name`` (0644) in the folder ``dir_fd`` through a temporary file renamed over it.
+
+    Everything goes below the descriptor and the temporary file is made with
+    ``O_EXCL|O_NOFOLLOW``: no link is followed, whoever may change the path.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        tmp = f".{name}.{secrets.token_hex(8)}"
+        try:
+            fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            os.fchmod(f.fileno(), 0o644)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+
+
+def read_regular_bytes(dir_fd: int, name: str) -> bytes | None:
+    """The content of the regular file ``name`` below ``dir_fd`` (no link followed), or None."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read() if stat.S_ISREG(os.fstat(fd).st_mode) else None
+
+
+def is_regular(dir_fd: int, name: str) -> bool:
+    """True if ``name`` below ``dir_fd`` is a regular file (a link is not followed)."""
+    try:
+        return stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _make_dir(dest_dir: Path) -> None:
+    if not dest_dir.is_dir():
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        dest_dir.chmod(0o755)  # the daemon's user must enter it, whatever the umask
+
+
+@contextlib.contextmanager
+def opened_folder(dest_dir: Path, dir_fd: int | None) -> Iterator[int]:
+    """``dir_fd`` if given (a descriptor of ``dest_dir``), else ``dest_dir`` made and opened."""
+    if dir_fd is not None:
+        yield dir_fd
+        return
+    _make_dir(dest_dir)
+    fd = os.open(dest_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)

@@ -41,7 +41,7 @@ class GuestInfo:
     """A running test guest of a full-mode sandbox (:meth:`Sandbox.start_test_guest`).
 
     Its serial console upper-cases what it reads, its virtio-serial channel
-    ``channel`` swaps the case of letters (:mod:`aiovirtstream.testing._guest`).
+    ``channel`` swaps the case of letters (:mod:`aiovirtstream.testing._initramfs`).
     """
 
     name: str
