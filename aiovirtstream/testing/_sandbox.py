@@ -13,13 +13,11 @@ import os
 import pwd
 import shutil
 import signal
-import subprocess
 import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import IO
 
 import anyio
 import anyio.to_thread
@@ -28,28 +26,24 @@ import libvirt
 from .._exceptions import (
     GuestPackageMissingError,
     SandboxError,
-    SandboxStartError,
     map_libvirt_errors,
 )
 from .._workers import run_to_the_end
 from . import _guest
-from ._certs import default_path, install_certificates, sandbox_user
-from ._daemon import DaemonFiles, DaemonProcess, daemon_config, find_programs, write_config
+from ._certs import default_path, sandbox_user
+from ._daemon import DaemonFiles, DaemonProcess, find_programs
 from ._guests import NAME_RE, TestGuests
-from ._processes import free_port, probe, process_state
+from ._launch import DaemonLaunch
+from ._processes import process_state
 from ._records import GuestInfo, PoolInfo, SandboxMode, VolumeInfo
 from ._storage import pool_xml, remove_pool, volume_xml
 
+#: Lines of libvirtd's stderr and log in an error's message.
 _LOG_TAIL_LINES = 40
-
-
+#: Seconds between two checks of a starting daemon.
 _POLL_INTERVAL = 0.05
-
-
-_PROBE_TIMEOUT = 5.0
-
-
-_PORT_ATTEMPTS = 5
+#: Seconds :meth:`Sandbox.freeze` waits for the daemon to stop.
+_FREEZE_TIMEOUT = 5.0
 
 
 def guest_requirements_problem(*, libvirtd: str | os.PathLike[str] | None = None) -> str | None:
@@ -119,19 +113,21 @@ class Sandbox:
         self.mode: SandboxMode = mode
         self.tcp = tcp
         self.start_timeout = start_timeout
-        self._libvirtd_arg = libvirtd
-        self._tmp_dir = Path(tmp_dir) if tmp_dir is not None else None
-        self._env_path = env_path if env_path is not None else default_path()
         uid, gid, self._user = self._resolve_user(user)
         self._daemon = DaemonProcess(uid, gid, stop_timeout)
         self._finalizer = weakref.finalize(self, self._daemon.cleanup)
         self._started = False
         self._root: Path | None = None
-        self._port: int | None = None
-        self._port_attempts = 0
-        self._libvirtd: Path | None = None
-        self._spawn_offsets: dict[Path, int] = {}
         self._files = DaemonFiles(self._daemon)
+        self._launch = DaemonLaunch(
+            self,
+            self._daemon,
+            self._files,
+            libvirtd=libvirtd,
+            env_path=env_path if env_path is not None else default_path(),
+            tmp_dir=Path(tmp_dir) if tmp_dir is not None else None,
+            user=self._user,
+        )
         self._guests = TestGuests(self, self._daemon, self.read_file)
 
     # --- properties -----------------------------------------------------------
@@ -158,9 +154,9 @@ class Sandbox:
         """The loopback port of the TLS listener (only with ``tcp=True``)."""
         if not self.tcp:
             raise SandboxError("this sandbox has no TCP listener: create it with Sandbox(tcp=True)")
-        if self._port is None:
+        if self._launch.port is None:
             raise SandboxError("the sandbox was not started")
-        return self._port
+        return self._launch.port
 
     @property
     def tcp_uri(self) -> str:
@@ -224,15 +220,11 @@ class Sandbox:
         if self._root is None:
             return ""
         parts = []
-        for path in (self._stderr_path, self.log_path):
+        for path in (self._launch.stderr_path, self.log_path):
             text = self.read_file(path, lines)
             if text.strip():
                 parts.append(f"--- {path} (last lines) ---\n{text}")
         return "\n".join(parts)
-
-    @property
-    def _stderr_path(self) -> Path:
-        return self._private_path / "libvirtd.stderr"
 
     def read_file(self, path: Path, lines: int = _LOG_TAIL_LINES, offset: int | None = None) -> str:
         """The last ``lines`` lines of a file of the sandbox (or all of it from
@@ -252,7 +244,7 @@ class Sandbox:
         try:
             self._begin()
             deadline = time.monotonic() + self.start_timeout
-            while not self._check_ready(deadline):
+            while not self._launch.check_ready(deadline):
                 time.sleep(_POLL_INTERVAL)
         except BaseException:
             self.stop()
@@ -265,7 +257,7 @@ class Sandbox:
             await run_to_the_end(self._begin)
             deadline = time.monotonic() + self.start_timeout
             while True:
-                if await run_to_the_end(functools.partial(self._check_ready, deadline)):
+                if await run_to_the_end(functools.partial(self._launch.check_ready, deadline)):
                     break
                 await anyio.sleep(_POLL_INTERVAL)
         except BaseException:
@@ -305,7 +297,7 @@ class Sandbox:
         """
         pid = self.pid
         os.kill(pid, signal.SIGSTOP)
-        deadline = time.monotonic() + _PROBE_TIMEOUT
+        deadline = time.monotonic() + _FREEZE_TIMEOUT
         while process_state(pid) not in (b"T", b"t") and time.monotonic() < deadline:
             time.sleep(0.001)
 
@@ -378,120 +370,8 @@ class Sandbox:
         self._started = True
 
     def _begin(self) -> None:
-        """Check the programs, make and populate the folder, spawn libvirtd."""
-        self._libvirtd, driver_dir = find_programs(self._libvirtd_arg, self._env_path, self.mode)
-        root = self._root = self._daemon.make_folders(
-            self._tmp_dir, self._user, full=self.mode == "full"
-        )
-        for sub in ("run", "config/libvirt", "cache", "data", "pools"):
-            (root / sub).mkdir(parents=True, exist_ok=True)
-        if self.mode == "storage":
-            (root / "drivers").mkdir()
-            (root / "drivers" / "libvirt_driver_storage.so").symlink_to(
-                driver_dir / "libvirt_driver_storage.so"
-            )
-        self._stderr_path.touch(0o600)
-        if self.tcp:
-            install_certificates(self.pki_path, root, self._client_dn.removeprefix("CN="))
-        root.chmod(0o700)
-        if os.geteuid() == 0:
-            # The folder itself last: until then its new owner cannot enter it.
-            for folder, dirs, files in os.walk(root, topdown=False):
-                for name in [*dirs, *files, *(["."] if folder != str(root) else [])]:
-                    os.lchown(os.path.join(folder, name), self._daemon.uid, self._daemon.gid)
-            os.lchown(root, self._daemon.uid, self._daemon.gid)
-        self._spawn()
-
-    @property
-    def _client_dn(self) -> str:
-        return f"CN=aiovirtstream-client-{self._private_path.name}"
-
-    def _write_config(self) -> None:
-        if self.tcp:
-            self._port = free_port()
-        config = daemon_config(
-            self.log_path, self.path / "pki" if self.tcp else None, self._port, self._client_dn
-        )
-        # The daemon's user owns the folder (and may have run already): no link is followed.
-        assert self._daemon.root_fd is not None
-        if not write_config(self._daemon.root_fd, config, self._daemon.uid, self._daemon.gid):
-            raise SandboxError(f"{self.path}/config/libvirt/libvirtd.conf was tampered with")
-
-    def _spawn(self) -> None:
-        assert self._libvirtd is not None
-        self._write_config()
-        self._port_attempts += 1
-        root = self.path
-        self._spawn_offsets = {
-            path: self._files.size(path) for path in (self._stderr_path, self.log_path)
-        }
-        env = {
-            "PATH": self._env_path,
-            "HOME": str(root),
-            "XDG_RUNTIME_DIR": str(root / "run"),
-            "XDG_CONFIG_HOME": str(root / "config"),
-            "XDG_CACHE_HOME": str(root / "cache"),
-            "XDG_DATA_HOME": str(root / "data"),
-        }
-        if self.mode == "storage":
-            # libvirtd loads only the modules in LIBVIRT_DRIVER_DIR: storage-only
-            # daemons start in about a second.
-            env["LIBVIRT_DRIVER_DIR"] = str(root / "drivers")
-        as_root = os.geteuid() == 0
-        stderr: IO[bytes]
-        with open(self._stderr_path, "ab") as stderr:
-            proc = subprocess.Popen(
-                [str(self._libvirtd), *(["--listen"] if self.tcp else [])],
-                env=env,
-                cwd=root,
-                stdin=subprocess.DEVNULL,
-                stdout=stderr,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                user=self._daemon.uid if as_root else None,
-                group=self._daemon.gid if as_root else None,
-                extra_groups=[] if as_root else None,
-            )
-        self._daemon.record(proc)
-
-    def _output_since_spawn(self) -> str:
-        return "\n".join(self.read_file(p, 0, off) for p, off in self._spawn_offsets.items())
-
-    def _fail(self, message: str) -> SandboxStartError:
-        return SandboxStartError(f"libvirtd of {self!r} {message}", self.log_tail())
-
-    def _check_ready(self, deadline: float) -> bool:
-        """One poll: True once libvirtd answers; raises if it died or the time is up."""
-        proc = self._daemon.proc
-        if proc is None:
-            raise SandboxError("the sandbox was stopped while starting")
-        code = proc.poll()
-        if code is not None:
-            if (
-                self.tcp
-                and "Address already in use" in self._output_since_spawn()
-                and self._port_attempts < _PORT_ATTEMPTS
-            ):
-                self._spawn()  # someone took the free port we picked: pick another
-                return False
-            raise self._fail(f"exited with status {code} while starting")
-        error: str | None
-        if not self.socket_path.exists():
-            error = "its socket does not exist yet"
-        else:
-            error = probe(self.uri, _PROBE_TIMEOUT)
-            if error is not None and "no connection driver available" in error:
-                raise self._fail(
-                    f"has no driver for {self.uri} ({error}): is libvirt-daemon"
-                    f"{'-driver-qemu' if self.mode == 'full' else ''} installed?"
-                )
-            if error is None and self.tcp:
-                error = probe(self.tcp_uri, _PROBE_TIMEOUT)
-            if error is None:
-                return True
-        if time.monotonic() > deadline:
-            raise self._fail(f"did not answer within {self.start_timeout:g} s: {error}")
-        return False
+        self._root = self._launch.begin()
+        self._launch.spawn()
 
     # --- helpers: pools and volumes -------------------------------------------
 
