@@ -238,17 +238,17 @@ def main(argv: list[str], *, direct: bool = False) -> int:
     """Run the benchmark (``direct``: in this process); 0 if every target is met."""
     args = _parse(argv)
     if args.child:
-        from ._probe import emit
+        from benchmarks._probes import emit
 
         spec = json.loads(args.child)
         if spec["kind"] == "consoles":
             from ._consoles import run_consoles
 
-            emit(run_consoles(spec))
+            emit(run_consoles(spec), RESULT_PREFIX)
         else:
             from ._child import run_transfers
 
-            emit(run_transfers(spec))
+            emit(run_transfers(spec), RESULT_PREFIX)
         return 0
     if not direct:
         # Another benchmark may have registered an event implementation in this process.

@@ -18,7 +18,10 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ._probe import Footprint, Ticker, cpu_seconds
+from benchmarks._lag import Ticker
+from benchmarks._probes import cpu_seconds
+
+from ._probe import Footprint
 
 Job = tuple[int, str, str, str]  # daemon index, pool, volume, local file
 

@@ -18,7 +18,10 @@ import time
 from typing import Any
 from xml.etree import ElementTree
 
-from ._probe import Footprint, Ticker, percentile
+from benchmarks._lag import Ticker
+from benchmarks._probes import percentile
+
+from ._probe import Footprint
 
 CHANNEL_PREFIX = "org.aiovirtstream.scale."
 

@@ -1,47 +1,19 @@
-"""What a child process measures about itself: RSS, threads, CPU and loop lag."""
+"""What a scale child measures about itself besides CPU and loop lag: its RSS and threads."""
 
 from __future__ import annotations
 
-__all__ = ["Footprint", "Ticker", "cpu_seconds", "percentile", "emit", "RESULT_PREFIX"]
+__all__ = ["Footprint", "RESULT_PREFIX"]
 
-import asyncio
-import json
-import resource
 import threading
-import time
 from typing import Any
 
+from benchmarks._probes import proc_status, reset_peak_rss
+
 RESULT_PREFIX = "SCALE-RESULT "
-TICK = 0.001
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of values; nan if empty."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
-
-
-def cpu_seconds() -> float:
-    """User + system CPU of every thread of this process so far."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def emit(result: dict[str, Any]) -> None:
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
 def _status() -> dict[str, int]:
-    fields: dict[str, int] = {}
-    with open("/proc/self/status") as status:
-        for line in status:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "Threads"):
-                fields[key] = int(value.split()[0])
-    return fields
+    return proc_status("VmRSS", "VmHWM", "Threads")
 
 
 class Footprint:
@@ -54,11 +26,7 @@ class Footprint:
     """
 
     def __init__(self, interval: float = 0.002) -> None:
-        try:
-            with open("/proc/self/clear_refs", "w") as clear:
-                clear.write("5")
-        except OSError:
-            pass
+        reset_peak_rss()
         self.base_rss = _status()["VmRSS"] * 1024
         self.peak_rss = self.base_rss
         self.peak_threads = 0
@@ -86,30 +54,4 @@ class Footprint:
             "rss_above": self.peak_rss - self.base_rss,
             "threads": self.peak_threads,
             "py_threads": self.peak_py_threads,
-        }
-
-
-class Ticker:
-    """A task that sleeps 1 ms at a time on the running loop and records how late it wakes."""
-
-    def __init__(self) -> None:
-        self.lags: list[float] = []
-        self._stop = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        prev = time.perf_counter()
-        while not self._stop.is_set():
-            await asyncio.sleep(TICK)
-            now = time.perf_counter()
-            self.lags.append(now - prev - TICK)
-            prev = now
-
-    async def stop(self) -> dict[str, float]:
-        self._stop.set()
-        await self._task
-        return {
-            "lag_p50": percentile(self.lags, 50),
-            "lag_p99": percentile(self.lags, 99),
-            "lag_max": max(self.lags, default=float("nan")),
         }
