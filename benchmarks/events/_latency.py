@@ -106,10 +106,6 @@ async def timer_from_thread_latency(h: Hooks, samples: int, cap: float) -> list[
         await h.drain()
 
 
-def _timer_run(interval_ms: int) -> LatencyRun:
-    return lambda h, n: timer_latency(h, interval_ms, n)
-
-
 def latency_rows(quick: bool) -> list[tuple[str, LatencyRun, int, bool]]:
     """(label, run, samples per implementation, counts for the target)."""
     scale = 4 if quick else 1
