@@ -20,16 +20,19 @@ import asyncio
 import socket
 from collections.abc import Callable
 from time import perf_counter as perf
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ._hooks import IMPLS, READABLE, WRITABLE, Hooks, LoopErrors, Outcome, Rows, handle_cb, timer_cb
-
-if TYPE_CHECKING:
-    from ._profile import ProfilePair
 
 ROUND_SECONDS = 0.15  # one timed batch of hook calls
 
 Workload = Callable[[Hooks, int, int], int]
+
+
+class WorkerProfile(Protocol):
+    """Profiles a workload run in a worker thread (``--profile``)."""
+
+    def wrap_worker(self, workload: Workload) -> Workload: ...
 
 
 def handle_cycle(h: Hooks, fd: int, n: int) -> int:
@@ -76,7 +79,7 @@ THROUGHPUT_ROWS: list[tuple[str, Workload, bool]] = [
 
 
 async def timed_round(
-    h: Hooks, workload: Workload, n: int, threaded: bool, profiles: ProfilePair | None = None
+    h: Hooks, workload: Workload, n: int, threaded: bool, profiles: WorkerProfile | None = None
 ) -> float:
     """Hook calls per second of one batch, deferred frees included."""
     a, b = socket.socketpair()
