@@ -154,5 +154,6 @@ def rec() -> Recorder:
 
 @pytest.fixture
 def impl(rec: Recorder) -> EventImpl:
-    """An EventImpl of the test's own, not registered with libvirt, ``rec`` its frees."""
+    """An EventImpl of the test's own (not registered with libvirt), with ``rec`` in
+    place of libvirt's free-callback invoker."""
     return EventImpl(invoke_free=rec.free)

@@ -1,10 +1,6 @@
 """The event implementation bound to a loop, driven directly (no libvirt daemon):
 a change of loop, a second running loop refused, uvloop
-(aiovirtstream/_events/_binding.py).
-
-Each test makes its own EventImpl (not registered with libvirt) with a
-recorder in place of libvirt's free-callback invoker (``rec``, ``impl``: conftest.py).
-"""
+(aiovirtstream/_events/_binding.py)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,6 @@
 """The event hooks' contract, driven directly (no libvirt daemon): ids, removal,
 frees deferred to the loop and run once, callbacks never inside a hook, hooks
-called from threads (aiovirtstream/_events/_frees.py).
-
-Each test makes its own EventImpl (not registered with libvirt) with a
-recorder in place of libvirt's free-callback invoker (``rec``, ``impl``: conftest.py).
-"""
+called from threads (aiovirtstream/_events/_frees.py)."""
 
 from __future__ import annotations
 

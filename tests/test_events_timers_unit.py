@@ -1,10 +1,6 @@
 """Timers of the event implementation, driven directly (no libvirt daemon):
 firing, re-arming, and their order next to fd callbacks
-(aiovirtstream/_events/_timers.py).
-
-Each test makes its own EventImpl (not registered with libvirt) with a
-recorder in place of libvirt's free-callback invoker (``rec``, ``impl``: conftest.py).
-"""
+(aiovirtstream/_events/_timers.py)."""
 
 from __future__ import annotations
 

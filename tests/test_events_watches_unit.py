@@ -1,10 +1,6 @@
 """fd watches of the event implementation, driven directly (no libvirt daemon):
 one registration an fd, hangups, fd numbers reused, paused reads, narrowing from
-worker threads (aiovirtstream/_events/_watches.py).
-
-Each test makes its own EventImpl (not registered with libvirt) with a
-recorder in place of libvirt's free-callback invoker (``rec``, ``impl``: conftest.py).
-"""
+worker threads (aiovirtstream/_events/_watches.py)."""
 
 from __future__ import annotations
 
