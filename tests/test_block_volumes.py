@@ -23,7 +23,7 @@ from typing import NoReturn
 
 import libvirt
 import pytest
-from _helpers import spy_stream_starts
+from _helpers.spies import spy_stream_starts
 
 import aiovirtstream as avs
 from aiovirtstream._volume import volume_size

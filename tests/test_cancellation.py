@@ -21,7 +21,8 @@ import anyio
 import anyio.abc
 import libvirt
 import pytest
-from _helpers import Collect, Footprint, fd_count, left_behind
+from _helpers.processes import Footprint, fd_count, left_behind
+from _helpers.volumes import Collect
 
 import aiovirtstream as avs
 import aiovirtstream._transfer._ranges as ranges_module

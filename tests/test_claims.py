@@ -15,13 +15,8 @@ from pathlib import Path
 import anyio
 import libvirt
 import pytest
-from _helpers import (
-    Collect,
-    MiB,
-    download_bytes,
-    iter_once,
-    run_script,
-)
+from _helpers.processes import run_script
+from _helpers.volumes import Collect, MiB, download_bytes, iter_once
 from conftest import MakeVolume
 
 import aiovirtstream as avs

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import rich.console
-from _helpers import page_cache_bytes
+from _helpers.volumes import page_cache_bytes
 
 from aiovirtstream import cli
 from aiovirtstream.cli import output, transfers

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from _helpers import rss
+from _helpers.processes import rss
 
 from aiovirtstream.testing import PoolInfo, Sandbox
 

@@ -17,12 +17,9 @@ from typing import Any
 import anyio
 import libvirt
 import pytest
-from _helpers import (
-    busy_worker_threads,
-    download_all,
-    spy_stream_starts,
-    upload_all,
-)
+from _helpers.processes import busy_worker_threads
+from _helpers.spies import spy_stream_starts
+from _helpers.volumes import download_all, upload_all
 from conftest import MakeVolume
 
 import aiovirtstream as avs

@@ -11,12 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _helpers import (
-    MiB,
-    page_cache_bytes,
-    random_volume,
-    require_direct_io,
-)
+from _helpers.volumes import MiB, page_cache_bytes, random_volume, require_direct_io
 from conftest import MakeVolume
 
 import aiovirtstream as avs

@@ -11,10 +11,8 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from _helpers import (
-    Collect,
-    spy_stream_starts,
-)
+from _helpers.spies import spy_stream_starts
+from _helpers.volumes import Collect
 
 import aiovirtstream as avs
 from aiovirtstream.testing import PoolInfo, Sandbox

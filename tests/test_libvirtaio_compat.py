@@ -21,7 +21,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from _helpers import download_all, upload_all
+from _helpers.volumes import download_all, upload_all
 
 import aiovirtstream as avs
 import aiovirtstream.libvirtaio as libvirtaio

@@ -14,7 +14,7 @@ from pathlib import Path
 import anyio
 import libvirt
 import pytest
-from _helpers import run_script
+from _helpers.processes import run_script
 
 import aiovirtstream as avs
 from aiovirtstream._connection import LOST_POLL_INTERVAL

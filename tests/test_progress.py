@@ -6,10 +6,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from _helpers import (
-    MiB,
-    random_volume,
-)
+from _helpers.volumes import MiB, random_volume
 from conftest import MakeVolume
 
 import aiovirtstream as avs

@@ -7,7 +7,7 @@ import os
 
 import libvirt
 import pytest
-from _helpers import ListSink, MiB, upload_all
+from _helpers.volumes import ListSink, MiB, upload_all
 from conftest import MakeVolume
 
 import aiovirtstream as avs

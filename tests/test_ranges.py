@@ -12,20 +12,9 @@ from typing import Any
 
 import libvirt
 import pytest
-from _helpers import (
-    BLOCK,
-    Footprint,
-    Layout,
-    MiB,
-    VolumeStreamCall,
-    allocated,
-    collector_off,
-    data_size,
-    left_behind,
-    spy_stream_starts,
-    was_aborted,
-    write_layout,
-)
+from _helpers.processes import Footprint, collector_off, left_behind
+from _helpers.spies import VolumeStreamCall, spy_stream_starts, was_aborted
+from _helpers.volumes import BLOCK, Layout, MiB, allocated, data_size, write_layout
 from conftest import MakeVolume
 
 import aiovirtstream as avs

@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
-from _helpers import Layout, ListSink, MiB, process_read_bytes, rss, write_layout
+from _helpers.processes import process_read_bytes, rss
+from _helpers.volumes import Layout, ListSink, MiB, write_layout
 from conftest import MakeVolume
 
 import aiovirtstream as avs

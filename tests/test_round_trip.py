@@ -13,18 +13,16 @@ from pathlib import Path
 import anyio
 import libvirt
 import pytest
-from _helpers import (
+from _helpers.processes import rss
+from _helpers.spies import VolumeStreamCall, spy_stream_starts, was_aborted
+from _helpers.volumes import (
     BLOCK,
     Collect,
     Layout,
     MiB,
-    VolumeStreamCall,
     allocated,
     data_size,
     iter_once,
-    rss,
-    spy_stream_starts,
-    was_aborted,
     write_layout,
 )
 from conftest import MakeVolume

@@ -10,7 +10,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from _helpers import require_direct_io, run_script
+from _helpers.processes import run_script
+from _helpers.volumes import require_direct_io
 
 from aiovirtstream._transfer._filewriter import FileWriter, open_direct
 from aiovirtstream._transfer._slots import BUDGET_SLOTS, MIN_SHARE, SLOT_SIZE, SlotAccount, SlotPool

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from _helpers import Footprint, fd_count, left_behind
+from _helpers.processes import Footprint, fd_count, left_behind
 
 import aiovirtstream as avs
 from aiovirtstream.testing import PoolInfo, Sandbox

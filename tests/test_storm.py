@@ -14,7 +14,7 @@ from pathlib import Path
 import anyio
 import libvirt
 import pytest
-from _helpers import Footprint, left_behind
+from _helpers.processes import Footprint, left_behind
 
 import aiovirtstream as avs
 import aiovirtstream._transfer._ranges as ranges_module

@@ -9,7 +9,10 @@ import os
 import anyio
 import libvirt
 import pytest
-from _helpers import daemon_stopped, download_all, process_cpu, spy_aborts
+from _helpers.faults import daemon_stopped
+from _helpers.processes import process_cpu
+from _helpers.spies import spy_aborts
+from _helpers.volumes import download_all
 from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.text import TextReceiveStream
 from conftest import MakeVolume

@@ -12,18 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _helpers import (
+from _helpers.spies import around_writes, refuse_direct_open, spy_socket_pauses, spy_stream_starts
+from _helpers.volumes import (
     BLOCK,
     Collect,
     Layout,
     MiB,
-    around_writes,
     page_cache_bytes,
     random_volume,
-    refuse_direct_open,
     require_direct_io,
-    spy_socket_pauses,
-    spy_stream_starts,
     write_layout,
 )
 from conftest import MakeVolume

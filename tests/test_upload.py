@@ -14,16 +14,8 @@ from typing import Any
 
 import libvirt
 import pytest
-from _helpers import (
-    BLOCK,
-    Layout,
-    MiB,
-    allocated,
-    download_bytes,
-    iter_once,
-    was_aborted,
-    write_layout,
-)
+from _helpers.spies import was_aborted
+from _helpers.volumes import BLOCK, Layout, MiB, allocated, download_bytes, iter_once, write_layout
 from conftest import MakeVolume
 
 import aiovirtstream as avs

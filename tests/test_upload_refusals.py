@@ -16,15 +16,8 @@ import anyio
 import anyio.abc
 import libvirt
 import pytest
-from _helpers import (
-    BLOCK,
-    Layout,
-    MiB,
-    download_bytes,
-    iter_once,
-    spy_stream_starts,
-    write_layout,
-)
+from _helpers.spies import spy_stream_starts
+from _helpers.volumes import BLOCK, Layout, MiB, download_bytes, iter_once, write_layout
 from conftest import MakeVolume
 
 import aiovirtstream as avs

@@ -10,16 +10,8 @@ import weakref
 from pathlib import Path
 
 import pytest
-from _helpers import (
-    BLOCK,
-    Layout,
-    MiB,
-    around_writes,
-    data_size,
-    random_volume,
-    spy_socket_pauses,
-    write_layout,
-)
+from _helpers.spies import around_writes, spy_socket_pauses
+from _helpers.volumes import BLOCK, Layout, MiB, data_size, random_volume, write_layout
 from conftest import MakeVolume
 
 import aiovirtstream as avs

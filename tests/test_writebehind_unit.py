@@ -8,7 +8,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from _helpers import refuse_direct_open, require_direct_io
+from _helpers.spies import refuse_direct_open
+from _helpers.volumes import require_direct_io
 
 from aiovirtstream._transfer._filewriter import DIRECT_ALIGN, FileWriter, open_direct
 from aiovirtstream._transfer._slots import SLOT_SIZE
