@@ -25,6 +25,52 @@ def receive_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     return str(request.param)
 
 
+async def test_read_into_round_trip(make_volume: MakeVolume, receive_path: str) -> None:
+    size = 3 * MiB + 12345
+    data = os.urandom(size)
+    vol = await make_volume(f"read-into-{receive_path}", size)
+    await upload_all(vol, data)
+    out = bytearray()
+    buffer = bytearray(100_000)
+    view = memoryview(bytearray(70_000))[10:]  # a writable view that does not start at 0
+    async with await avs.open_volume_download(vol) as stream:
+        for turn in range(10**6):
+            target = buffer if turn % 2 else view
+            got = await stream.read_into(target)
+            assert isinstance(got, int)
+            if got == 0:
+                break
+            assert 0 < got <= memoryview(target).nbytes
+            out += memoryview(target)[:got]
+        assert await stream.read_into(buffer) == 0  # stays at the end
+    assert bytes(out) == data
+    with pytest.raises(ValueError):
+        async with await avs.open_volume_download(vol) as stream:
+            await stream.read_into(bytearray())
+
+
+async def test_read_into_stops_at_holes(make_volume: MakeVolume, receive_path: str) -> None:
+    vol = await make_volume(f"read-into-holes-{receive_path}", 8 * MiB)
+    head = os.urandom(MiB)
+    async with await avs.open_volume_upload(vol, sparse=True) as stream:
+        await stream.send_hole(2 * MiB)
+        await stream.write(head)
+        await stream.send_hole(5 * MiB)
+    items: list[int | avs.Hole] = []
+    buffer = bytearray(MiB)
+    out = bytearray()
+    async with await avs.open_volume_download(vol, sparse=True) as stream:
+        while (got := await stream.read_into(buffer, stop_at_hole=True)) != 0:
+            items.append(got)
+            if isinstance(got, avs.Hole):
+                out += bytes(got.length)
+            else:
+                out += buffer[:got]
+    assert isinstance(items[0], avs.Hole) and items[0].length == 2 * MiB
+    assert isinstance(items[-1], avs.Hole) and items[-1].length == 5 * MiB
+    assert bytes(out) == bytes(2 * MiB) + head + bytes(5 * MiB)
+
+
 async def test_pump_delivers_everything_in_order(
     make_volume: MakeVolume, receive_path: str
 ) -> None:

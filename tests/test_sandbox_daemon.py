@@ -14,7 +14,7 @@ import libvirt
 import pytest
 from _helpers.processes import alive, assert_cleaned_up
 
-import aiovirtstream.testing._sandbox as sandbox_module
+import aiovirtstream.testing._launch as launch_module
 from aiovirtstream.testing import DaemonNotInstalledError, Sandbox, SandboxError, SandboxStartError
 from aiovirtstream.testing._processes import free_port
 
@@ -57,7 +57,7 @@ def test_tcp_port_collision_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
         taken.listen()
         busy = taken.getsockname()[1]
         ports = iter([busy])
-        monkeypatch.setattr(sandbox_module, "free_port", lambda: next(ports, None) or free_port())
+        monkeypatch.setattr(launch_module, "free_port", lambda: next(ports, None) or free_port())
         with Sandbox(tcp=True) as sb:
             assert sb.tcp_port != busy
             conn = libvirt.open(sb.tcp_uri)
