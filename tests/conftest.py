@@ -7,6 +7,7 @@ the ``_helpers`` package.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -17,9 +18,11 @@ import anyio
 import libvirt
 import pytest
 from _helpers.events import Recorder
+from _helpers.volumes import require_direct_io
 
 import aiovirtstream as avs
 from aiovirtstream._events import EventImpl
+from aiovirtstream._transfer._filewriter import open_direct
 from aiovirtstream.testing import PoolInfo, Sandbox
 
 pytest_plugins = ["pytester"]
@@ -157,3 +160,18 @@ def impl(rec: Recorder) -> EventImpl:
     """An EventImpl of the test's own (not registered with libvirt), with ``rec`` in
     place of libvirt's free-callback invoker."""
     return EventImpl(invoke_free=rec.free)
+
+
+@pytest.fixture
+def direct_file(tmp_path: Path) -> Iterator[tuple[Path, int, int]]:
+    """A new file, its descriptor and its direct descriptor."""
+    require_direct_io(tmp_path)
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    direct_fd = open_direct(path)
+    assert direct_fd >= 0, f"no O_DIRECT on {tmp_path}"
+    try:
+        yield path, fd, direct_fd
+    finally:
+        os.close(fd)
+        os.close(direct_fd)

@@ -168,3 +168,16 @@ class Collect(anyio.abc.ByteSendStream):
 
     async def aclose(self) -> None:
         pass
+
+
+class KeepingHasher:
+    """A hasher that keeps what it is given, in order."""
+
+    def __init__(self) -> None:
+        self.content = bytearray()
+
+    def data(self, data: object) -> None:
+        self.content += memoryview(data)  # type: ignore[arg-type]
+
+    def hole(self, length: int) -> None:
+        self.content += bytes(length)
