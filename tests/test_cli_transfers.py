@@ -56,13 +56,20 @@ def run_on_terminal(
     master, slave = pty.openpty()
     env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TTY_COMPATIBLE")}
     env.update(TERM="xterm", COLUMNS="160")
-    process = subprocess.Popen(
-        [sys.executable, *python, *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=slave,
-        env=env,
-    )
+    # A command on a terminal gets Ctrl-C, whatever this process was started
+    # with: a background job of a non-interactive shell ignores SIGINT, and an
+    # ignored signal stays ignored across exec (a handled one does not).
+    ignoring = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(
+            [sys.executable, *python, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=slave,
+            env=env,
+        )
+    finally:
+        signal.signal(signal.SIGINT, ignoring)
     os.close(slave)
     drawn = b""
     deadline = time.monotonic() + timeout
