@@ -67,11 +67,10 @@ class Writes:
                 f"the {self._description} was not opened sparse: it cannot carry holes; "
                 "open it with sparse=True"
             )
+        self._ready("send a hole")
         if length == 0:
-            self._life.check_open("send a hole")
-            self.check()
             return
-        self._begin("send a hole")
+        self._claim()
         try:
             await self._sender.put(Hole(length))
             self._life.check_open("send a hole")
@@ -120,8 +119,14 @@ class Writes:
             raise self._life.mark_broken(error) from error
 
     def _begin(self, what: str) -> None:
+        self._ready(what)
+        self._claim()
+
+    def _ready(self, what: str) -> None:
         self._life.check_open(what)
         self.check()
+
+    def _claim(self) -> None:
         if self._busy:
             raise StreamBusyError("writing to")
         self._busy = True
